@@ -1,0 +1,26 @@
+# The two commands of the README:
+#   make demo  - set everything up, then serve a small MoE model and generate from it
+#   make test  - set everything up, then lint, type-check and run the test suite
+SHELL := /bin/bash
+VENV := .venv/bin
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
+
+.PHONY: setup demo test lint typecheck pytest
+
+setup:
+	@bash .ci/setup dev
+
+demo: setup
+	$(VENV)/moeray demo
+
+lint:
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+typecheck:
+	$(VENV)/python -m mypy -p moeray.cluster -p moeray.workers -p moeray.router -p moeray.kernels
+
+pytest:
+	$(VENV)/python -m pytest -q -p no:cacheprovider
+
+test: setup lint typecheck pytest

@@ -1,0 +1,183 @@
+"""The one typed configuration of moeray.
+
+A root `MoerayConfig` made of small per-concern configs. YAML file <-> config <-> CLI flags <-> Helm
+values map one to one (field names are the same everywhere). Every config validates itself on
+construction and its errors are sentences that name the field. Environment variables are read
+here and nowhere else (the one exception: MOERAY_KERNELS, read by moeray.kernels.dispatch,
+which may import nothing but torch and triton).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Strict):
+    """The engine of one tier: paged KV cache and continuous batching."""
+
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV-cache blocks; None = sized from kv_cache_memory_gb"
+    )
+    kv_cache_memory_gb: float = Field(
+        1.0, gt=0, description="memory for the KV cache when num_kv_blocks is None"
+    )
+    max_num_seqs: int = Field(64, ge=1, description="sequences in the running batch at most")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one step at most")
+    prefill_chunk_size: int = Field(
+        512, ge=1, description="long prompts are prefilled in chunks of this size"
+    )
+    max_model_len: int | None = Field(None, ge=1, description="context limit; None = the model's")
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="largest max_tokens a request may ask for"
+    )
+    max_queue: int = Field(
+        256, ge=0, description="waiting requests at most before new ones are refused"
+    )
+
+
+class ExpertsConfig(_Strict):
+    """Where a tier's routed experts run."""
+
+    shards: int = Field(0, ge=0, description="expert-shard Ray actors; 0 = in-process experts")
+    replicas: int = Field(1, ge=1, description="replicas of every expert at start")
+    compiled_graph: bool = Field(
+        True, description="use Ray Compiled Graphs for the dispatch when available"
+    )
+    shard_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per shard actor")
+    shard_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard actor")
+    autoscale: bool = Field(False, description="replicate hot experts and retire cold replicas")
+    min_replicas: int = Field(1, ge=1, description="replicas of every expert at least")
+    max_replicas: int = Field(4, ge=1, description="replicas of one expert at most")
+    slots_per_shard: int | None = Field(
+        None, ge=1, description="experts one shard may hold; None = unbounded"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ExpertsConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("experts.max_replicas must be >= experts.min_replicas")
+        return self
+
+
+class TierConfig(_Strict):
+    """One tier of the query router: a model and how it is served."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    model: str = Field(..., min_length=1, description="local path of a Hugging Face checkpoint")
+    dtype: DType = "auto"
+    description: str = ""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+
+
+class RouterConfig(_Strict):
+    """Query-level routing between tiers."""
+
+    policy: Literal["features", "classifier"] = "features"
+    fast_tier: str = "fast"
+    reasoning_tier: str = "reasoning"
+    threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="score at or above which a request goes to the reasoning tier",
+    )
+    classifier_path: str | None = Field(
+        None, description="trained classifier file (policy=classifier)"
+    )
+    allow_fallback: bool = Field(
+        True, description="send to the fast tier when the reasoning tier is saturated"
+    )
+    max_inflight_per_tier: int = Field(
+        256, ge=1, description="requests in flight per tier before it counts as saturated"
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest request message accepted"
+    )
+
+
+class StateConfig(_Strict):
+    """The Redis control state."""
+
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db; None = a private redis-server"
+    )
+    cluster: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    heartbeat_ttl_s: float = Field(10.0, gt=0)
+    load_window_s: float = Field(10.0, gt=0)
+    load_push_every_steps: int = Field(16, ge=1)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    http_port: int = Field(8000, ge=0, le=65535)
+
+
+class MoerayConfig(_Strict):
+    """The root config: tiers, router, state, serve."""
+
+    tiers: list[TierConfig] = Field(..., min_length=1)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_names(cls, tiers: list[TierConfig]) -> list[TierConfig]:
+        names = [t.name for t in tiers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tier names must be unique; repeated: {sorted(dup)}")
+        return tiers
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the field."""
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One sentence per problem, each naming the dotted field path."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_config(
+    path: str | os.PathLike[str], overrides: dict[str, Any] | None = None
+) -> MoerayConfig:
+    """Reads a YAML config file and validates it; raises ConfigError naming the file and field."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    raw = {**raw, **(overrides or {})}
+    try:
+        return MoerayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {p}: {describe_validation_error(e)}") from None

@@ -18,7 +18,7 @@ lint:
 	$(VENV)/ruff format --check .
 
 typecheck:
-	$(VENV)/python -m mypy -p moeray.cluster -p moeray.workers -p moeray.router -p moeray.kernels
+	bash .ci/typecheck
 
 pytest:
 	$(VENV)/python -m pytest -q -p no:cacheprovider

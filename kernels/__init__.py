@@ -5,10 +5,108 @@ The public functions (shape letters in docs/SHAPES.md):
     fused_moe(hidden [T, D], w1 [E, 2F, D], w2 [E, D, F], topk_weights [T, K], topk_ids [T, K]) -> [T, D]
     rms_norm(x [..., D], weight [D], eps) -> [..., D]
     silu_and_mul(gate_up [T, 2F]) -> [T, F]
+    moe_align(topk_ids [T, K], num_experts, block_m) -> TokenPermutation (slots sorted by expert)
+    permute_tokens(hidden [T, D], perm) -> [P, D]            (dispatch: rows in expert order)
+    unpermute_tokens(rows [P, D], perm, topk_weights [T, K]) -> [T, D]  (weighted combine)
 
-Which implementation runs is decided in one place (moeray.kernels.dispatch, MOERAY_KERNELS).
+Each call checks its arguments (ValueError naming the argument), then runs the Triton kernel or
+the torch reference as moeray.kernels.dispatch decides (MOERAY_KERNELS=auto|triton|torch;
+`use_backend(...)` overrides it in tests). Ids outside [0, E) contribute nothing, so a shard that
+holds some experts computes its partial sum when the caller maps foreign experts to -1.
+This module never imports triton; the triton_* modules do, and only when they are about to run.
 """
 
-from moeray.kernels.reference import fused_moe, rms_norm, silu_and_mul, topk_gating
+from __future__ import annotations
 
-__all__ = ["fused_moe", "rms_norm", "silu_and_mul", "topk_gating"]
+import torch
+from moeray.kernels import contracts, reference
+from moeray.kernels.dispatch import resolve, set_backend, triton_module, use_backend
+from moeray.kernels.reference import TokenPermutation, padded_rows
+
+__all__ = [
+    "TokenPermutation",
+    "fused_moe",
+    "moe_align",
+    "padded_rows",
+    "permute_tokens",
+    "rms_norm",
+    "set_backend",
+    "silu_and_mul",
+    "topk_gating",
+    "unpermute_tokens",
+    "use_backend",
+]
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights float32 [T, K], ids int32 [T, K]); see reference.topk_gating."""
+    contracts.check_topk_gating(router_logits, top_k, scoring, bias)
+    if resolve(router_logits) == "triton":
+        return triton_module("triton_gating").topk_gating(
+            router_logits, top_k, scoring, renormalize, bias
+        )
+    return reference.topk_gating(router_logits, top_k, scoring, renormalize, bias)
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """hidden [T, D], w1 [E, 2F, D], w2 [E, D, F], topk_weights [T, K], topk_ids [T, K] -> [T, D].
+
+    The routed-expert FFN (grouped GEMM, SwiGLU, down projection, weighted combine); ids outside
+    [0, E) contribute nothing. See reference.fused_moe.
+    """
+    contracts.check_fused_moe(hidden, w1, w2, topk_weights, topk_ids)
+    if resolve(hidden) == "triton":
+        return triton_module("triton_moe").fused_moe(hidden, w1, w2, topk_weights, topk_ids)
+    return reference.fused_moe(hidden, w1, w2, topk_weights, topk_ids)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] -> [..., D]; see reference.rms_norm."""
+    contracts.check_rms_norm(x, weight, eps)
+    if resolve(x) == "triton":
+        return triton_module("triton_norm").rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2F] (gate then up) -> [T, F]; see reference.silu_and_mul."""
+    contracts.check_silu_and_mul(gate_up)
+    if resolve(gate_up) == "triton":
+        return triton_module("triton_norm").silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> TokenPermutation:
+    """topk_ids [T, K] -> TokenPermutation (slots sorted by expert, segments padded to block_m)."""
+    contracts.check_moe_align(topk_ids, num_experts, block_m)
+    if resolve(topk_ids) == "triton":
+        return triton_module("triton_moe").moe_align(topk_ids, num_experts, block_m)
+    return reference.moe_align(topk_ids, num_experts, block_m)
+
+
+def permute_tokens(hidden: torch.Tensor, perm: TokenPermutation) -> torch.Tensor:
+    """Dispatch: hidden [T, D] -> rows [P, D] in expert order (padding rows are zero)."""
+    if resolve(hidden) == "triton":
+        return triton_module("triton_moe").permute_tokens(hidden, perm)
+    return reference.permute_tokens(hidden, perm)
+
+
+def unpermute_tokens(
+    rows: torch.Tensor, perm: TokenPermutation, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted combine: rows [P, D], topk_weights [T, K] -> [T, D]; slots with row -1 skipped."""
+    if resolve(rows) == "triton":
+        return triton_module("triton_moe").unpermute_tokens(rows, perm, topk_weights)
+    return reference.unpermute_tokens(rows, perm, topk_weights)

@@ -1,11 +1,14 @@
 """Torch references for the MoE hot path: the CPU implementation and the oracle for the Triton kernels.
 
 Every function here has the same signature as its Triton twin in this package. The references
-compute in float32 (inputs are upcast; a no-op for fp32 models) and return the input dtype, except
-where the contract says float32. Shape letters: docs/SHAPES.md.
+compute in float32 (inputs are upcast; a no-op for fp32 models, which the CPU engine runs, so that
+path makes no copies) and return the input dtype, except where the contract says float32.
+Shape letters: docs/SHAPES.md.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ def topk_gating(
     scoring="softmax": softmax over all E, then top-k (Mixtral, Qwen2/3-MoE, OLMoE);
     scoring="sigmoid": sigmoid scores; `bias` [E] is added for *selection only* and the weights are
     the unbiased scores (DeepSeek-V3). renormalize=True divides the K weights by their sum.
-    Ties pick the lower expert id (torch.topk order).
+    Ids come in descending order of the selection score; ties pick the lower expert id.
     """
     logits = router_logits.float()  # [T, E]
     if scoring == "softmax":
@@ -66,16 +69,21 @@ def fused_moe(
 
     hidden [T, D], w1 [E, 2F, D] (gate rows then up rows), w2 [E, D, F],
     topk_weights [T, K] (float32), topk_ids [T, K] (int) -> [T, D] in hidden's dtype.
-    Ids outside [0, E) (e.g. -1 for experts another shard holds) contribute nothing.
+    Ids outside [0, E) (e.g. -1 for experts another shard holds) contribute nothing, so a shard
+    holding E_local experts gets its partial sum; the shards' outputs add up to the full layer.
+    Loops only over experts that got tokens (one host sync for the counts).
     """
     T, D = hidden.shape
     E = w1.shape[0]
+    K = topk_ids.shape[1]
     out = torch.zeros(T, D, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.reshape(-1).long()  # [T*K]
-    K = topk_ids.shape[1]
-    order = torch.argsort(flat_ids, stable=True)  # [T*K]
-    counts = torch.bincount(flat_ids.clamp(-1, E).add(1), minlength=E + 2)[1 : E + 1].tolist()
-    start = int((flat_ids < 0).sum())
+    flat_w = topk_weights.reshape(-1).float()  # [T*K]
+    # Foreign ids (outside [0, E)) sort to the end under key E and are never visited.
+    key = torch.where((flat_ids >= 0) & (flat_ids < E), flat_ids, E)  # [T*K]
+    order = torch.argsort(key, stable=True)  # [T*K]
+    counts = torch.bincount(key, minlength=E + 1)[:E].tolist()
+    start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
@@ -85,5 +93,100 @@ def fused_moe(
         x = hidden[tok].float()  # [n, D]
         h = silu_and_mul(F.linear(x, w1[e].float()))  # [n, F]
         y = F.linear(h, w2[e].float())  # [n, D]
-        out.index_add_(0, tok, y * topk_weights.reshape(-1)[slots].float().unsqueeze(-1))
+        out.index_add_(0, tok, y.mul_(flat_w[slots].unsqueeze(-1)))
     return out.to(hidden.dtype)
+
+
+class TokenPermutation(NamedTuple):
+    """Token slots sorted by expert: the dispatch plan of one MoE layer.
+
+    A slot is one (token, choice) pair, numbered t*K + k. Rows are the permuted order: expert e
+    owns rows [expert_offsets[e], expert_offsets[e+1]); its first expert_counts[e] rows are real,
+    the rest pad the segment to a multiple of block_m (so a GEMM tile never spans two experts).
+      sorted_slots   int32 [P]      slot of each row; padding rows hold T*K (out of range)
+      slot_rows      int32 [T*K]    the inverse: row of each slot, -1 where the id is outside [0, E)
+      expert_offsets int32 [E + 1]  padded segment starts; expert_offsets[E] = rows in use
+      expert_counts  int32 [E]      real rows per expert
+      block_experts  int32 [P / block_m]  expert of each row block, -1 past the rows in use
+    P = padded_rows(T*K, E, block_m) is a static upper bound, so no host sync is needed.
+    Within an expert, rows keep slot order (the permutation is stable).
+    """
+
+    sorted_slots: torch.Tensor
+    slot_rows: torch.Tensor
+    expert_offsets: torch.Tensor
+    expert_counts: torch.Tensor
+    block_experts: torch.Tensor
+    top_k: int
+    block_m: int
+
+
+def padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound P on permuted rows: every expert may waste block_m - 1 rows of padding."""
+    if block_m == 1:
+        return num_slots
+    blocks = -(-(num_slots + num_experts * (block_m - 1)) // block_m)
+    return blocks * block_m
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int = 1) -> TokenPermutation:
+    """Sorts token slots by expert: topk_ids [T, K] -> TokenPermutation (see its shapes).
+
+    Ids outside [0, num_experts) are dropped (their slot_rows entry is -1).
+    """
+    T, K = topk_ids.shape
+    E, dev = num_experts, topk_ids.device
+    flat = topk_ids.reshape(-1).long()  # [T*K]
+    key = torch.where((flat >= 0) & (flat < E), flat, E)  # [T*K], E = dropped
+    order = torch.argsort(key, stable=True)  # [T*K]
+    counts = torch.bincount(key, minlength=E + 1)[: E + 1]  # [E + 1]
+    starts = torch.cumsum(counts, 0) - counts  # [E + 1] unpadded segment starts
+    padded = (counts[:E] + block_m - 1) // block_m * block_m  # [E]
+    offsets = torch.zeros(E + 2, dtype=torch.long, device=dev)
+    offsets[1 : E + 1] = torch.cumsum(padded, 0)
+    # Sorted position i holds expert e = key[order[i]] at rank i - starts[e] within its segment.
+    e_sorted = key[order]  # [T*K]
+    rows = offsets[e_sorted] + torch.arange(T * K, device=dev) - starts[e_sorted]  # [T*K]
+    keep = e_sorted < E
+    P = padded_rows(T * K, E, block_m)
+    sorted_slots = torch.full((P,), T * K, dtype=torch.int32, device=dev)
+    sorted_slots[rows[keep]] = order[keep].to(torch.int32)
+    slot_rows = torch.full((T * K,), -1, dtype=torch.int32, device=dev)
+    slot_rows[order[keep]] = rows[keep].to(torch.int32)
+    block_experts = torch.full((P // block_m,), -1, dtype=torch.int32, device=dev)
+    used = torch.repeat_interleave(
+        torch.arange(E, device=dev), padded // block_m
+    )  # [blocks in use]
+    block_experts[: used.numel()] = used.to(torch.int32)
+    return TokenPermutation(
+        sorted_slots,
+        slot_rows,
+        offsets[: E + 1].to(torch.int32),
+        counts[:E].to(torch.int32),
+        block_experts,
+        K,
+        block_m,
+    )
+
+
+def permute_tokens(hidden: torch.Tensor, perm: TokenPermutation) -> torch.Tensor:
+    """Dispatch: hidden [T, D] -> rows [P, D] in expert order (padding rows are zero)."""
+    T = hidden.shape[0]
+    valid = perm.sorted_slots < T * perm.top_k  # [P]
+    tok = torch.where(valid, perm.sorted_slots.long() // perm.top_k, 0)  # [P]
+    return hidden[tok].masked_fill_(~valid.unsqueeze(-1), 0)
+
+
+def unpermute_tokens(
+    rows: torch.Tensor, perm: TokenPermutation, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted combine, the inverse of permute_tokens: rows [P, D], topk_weights [T, K] -> [T, D].
+
+    out[t] = sum_k topk_weights[t, k] * rows[slot_rows[t*K + k]], skipping slots with row -1.
+    """
+    T, K = topk_weights.shape
+    D = rows.shape[1]
+    idx = perm.slot_rows.long()  # [T*K]
+    y = rows.float()[idx.clamp_min(0)].view(T, K, D)  # [T, K, D]
+    w = torch.where(idx.view(T, K) >= 0, topk_weights.float(), 0.0)  # [T, K]
+    return torch.einsum("tkd,tk->td", y, w).to(rows.dtype)

@@ -115,3 +115,34 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestRejected:
+    """An engine deployment's answer instead of a first RequestOutput when it refuses a request.
+
+    Sent as a value, not raised: an exception crossing Ray arrives wrapped in a traceback, and a
+    refusal is an expected outcome the front door maps to a status code.
+    kind: "invalid" (bad input; `message` names the field -> INVALID_ARGUMENT / HTTP 400) or
+    "overloaded" (the waiting queue is full -> RESOURCE_EXHAUSTED / HTTP 429).
+    """
+
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine replica (for GetClusterStatus, /metrics and tests).
+
+    free_blocks == total_blocks and running == waiting == 0 means no request holds KV memory.
+    """
+
+    replica_id: str
+    node: str
+    device: str
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    max_model_len: int

@@ -1,0 +1,242 @@
+"""Expert parallelism wiring: turns a finished in-process model into one served by shard actors.
+
+`apply_expert_parallel(model, checkpoint, experts_config, state)` is the transform (gpt-fast's
+`apply_tp`, for experts): it publishes an initial placement in Redis, starts the expert-shard
+actors (each loading only its experts from the checkpoint) and swaps the model's backend to a
+`workers.ray_experts.RayExperts`. The Redis-facing parts are built here and injected into the
+backend as plain callables, so workers/ never imports the state module:
+
+- placement: a `PlacementWatcher` caches the latest placement; the backend reads its attribute
+  once per step (never blocking) and swaps epochs between steps;
+- load: every step the model's expert counts go to a `LoadReporter` (a local numpy add); its
+  thread pushes them every `load_push_every_steps` steps;
+- registry: each shard is registered with a `Heartbeater`; a dead shard is removed and its
+  restarted successor registered, from the backend's hook thread.
+
+Redis unreachable -> the backend keeps serving on its cached placement; the helpers reconnect.
+
+`ExpertParallelRuntime.start(...)` adds what a local run also needs: a local Ray instance and a
+private redis-server when no URL is given, both stopped by `close()` if it started them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import redis
+from moeray.cluster.config import ExpertsConfig, StateConfig
+from moeray.cluster.placement import initial_placement
+from moeray.cluster.redis_server import RedisServer
+from moeray.cluster.state import ClusterState, Heartbeater, LoadReporter, PlacementWatcher
+from moeray.cluster.state_messages import Placement, ReplicaInfo
+from moeray.workers.ray_experts import Assignment, RayExperts, WeightSource
+
+log = logging.getLogger(__name__)
+
+RAY_LOCAL_CPUS = 8  # logical CPUs of a local Ray instance: shards reserve 0.5 each by default
+
+
+class ReplicaRegistry:
+    """Keeps this engine's shard replicas registered in Redis (one Heartbeater each).
+
+    Called from the backend's hook thread; Redis errors are logged, never raised."""
+
+    def __init__(self, state: ClusterState, model: str, moe_layers: list[int]) -> None:
+        self.state, self.model = state, model
+        self.moe_index = {layer: li for li, layer in enumerate(moe_layers)}
+        self._beats: dict[int, Heartbeater] = {}
+        self._lock = threading.Lock()
+
+    def started(self, rid: int, assignment: Assignment, actor_name: str) -> None:
+        experts = tuple((self.moe_index[layer], e) for layer, es in assignment.items() for e in es)
+        info = ReplicaInfo(rid, actor_name, node=ray.util.get_node_ip_address(), experts=experts)
+        beat = Heartbeater(self.state, self.model, info)
+        with self._lock:
+            old = self._beats.pop(rid, None)
+            self._beats[rid] = beat
+        if old is not None:
+            old.close()
+        beat.start()
+        beat.set_state("ready")
+
+    def dead(self, rid: int) -> None:
+        with self._lock:
+            beat = self._beats.pop(rid, None)
+        if beat is not None:
+            beat.close()
+        try:
+            self.state.remove_replica(self.model, rid)
+        except (redis.RedisError, OSError) as exc:  # it expires with its TTL anyway
+            log.warning("could not remove replica %d from Redis: %s", rid, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            beats, self._beats = list(self._beats.items()), {}
+        for rid, beat in beats:
+            beat.close()
+            with contextlib.suppress(redis.RedisError, OSError):
+                self.state.remove_replica(self.model, rid)
+
+
+@dataclass
+class ExpertParallel:
+    """What `apply_expert_parallel` started; `close()` stops it (not Ray, not Redis)."""
+
+    backend: RayExperts
+    watcher: PlacementWatcher | None = None
+    reporter: LoadReporter | None = None
+    registry: ReplicaRegistry | None = None
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.backend.close()  # drains the hook thread before the registry goes
+        for helper in (self.watcher, self.reporter, self.registry):
+            if helper is not None:
+                helper.close()
+
+
+def _publish_initial(state: ClusterState, model: str, placement: Placement) -> Placement:
+    try:
+        return state.publish_placement(model, placement)
+    except (redis.RedisError, OSError) as exc:  # serve anyway; the watcher republishes later
+        log.warning("Redis unreachable at start (%s); serving on the initial placement", exc)
+        return placement
+
+
+def _state_hooks(
+    model: Any, watcher: PlacementWatcher, reporter: LoadReporter, registry: ReplicaRegistry
+) -> dict[str, Any]:
+    """The backend's hooks onto the Redis helpers; none of them makes a network call inline."""
+    moe_rows = list(model.args.moe_layers)  # take_expert_counts is [all layers, E]
+
+    def on_step() -> None:
+        reporter.add(model.take_expert_counts()[moe_rows].numpy())  # [L_moe, E], local add
+
+    return {
+        "placement_source": lambda: watcher.placement,
+        "on_step": on_step,
+        "on_replica_started": registry.started,
+        "on_replica_dead": registry.dead,
+    }
+
+
+def apply_expert_parallel(
+    model: Any,
+    checkpoint: str,
+    config: ExpertsConfig,
+    state: ClusterState | None = None,
+    *,
+    model_name: str = "default",
+    dtype: str = "auto",
+    load_push_every_steps: int = 16,
+) -> ExpertParallel:
+    """Serves `model`'s routed experts from `config.shards` Ray actors (Ray must be initialised).
+
+    With a ClusterState, the placement is published and watched, loads are reported and the
+    replicas registered; without one, the placement is fixed. Returns the handle to close."""
+    if config.shards < 1:
+        raise ValueError("experts.shards must be >= 1 to apply expert parallelism")
+    a = model.args
+    if not a.moe_layers:
+        raise ValueError(f"model {checkpoint} has no MoE layers: experts.shards must be 0")
+    placement = initial_placement(len(a.moe_layers), a.num_experts, config.shards, config.replicas)
+    watcher = reporter = registry = None
+    hooks: dict[str, Any] = {}
+    if state is not None:
+        placement = _publish_initial(state, model_name, placement)
+        watcher = PlacementWatcher(state, model_name, initial=placement)
+        reporter = LoadReporter(
+            state, model_name, len(a.moe_layers), a.num_experts,
+            push_every_steps=load_push_every_steps,
+        )  # fmt: skip
+        registry = ReplicaRegistry(state, model_name, a.moe_layers)
+        hooks = _state_hooks(model, watcher, reporter, registry)
+    backend = RayExperts.start(
+        WeightSource(checkpoint=str(checkpoint), dtype=dtype),
+        placement,
+        list(a.moe_layers),
+        num_cpus=config.shard_num_cpus,
+        num_gpus=config.shard_num_gpus,
+        compiled_graph=config.compiled_graph,
+        **hooks,
+    )
+    ep = ExpertParallel(backend, watcher, reporter, registry)
+    for helper in (watcher, reporter):
+        if helper is not None:
+            helper.start()
+    model.set_expert_backend(ep.backend)
+    return ep
+
+
+class ExpertParallelRuntime:
+    """apply_expert_parallel plus a local Ray instance and a private redis-server when needed.
+
+    `ExpertParallelRuntime.start(model, checkpoint, experts, state_config)`; `close()` undoes it
+    all, stopping Ray and Redis only if this runtime started them."""
+
+    def __init__(self) -> None:
+        self.started_ray = False
+        self.redis_server: RedisServer | None = None
+        self.state: ClusterState | None = None
+        self.ep: ExpertParallel | None = None
+
+    @classmethod
+    def start(
+        cls,
+        model: Any,
+        checkpoint: str,
+        experts: ExpertsConfig,
+        state_config: StateConfig | None = None,
+        *,
+        model_name: str = "default",
+        dtype: str = "auto",
+    ) -> ExpertParallelRuntime:
+        rt = cls()
+        try:
+            state_config = state_config or StateConfig()
+            if not ray.is_initialized():
+                ray.init(
+                    num_cpus=RAY_LOCAL_CPUS, include_dashboard=False, log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )  # fmt: skip
+                rt.started_ray = True
+            url = state_config.redis_url
+            if url is None:
+                rt.redis_server = RedisServer().start()
+                url = rt.redis_server.url
+            rt.state = ClusterState.from_config(state_config, url)
+            rt.ep = apply_expert_parallel(
+                model, checkpoint, experts, rt.state, model_name=model_name, dtype=dtype,
+                load_push_every_steps=state_config.load_push_every_steps,
+            )  # fmt: skip
+        except BaseException:
+            rt.close()
+            raise
+        return rt
+
+    @property
+    def backend(self) -> RayExperts:
+        assert self.ep is not None
+        return self.ep.backend
+
+    def close(self) -> None:
+        if self.ep is not None:
+            self.ep.close()
+            self.ep = None
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False

@@ -1,0 +1,276 @@
+"""Expert placement planning: pure functions of loads and capacity (no Redis, no Ray).
+
+- `initial_placement`: every expert of every layer on `replicas` distinct shards, slot counts
+  balanced across shards (they differ by at most one).
+- `plan_rebalance`: DeepSeek-EPLB-style planning for one model, layer by layer:
+  1. replicate: every expert gets min_replicas; spare slots go, one at a time, to the expert
+     with the highest load per replica (up to max_replicas);
+  2. pack: replicas, heaviest first, go to the least-loaded shard that has a free slot and does
+     not hold the expert yet (longest-processing-time greedy);
+  3. keep the best of {packed plan, current layout, initial layout} by max shard load, the
+     current layout winning ties, so a plan never moves experts for nothing and is never worse
+     than the initial placement for the same loads.
+- `choose_replica` / `assign_replicas`: which replica of an expert serves a step's tokens:
+  the one whose shard has the fewest outstanding tokens, ties rotating with the step number.
+
+Shape letters (docs/SHAPES.md): L MoE layers, E routed experts per layer. Shards are the
+replica ids of `Placement`: integers 0..num_shards-1. Everything is deterministic: ties break
+by index, never by hash order or randomness. "Load" of a replica = its expert's load / the
+expert's replica count (tokens are spread evenly over replicas).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from moeray.cluster.state_messages import Placement
+
+Layout = list[list[int]]  # [E] -> shard ids of one layer
+
+
+class NoLiveReplica(LookupError):
+    """Every replica of an expert is excluded (dead)."""
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _initial_layer(num_experts: int, num_shards: int, replicas: int) -> Layout:
+    """Greedy: replica r of expert e goes to the least-filled shard not holding e (ties: the
+    shard nearest e + r, so one replica per expert comes out as plain striping e % S)."""
+    counts = [0] * num_shards
+    layout: Layout = [[] for _ in range(num_experts)]
+    for r in range(replicas):
+        for e in range(num_experts):
+            free = (s for s in range(num_shards) if s not in layout[e])
+            s = min(free, key=lambda s: (counts[s], (s - e - r) % num_shards))
+            layout[e].append(s)
+            counts[s] += 1
+    return [sorted(reps) for reps in layout]
+
+
+def initial_placement(
+    num_layers: int, num_experts: int, num_shards: int, replicas: int = 1
+) -> Placement:
+    """Every expert on min(replicas, num_shards) distinct shards; per-shard slot counts differ by
+    at most one; every layer laid out alike. Returns a Placement with epoch 0."""
+    _check_positive(
+        num_layers=num_layers, num_experts=num_experts, num_shards=num_shards, replicas=replicas
+    )
+    layer = _initial_layer(num_experts, num_shards, min(replicas, num_shards))
+    return Placement(0, num_layers, num_experts, [layer] * num_layers)
+
+
+def shard_loads(
+    layer_loads: np.ndarray, layout: Sequence[Sequence[int]], num_shards: int
+) -> np.ndarray:
+    """Load per shard of one layer: layer_loads [E], layout[E] -> shard ids  ->  float64 [S]."""
+    out = np.zeros(num_shards, dtype=np.float64)
+    for e, reps in enumerate(layout):
+        for s in reps:
+            out[s] += layer_loads[e] / len(reps)
+    return out
+
+
+def max_shard_loads(loads: Any, placement: Placement, num_shards: int) -> np.ndarray:
+    """The max shard load of every layer: loads [L, E] -> float64 [L]."""
+    arr = _check_loads(loads, placement)
+    return np.array(
+        [shard_loads(arr[li], placement.mapping[li], num_shards).max() for li in range(len(arr))]
+    )
+
+
+def _check_loads(loads: Any, current: Placement) -> np.ndarray:
+    if hasattr(loads, "detach"):  # a torch tensor
+        loads = loads.detach().cpu().numpy()
+    arr = np.asarray(loads, dtype=np.float64)
+    expected = (current.num_layers, current.num_experts)
+    if arr.shape != expected:
+        raise ValueError(f"loads must have shape {expected} [L, E], got {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError("loads must be finite and >= 0 everywhere")
+    return arr
+
+
+def _replica_counts(layer_loads: np.ndarray, r_min: int, r_max: int, spare: int) -> list[int]:
+    """Step 1: min replicas each, then spare slots to the highest load-per-replica experts."""
+    counts = [r_min] * len(layer_loads)
+    heap = [(-float(w) / r_min, e) for e, w in enumerate(layer_loads) if w > 0 and r_min < r_max]
+    heapq.heapify(heap)
+    while spare > 0 and heap:
+        _, e = heapq.heappop(heap)
+        counts[e] += 1
+        spare -= 1
+        if counts[e] < r_max:
+            heapq.heappush(heap, (-float(layer_loads[e]) / counts[e], e))
+    return counts
+
+
+class _Packer:
+    """Step 2 for one layer: LPT greedy packing of replicas onto shards under capacity."""
+
+    def __init__(self, num_experts: int, num_shards: int, slots: int) -> None:
+        self.slots = slots
+        self.layout: Layout = [[] for _ in range(num_experts)]
+        self.held: list[list[int]] = [[] for _ in range(num_shards)]  # shard -> experts
+        self.load = [0.0] * num_shards
+        self.weight = [0.0] * num_experts  # load of one replica of each expert
+
+    def _put(self, e: int, s: int) -> None:
+        self.layout[e].append(s)
+        self.held[s].append(e)
+        self.load[s] += self.weight[e]
+
+    def _take(self, e: int, s: int) -> None:
+        self.layout[e].remove(s)
+        self.held[s].remove(e)
+        self.load[s] -= self.weight[e]
+
+    def place(self, e: int) -> None:
+        """Puts one more replica of e; swaps another expert away if e is blocked (every shard
+        with a free slot already holds e); drops the replica if no swap exists either."""
+        free = [s for s in range(len(self.held)) if len(self.held[s]) < self.slots]
+        ok = [s for s in free if s not in self.layout[e]]
+        if ok:
+            self._put(e, min(ok, key=lambda s: (self.load[s], len(self.held[s]), s)))
+            return
+        for t in range(len(self.held)):  # t is full and lacks e; u has room and holds e
+            if t in self.layout[e]:
+                continue
+            for x in sorted(self.held[t]):
+                u = next((u for u in free if u not in self.layout[x]), None)
+                if u is not None:
+                    self._take(x, t)
+                    self._put(x, u)
+                    self._put(e, t)
+                    return
+
+
+def _pack_layer(layer_loads: np.ndarray, counts: list[int], num_shards: int, slots: int) -> Layout:
+    packer = _Packer(len(counts), num_shards, slots)
+    packer.weight = [float(w) / c for w, c in zip(layer_loads, counts)]
+    # First replicas of every expert before any extra one, so no expert can be left without
+    # one; within each round the heaviest replica first (LPT).
+    for r in range(max(counts)):
+        order = sorted(
+            (e for e in range(len(counts)) if counts[e] > r), key=lambda e: (-packer.weight[e], e)
+        )
+        for e in order:
+            packer.place(e)
+    return [sorted(reps) for reps in packer.layout]
+
+
+def _valid_layer(
+    layout: Sequence[Sequence[int]], num_shards: int, slots: int, r_min: int, r_max: int
+) -> bool:
+    used = [0] * num_shards
+    for reps in layout:
+        if not r_min <= len(reps) <= r_max or any(not 0 <= s < num_shards for s in reps):
+            return False
+        for s in reps:
+            used[s] += 1
+    return max(used) <= slots
+
+
+def plan_rebalance(
+    loads: Any,
+    current: Placement,
+    num_shards: int,
+    slots_per_shard: int,
+    min_replicas: int = 1,
+    max_replicas: int = 4,
+) -> Placement:
+    """Plans a placement for `loads` [L, E] (tokens per expert, any non-negative numbers).
+
+    Capacity is per layer: each shard holds at most slots_per_shard experts of each layer.
+    Replica counts are clamped to num_shards (two replicas on one shard are useless). Returns a
+    Placement with current.epoch (publishing assigns the next one); layers whose current layout
+    is valid and no worse are returned unchanged.
+    """
+    _check_positive(
+        num_shards=num_shards,
+        slots_per_shard=slots_per_shard,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+    )
+    if max_replicas < min_replicas:
+        raise ValueError(f"max_replicas ({max_replicas}) must be >= min_replicas ({min_replicas})")
+    arr = _check_loads(loads, current)
+    r_min, r_max = min(min_replicas, num_shards), min(max_replicas, num_shards)
+    num_experts = current.num_experts
+    if num_shards * slots_per_shard < num_experts * r_min:
+        raise ValueError(
+            f"slots_per_shard={slots_per_shard} on {num_shards} shards cannot hold "
+            f"{num_experts} experts x {r_min} replicas"
+        )
+    initial = _initial_layer(num_experts, num_shards, r_min)
+    spare = num_shards * slots_per_shard - num_experts * r_min
+    layers = []
+    for li in range(current.num_layers):
+        counts = _replica_counts(arr[li], r_min, r_max, spare)
+        packed = _pack_layer(arr[li], counts, num_shards, slots_per_shard)
+        cur = [list(r) for r in current.mapping[li]]
+        # Preference order on ties: current, packed, initial (always valid). The packed plan
+        # is dropped if its packing had to give up a replica below min_replicas.
+        candidates = [
+            c for c in (cur, packed) if _valid_layer(c, num_shards, slots_per_shard, r_min, r_max)
+        ] + [initial]
+        scores = [shard_loads(arr[li], c, num_shards).max() for c in candidates]
+        best = min(scores)
+        tol = 1e-9 * max(1.0, best)
+        layers.append(next(c for c, sc in zip(candidates, scores) if sc <= best + tol))
+    return Placement(current.epoch, current.num_layers, num_experts, layers)
+
+
+def _outstanding_of(outstanding: Mapping[int, float] | Sequence[float] | None, r: int) -> float:
+    if outstanding is None:
+        return 0.0
+    if isinstance(outstanding, Mapping):
+        return float(outstanding.get(r, 0.0))
+    return float(outstanding[r]) if r < len(outstanding) else 0.0
+
+
+def choose_replica(
+    replicas: Sequence[int],
+    outstanding: Mapping[int, float] | Sequence[float] | None = None,
+    step: int = 0,
+    exclude: Collection[int] = (),
+) -> int:
+    """The replica (shard id) with the fewest outstanding tokens, not in `exclude`; ties go
+    round-robin: the candidate order rotates by `step`. Raises NoLiveReplica if none is left."""
+    live = [r for r in replicas if r not in exclude]
+    if not live:
+        raise NoLiveReplica(f"every replica of {list(replicas)} is excluded")
+    n = len(live)
+    best = min(range(n), key=lambda i: (_outstanding_of(outstanding, live[i]), (i - step) % n))
+    return live[best]
+
+
+def assign_replicas(
+    layout: Sequence[Sequence[int]],
+    tokens_per_expert: Sequence[int] | np.ndarray,
+    step: int = 0,
+    exclude: Collection[int] = (),
+    outstanding: Mapping[int, float] | None = None,
+) -> list[int]:
+    """One shard per expert of one layer for one step: layout[E] -> replicas, tokens [E]
+    -> shard id per expert [E]. Experts with tokens are assigned heaviest first, each to the
+    replica whose shard has the fewest tokens so far (starting from `outstanding`)."""
+    tokens = np.asarray(tokens_per_expert)
+    if tokens.shape != (len(layout),):
+        raise ValueError(
+            f"tokens_per_expert must have shape ({len(layout)},) [E], got {tokens.shape}"
+        )
+    load: dict[int, float] = dict(outstanding or {})
+    out = [-1] * len(layout)
+    for e in sorted(range(len(layout)), key=lambda e: (-int(tokens[e]), e)):
+        s = choose_replica(layout[e], load, step + e, exclude)
+        out[e] = s
+        load[s] = load.get(s, 0.0) + float(tokens[e])
+    return out

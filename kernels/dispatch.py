@@ -1,0 +1,90 @@
+"""Chooses Triton or torch for every kernel call: the one place that decides, and the one place
+that reads MOERAY_KERNELS.
+
+    MOERAY_KERNELS=auto    (default) Triton for CUDA tensors when triton is installed, else torch
+    MOERAY_KERNELS=triton  always Triton (on CPU tensors only under TRITON_INTERPRET=1: tests)
+    MOERAY_KERNELS=torch   always the torch references
+
+Tests override it with `use_backend("triton")` (a context manager) or `set_backend(...)`.
+triton is an optional extra ([gpu]): it is imported only when a Triton kernel is about to run,
+so `import moeray.kernels` works without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_override: str | None = None
+
+
+def _validate(name: str, field: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{field} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def configured_backend() -> str:
+    """The backend asked for: the override if one is set, else MOERAY_KERNELS, else 'auto'."""
+    if _override is not None:
+        return _override
+    return _validate(os.environ.get("MOERAY_KERNELS", "auto").strip().lower(), "MOERAY_KERNELS")
+
+
+def set_backend(name: str | None) -> None:
+    """Overrides MOERAY_KERNELS for this process; None goes back to the environment."""
+    global _override
+    _override = None if name is None else _validate(name, "backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """`with use_backend("triton"): ...` runs the block with that backend, then restores."""
+    global _override
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether the optional triton package is importable (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels would run on CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve(tensor: torch.Tensor) -> str:
+    """'triton' or 'torch' for a call whose main input is `tensor`."""
+    backend = configured_backend()
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "MOERAY_KERNELS=triton but triton is not installed (pip install moeray[gpu])"
+            )
+        if not tensor.is_cuda and not interpreter_enabled():
+            raise RuntimeError(
+                "MOERAY_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+    return backend
+
+
+def triton_module(name: str) -> ModuleType:
+    """Imports moeray.kernels.<name> (a module that imports triton) on first use."""
+    return importlib.import_module(f"moeray.kernels.{name}")

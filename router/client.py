@@ -1,0 +1,251 @@
+"""The Python client of moeray's gRPC front door (service moeray.v1.Inference).
+
+    with MoerayClient("localhost:50051") as c:
+        for delta in c.generate("Prove that sqrt(2) is irrational.", max_tokens=64):
+            print(delta.text, end="")
+        print(c.route("hi there").tier)
+
+`generate` streams `GenerateDelta`s (text and token-id deltas; the route decision arrives with
+the first, finish_reason and usage with the last). `generate_text` collects a whole answer.
+gRPC failures become `MoerayError`s carrying the status code and the server's sentence:
+`InvalidRequest` (INVALID_ARGUMENT), `Overloaded` (RESOURCE_EXHAUSTED), `Unavailable`
+(UNAVAILABLE / DEADLINE_EXCEEDED). Closing a `generate` iterator early cancels the RPC, which
+makes the server stop generating and free the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from moeray.router.convert import finish_reason_from_proto, route_decision_from_proto
+from moeray.router.messages import ChatMessage, RouteDecision
+from moeray.v1 import inference_pb2 as pb
+from moeray.v1 import inference_pb2_grpc as pb_grpc
+from moeray.workers.io_struct import FinishReason, Usage
+
+T = TypeVar("T")
+
+
+class MoerayError(RuntimeError):
+    """A failed call: `code` is the grpc.StatusCode, `details` the server's sentence."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidRequest(MoerayError, ValueError):
+    """The server refused the request (INVALID_ARGUMENT); details name the field."""
+
+
+class Overloaded(MoerayError):
+    """The server is at capacity (RESOURCE_EXHAUSTED); retry later."""
+
+
+class Unavailable(MoerayError):
+    """The server could not be reached in time (UNAVAILABLE or DEADLINE_EXCEEDED)."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[MoerayError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def _as_error(err: grpc.RpcError) -> MoerayError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    return _ERRORS.get(code, MoerayError)(code, details)
+
+
+@dataclass(frozen=True)
+class GenerateDelta:
+    """One streamed message: new text and token ids since the previous one."""
+
+    request_id: str
+    tier: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    usage: Usage
+    route: RouteDecision | None  # first message only
+
+
+@dataclass
+class GenerateResult:
+    """A whole answer collected from the stream."""
+
+    request_id: str = ""
+    tier: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage = field(default_factory=Usage)
+    route: RouteDecision | None = None
+
+
+def _request_input(
+    msg: pb.GenerateRequest | pb.RouteRequest,
+    prompt: str | None,
+    messages: Sequence[ChatMessage | dict[str, str]] | None,
+    prompt_token_ids: Sequence[int] | None,
+) -> None:
+    """Fills the `input` oneof; ValueError when not exactly one form is given."""
+    if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
+        raise ValueError("input: exactly one of prompt, messages or prompt_token_ids must be given")
+    if prompt is not None:
+        msg.prompt = prompt
+    elif messages is not None:
+        for m in messages:
+            role, content = (m.role, m.content) if isinstance(m, ChatMessage) else (m["role"], m["content"])
+            msg.messages.messages.add(role=role, content=content)
+    else:
+        msg.prompt_token_ids.ids.extend(prompt_token_ids or ())
+
+
+class MoerayClient:
+    """A blocking client over one gRPC channel. Thread-safe (gRPC channels are)."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        """target: "host:port". timeout: per-call deadline in seconds (None = no deadline)."""
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel = channel or grpc.insecure_channel(target, options=opts)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> MoerayClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _as_error(e) from None
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        tier: str = "",
+        request_id: str = "",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> Iterator[GenerateDelta]:
+        """Streams deltas. Breaking out of the loop (or closing it) cancels the generation."""
+        req = pb.GenerateRequest(request_id=request_id, tier=tier)
+        _request_input(req, prompt, messages, prompt_token_ids)
+        sampling = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "seed": seed,
+        }
+        req.sampling.CopyFrom(
+            pb.SamplingParams(
+                **{k: v for k, v in sampling.items() if v is not None},
+                stop=list(stop),
+                ignore_eos=ignore_eos,
+            )
+        )
+        return self._stream(req)
+
+    def _stream(self, req: pb.GenerateRequest) -> Iterator[GenerateDelta]:
+        call = self._stub.Generate(req, timeout=self.timeout)
+        try:
+            for msg in call:
+                yield GenerateDelta(
+                    request_id=msg.request_id,
+                    tier=msg.tier,
+                    text=msg.text,
+                    token_ids=list(msg.token_ids),
+                    finish_reason=finish_reason_from_proto(msg.finish_reason),
+                    usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
+                    route=route_decision_from_proto(msg.route) if msg.HasField("route") else None,
+                )
+        except grpc.RpcError as e:
+            raise _as_error(e) from None
+        finally:
+            call.cancel()  # no-op when the stream ended; stops the server when we broke out
+
+    def generate_text(self, prompt: str | None = None, **kwargs: Any) -> GenerateResult:
+        """Runs generate to the end and joins the deltas."""
+        out = GenerateResult()
+        for d in self.generate(prompt, **kwargs):
+            out.request_id, out.tier = d.request_id, d.tier
+            out.text += d.text
+            out.token_ids.extend(d.token_ids)
+            out.usage = d.usage
+            out.route = out.route or d.route
+            out.finish_reason = d.finish_reason or out.finish_reason
+        return out
+
+    def route(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        tier: str = "",
+    ) -> RouteDecision:
+        """The router's dry-run decision for this input."""
+        return route_decision_from_proto(self.route_features(prompt, messages=messages,
+                                                              prompt_token_ids=prompt_token_ids,
+                                                              tier=tier).route)
+
+    def route_features(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        tier: str = "",
+    ) -> pb.RouteResponse:
+        """The whole Route answer: the decision and the policy's feature values."""
+        req = pb.RouteRequest(tier=tier)
+        _request_input(req, prompt, messages, prompt_token_ids)
+        return self._unary(self._stub.Route, req)
+
+    def list_tiers(self) -> pb.ListTiersResponse:
+        return self._unary(self._stub.ListTiers, pb.ListTiersRequest())
+
+    def cluster_status(self, tier: str = "") -> pb.GetClusterStatusResponse:
+        return self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(tier=tier))
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a running generation; False when the server knew no such request."""
+        if not request_id:
+            raise ValueError("request_id must not be empty")
+        return bool(self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id)).found)

@@ -1,0 +1,315 @@
+"""Protobuf <-> internal dataclasses, with request validation. The only module that does both.
+
+Inbound: `generate_call_from_proto` / `route_input_from_proto` turn moeray.v1 requests into
+`GenerateCall` / `RouteInput` (moeray.router.messages) and `SamplingParams`
+(moeray.workers.io_struct), checking every field against the configured limits. Outbound:
+`output_to_proto` turns the engine's `RequestOutput` deltas into `GenerateResponse`s.
+
+Every refusal is a `RequestError(field, message)` (a ValueError) whose text names the field, e.g.
+"sampling.top_p must be in (0, 1], got 1.5"; the transport maps it to gRPC INVALID_ARGUMENT or
+HTTP 400. `build_route_input` and `check_sampling` take plain values, so the OpenAI HTTP app
+validates with the same rules.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeray.cluster.config import MoerayConfig, RouterConfig
+from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
+from moeray.router.policy import resolve_tier
+from moeray.v1 import inference_pb2 as pb
+from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_REQUEST_ID_CHARS = 128
+MAX_MESSAGES = 1024
+
+
+class RequestError(ValueError):
+    """A request field is invalid. str(e) is a sentence that starts with the field's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for: tiers, per-tier max_tokens and context, message size."""
+
+    router: RouterConfig
+    tiers: tuple[str, ...]
+    max_tokens_limit: Mapping[str, int] = field(default_factory=dict)
+    max_model_len: Mapping[str, int] = field(default_factory=dict)  # tiers whose limit is known
+
+    @classmethod
+    def from_config(cls, cfg: MoerayConfig) -> RequestLimits:
+        return cls(
+            router=cfg.router,
+            tiers=tuple(t.name for t in cfg.tiers),
+            max_tokens_limit={t.name: t.engine.max_tokens_limit for t in cfg.tiers},
+            max_model_len={
+                t.name: t.engine.max_model_len for t in cfg.tiers if t.engine.max_model_len
+            },
+        )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.router.max_message_bytes
+
+    def candidate_tiers(self, requested: str) -> list[str]:
+        """The tiers a request may land on: the named one, or (auto) the fast and reasoning tiers."""
+        try:
+            named = resolve_tier(requested, self.router, self.tiers)
+        except ValueError as e:
+            raise RequestError("tier", str(e).removeprefix("tier ")) from None
+        if named is not None:
+            return [named]
+        auto = [t for t in (self.router.fast_tier, self.router.reasoning_tier) if t in self.tiers]
+        return auto or list(self.tiers)
+
+    def tokens_limit(self, requested: str) -> int | None:
+        """The smallest max_tokens limit over the candidate tiers (auto may land on either)."""
+        limits = [
+            self.max_tokens_limit[t]
+            for t in self.candidate_tiers(requested)
+            if t in self.max_tokens_limit
+        ]
+        return min(limits) if limits else None
+
+
+# ---- inbound ------------------------------------------------------------------------------
+
+
+def _decode_utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError("prompt", f"is not valid UTF-8 (bad byte at offset {e.start})") from None
+
+
+def _check_messages(messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...]:
+    if not messages:
+        raise RequestError("messages", "must hold at least one message")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError("messages", f"must hold at most {MAX_MESSAGES} messages")
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise RequestError(
+                f"messages[{i}].role", f"must be one of {sorted(CHAT_ROLES)}, got {m.role!r}"
+            )
+    if not any(m.content.strip() for m in messages):
+        raise RequestError("messages", "must have at least one non-empty content")
+    return tuple(messages)
+
+
+def build_route_input(
+    limits: RequestLimits,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[ChatMessage] | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+    prompt_bytes: bytes | None = None,
+    tier: str = "",
+) -> RouteInput:
+    """Validates one input form and the tier; the shared core of the gRPC and HTTP paths."""
+    given = [x is not None for x in (prompt, messages, prompt_token_ids, prompt_bytes)]
+    if sum(given) != 1:
+        raise RequestError("input", "must be exactly one of prompt, messages or prompt_token_ids")
+    candidates = limits.candidate_tiers(tier)  # raises for an unknown tier first
+    if prompt_bytes is not None:
+        prompt = _decode_utf8(prompt_bytes)
+    size = len(prompt.encode("utf-8", "surrogatepass")) if prompt is not None else 0
+    size += sum(len(m.content) + len(m.role) for m in messages or ())
+    size += 4 * len(prompt_token_ids or ())
+    if size > limits.max_message_bytes:
+        raise RequestError(
+            "input", f"is {size} bytes, above the limit of {limits.max_message_bytes} bytes"
+        )
+    if prompt is not None:
+        if not prompt.strip():
+            raise RequestError("prompt", "must not be empty")
+        return RouteInput(prompt=prompt, tier=tier)
+    if messages is not None:
+        return RouteInput(messages=_check_messages(messages), tier=tier)
+    ids = tuple(int(t) for t in prompt_token_ids or ())
+    if not ids:
+        raise RequestError("prompt_token_ids", "must not be empty")
+    known = [limits.max_model_len[t] for t in candidates if t in limits.max_model_len]
+    if known and len(ids) >= min(known):
+        raise RequestError(
+            "prompt_token_ids",
+            f"has {len(ids)} tokens; the context of tier {candidates[0]!r} is {min(known)}",
+        )
+    return RouteInput(prompt_token_ids=ids, tier=tier)
+
+
+def _as_request_error(err: ValueError, prefix: str) -> RequestError:
+    name, _, rest = str(err).partition(" ")  # io_struct messages start with the field name
+    return RequestError(prefix + name, rest)
+
+
+def check_sampling(
+    params: SamplingParams, max_tokens_limit: int | None, prefix: str = "sampling."
+) -> SamplingParams:
+    """Validates params (and max_tokens against the tier's limit), re-raising as RequestError."""
+    for name in ("temperature", "top_p"):
+        value = getattr(params, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RequestError(prefix + name, f"must be a finite number, got {value}")
+    try:
+        params.validate(max_tokens_limit)
+    except ValueError as e:
+        raise _as_request_error(e, prefix) from None
+    return params
+
+
+def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) -> SamplingParams:
+    """Proto -> SamplingParams; absent optional fields take io_struct's defaults."""
+    kwargs: dict[str, Any] = {
+        name: getattr(msg, name)
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+        if msg.HasField(name)
+    }
+    try:
+        params = SamplingParams(
+            **kwargs,
+            stop=list(msg.stop),
+            stop_token_ids=list(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+        )
+    except ValueError as e:
+        raise _as_request_error(e, "sampling.") from None
+    return check_sampling(params, max_tokens_limit)
+
+
+def _input_from_proto(
+    msg: pb.GenerateRequest | pb.RouteRequest, limits: RequestLimits
+) -> RouteInput:
+    kind = msg.WhichOneof("input")
+    if kind is None:
+        raise RequestError("input", "must be one of prompt, messages or prompt_token_ids")
+    if msg.ByteSize() > limits.max_message_bytes:
+        raise RequestError(
+            "request", f"is {msg.ByteSize()} bytes, above the limit of {limits.max_message_bytes}"
+        )
+    if kind == "messages":
+        chat = [ChatMessage(m.role, m.content) for m in msg.messages.messages]
+        return build_route_input(limits, messages=chat, tier=msg.tier)
+    if kind == "prompt_token_ids":
+        return build_route_input(
+            limits, prompt_token_ids=list(msg.prompt_token_ids.ids), tier=msg.tier
+        )
+    if kind == "prompt_bytes":
+        return build_route_input(limits, prompt_bytes=msg.prompt_bytes, tier=msg.tier)
+    return build_route_input(limits, prompt=msg.prompt, tier=msg.tier)
+
+
+def route_input_from_proto(msg: pb.RouteRequest, limits: RequestLimits) -> RouteInput:
+    return _input_from_proto(msg, limits)
+
+
+def generate_call_from_proto(msg: pb.GenerateRequest, limits: RequestLimits) -> GenerateCall:
+    """A validated GenerateCall; request_id is generated when empty."""
+    request_id = msg.request_id or uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    inp = _input_from_proto(msg, limits)
+    sampling = sampling_from_proto(msg.sampling, limits.tokens_limit(msg.tier))
+    return GenerateCall(request_id, inp, sampling)
+
+
+def route_input_to_proto(inp: RouteInput) -> pb.RouteRequest:
+    """The inverse of route_input_from_proto (the client and tests use it)."""
+    msg = pb.RouteRequest(tier=inp.tier)
+    if inp.prompt is not None:
+        msg.prompt = inp.prompt
+    elif inp.messages is not None:
+        msg.messages.messages.extend(
+            pb.ChatMessage(role=m.role, content=m.content) for m in inp.messages
+        )
+    else:
+        msg.prompt_token_ids.ids.extend(inp.prompt_token_ids or ())
+    return msg
+
+
+# ---- outbound -----------------------------------------------------------------------------
+
+_FINISH_TO_PROTO = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+
+
+def finish_reason_to_proto(reason: FinishReason | None) -> int:
+    return int(_FINISH_TO_PROTO[reason])
+
+
+def finish_reason_from_proto(value: int) -> FinishReason | None:
+    if value not in _FINISH_FROM_PROTO:
+        raise ValueError(f"finish_reason {value} is not a known FinishReason")
+    return _FINISH_FROM_PROTO[value]  # type: ignore[index]
+
+
+def route_decision_to_proto(d: RouteDecision) -> pb.RouteDecision:
+    return pb.RouteDecision(tier=d.tier, score=d.score, reason=d.reason, fallback=d.fallback)
+
+
+def route_decision_from_proto(msg: pb.RouteDecision) -> RouteDecision:
+    return RouteDecision(msg.tier, float(msg.score), msg.reason, msg.fallback)
+
+
+def route_response_to_proto(d: RouteDecision, features: Mapping[str, float]) -> pb.RouteResponse:
+    return pb.RouteResponse(route=route_decision_to_proto(d), features=dict(features))
+
+
+def output_to_proto(
+    out: RequestOutput, tier: str, route: RouteDecision | None = None
+) -> pb.GenerateResponse:
+    """One streamed engine delta -> GenerateResponse (pass route on the first message only)."""
+    msg = pb.GenerateResponse(
+        request_id=out.request_id,
+        tier=tier,
+        text=out.delta_text,
+        token_ids=out.delta_token_ids,
+        finish_reason=_FINISH_TO_PROTO[out.finish_reason],
+        usage=pb.Usage(
+            prompt_tokens=out.usage.prompt_tokens,
+            completion_tokens=out.usage.completion_tokens,
+        ),
+    )
+    if route is not None:
+        msg.route.CopyFrom(route_decision_to_proto(route))
+    return msg
+
+
+def tiers_to_proto(cfg: MoerayConfig) -> pb.ListTiersResponse:
+    """The ListTiers answer for a config (roles from router.fast_tier / reasoning_tier)."""
+    roles = {cfg.router.fast_tier: "fast", cfg.router.reasoning_tier: "reasoning"}
+    infos = [
+        pb.TierInfo(
+            name=t.name,
+            model=t.model,
+            description=t.description,
+            role=roles.get(t.name, ""),
+            max_model_len=t.engine.max_model_len or 0,
+            max_tokens_limit=t.engine.max_tokens_limit,
+        )
+        for t in cfg.tiers
+    ]
+    return pb.ListTiersResponse(
+        tiers=infos,
+        fast_tier=cfg.router.fast_tier,
+        reasoning_tier=cfg.router.reasoning_tier,
+        threshold=cfg.router.threshold,
+        policy=cfg.router.policy,
+    )

@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP API of the front door (FastAPI, served by Serve's HTTP proxy).
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming as server-sent events
+ending in `data: [DONE]`, or one JSON body), GET /v1/models (the tiers, their checkpoint names and
+"auto"), GET /health, GET /metrics (Prometheus). `model` is "auto" (the router decides), a tier
+name, a role ("fast", "reasoning") or a tier's checkpoint folder name.
+
+JSON is converted to the same dataclasses the gRPC path uses, with the same validation
+(router/convert.py: build_route_input, check_sampling); errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}} with the field in `param` and in the message:
+400 invalid_request_error, 429 rate_limit_exceeded, 500 server_error. A stream is opened only
+after the engine accepted the request, so refusals always get a status code.
+The route decision is returned in the headers x-moeray-tier, x-moeray-route-score and
+x-moeray-route-fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moeray.router.convert import RequestError, build_route_input, check_sampling
+from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
+from moeray.router.metrics import CONTENT_TYPE
+from moeray.router.service import InferenceService, Overloaded
+from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+#: max_tokens when a request gives none: OpenAI's legacy completions default, and a bounded
+#: default for chat (OpenAI's is "up to the context", which a CPU demo would take minutes for).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+DEFAULT_CHAT_MAX_TOKENS = 256
+_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop"}
+
+
+class _Params(BaseModel):
+    """Fields shared by both endpoints; unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = "auto"
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # vLLM's extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    ignore_eos: bool = False  # vLLM's extension
+
+
+class _ChatMessageIn(BaseModel):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Params):
+    messages: list[_ChatMessageIn]
+
+
+class CompletionRequest(_Params):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(...)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, param: str | None, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None, code: str) -> JSONResponse:
+    kind = {400: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _invalid(field: str, message: str) -> HttpError:
+    return HttpError(400, f"{field} {message}", field, "invalid_value")
+
+
+def _from_service_error(e: Exception, input_field: str) -> HttpError:
+    """RequestError / Overloaded -> HttpError; internal field names -> OpenAI's."""
+    if isinstance(e, Overloaded):
+        return HttpError(429, str(e), None, "overloaded")
+    assert isinstance(e, RequestError)
+    field = {"tier": "model", "input": input_field, "prompt": input_field}.get(e.field, e.field)
+    return HttpError(400, f"{field} {e.message}", field, "invalid_value")
+
+
+# ---- JSON -> dataclasses ---------------------------------------------------------------------
+
+
+def _parse(body: bytes, model: type[_Params]) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HttpError(
+            400, f"request body is not valid UTF-8 (bad byte at offset {e.start})", None, "invalid_utf8"
+        ) from None
+    try:
+        return model.model_validate(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise HttpError(400, f"request body is not valid JSON: {e.msg}", None, "invalid_json") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        raise _invalid(field, f"is invalid: {err['msg']}") from None
+
+
+def _utf8(field: str, text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(field, "is not valid UTF-8 (it holds a lone surrogate)") from None
+    return text
+
+
+def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):  # OpenAI content parts: only text parts are supported
+            if any(p.get("type") != "text" for p in content):
+                raise _invalid(f"messages[{i}].content", "may only hold text parts")
+            content = "".join(str(p.get("text", "")) for p in content)
+        out.append(ChatMessage(m.role, _utf8(f"messages[{i}].content", content or "")))
+    return out
+
+
+def _sampling(req: _Params, service: InferenceService, default_max: int) -> SamplingParams:
+    if req.n != 1:
+        raise _invalid("n", f"must be 1 (one choice per request), got {req.n}")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    limit = service.limits.tokens_limit(req.model)
+    if max_tokens is None:
+        max_tokens = min(default_max, limit) if limit else default_max
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
+        )  # fmt: skip
+    except ValueError as e:
+        field, _, rest = str(e).partition(" ")
+        raise _invalid(field, rest) from None
+    try:
+        return check_sampling(params, limit, prefix="")
+    except RequestError as e:
+        raise _invalid(e.field, e.message) from None
+
+
+def _model_to_tier(service: InferenceService, model: str) -> str:
+    """model may name a tier's checkpoint folder: map it to that tier; else pass it through."""
+    for t in service.config.tiers:
+        if model == Path(t.model).name and model != t.name:
+            return t.name
+    return model
+
+
+def _chat_call(service: InferenceService, req: ChatCompletionRequest) -> GenerateCall:
+    req.model = _model_to_tier(service, req.model)
+    msgs = _chat_messages(req)
+    inp = _route_input(service, "messages", messages=msgs, tier=req.model)
+    params = _sampling(req, service, DEFAULT_CHAT_MAX_TOKENS)
+    return GenerateCall(f"chatcmpl-{uuid.uuid4().hex}", inp, params)
+
+
+def _completion_call(service: InferenceService, req: CompletionRequest) -> GenerateCall:
+    req.model = _model_to_tier(service, req.model)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise _invalid("prompt", "must be one prompt (batches are not supported)")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        inp = _route_input(service, "prompt", prompt=_utf8("prompt", prompt), tier=req.model)
+    else:
+        inp = _route_input(service, "prompt", prompt_token_ids=list(prompt), tier=req.model)
+    params = _sampling(req, service, DEFAULT_COMPLETION_MAX_TOKENS)
+    return GenerateCall(f"cmpl-{uuid.uuid4().hex}", inp, params)
+
+
+def _route_input(service: InferenceService, input_field: str, **kwargs: Any) -> RouteInput:
+    try:
+        return build_route_input(service.limits, **kwargs)
+    except RequestError as e:
+        raise _from_service_error(e, input_field) from None
+
+
+# ---- dataclasses -> JSON ---------------------------------------------------------------------
+
+
+def _usage(out: RequestOutput) -> dict[str, int]:
+    u = out.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+
+
+def _route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
+    return {
+        "x-moeray-tier": d.tier,
+        "x-moeray-route-score": f"{d.score:.4f}",
+        "x-moeray-route-fallback": str(d.fallback).lower(),
+        "x-request-id": request_id,
+    }
+
+
+def _choice(kind: Literal["chat", "text"], text: str, finish: str | None, chunk: bool) -> dict:
+    if kind == "text":
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    key = "delta" if chunk else "message"
+    body = {"content": text} if chunk else {"role": "assistant", "content": text}
+    return {"index": 0, key: body, "logprobs": None, "finish_reason": finish}
+
+
+def _envelope(kind: Literal["chat", "text"], rid: str, created: int, tier: str, chunk: bool) -> dict:
+    obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
+    if chunk and kind == "chat":
+        obj += ".chunk"
+    return {"id": rid, "object": obj, "created": created, "model": tier}
+
+
+async def _sse(
+    kind: Literal["chat", "text"],
+    first: tuple[RouteDecision, RequestOutput],
+    rest: AsyncIterator[tuple[RouteDecision, RequestOutput]],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per engine delta, then usage (if asked), then [DONE]."""
+    decision, out = first
+    env = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=True)
+    if kind == "chat":  # OpenAI opens a chat stream with the assistant role
+        yield _event({**env, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})  # fmt: skip
+    last = out
+    try:
+        yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True)]})
+        async for _, out in rest:
+            last = out
+            yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True)]})
+    except Exception as e:  # the stream has begun: report the error in-band, then end it
+        log.exception("stream failed")
+        yield _event({"error": {"message": f"internal error: {type(e).__name__}",
+                                "type": "server_error", "param": None, "code": "internal"}})  # fmt: skip
+    if include_usage:
+        yield _event({**env, "choices": [], "usage": _usage(last)})
+    yield "data: [DONE]\n\n"
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _finish(out: RequestOutput) -> str | None:
+    return _FINISH[out.finish_reason] if out.finish_reason is not None else None
+
+
+async def _complete(
+    kind: Literal["chat", "text"],
+    first: tuple[RouteDecision, RequestOutput],
+    rest: AsyncIterator[tuple[RouteDecision, RequestOutput]],
+) -> JSONResponse:
+    decision, out = first
+    parts = [out.delta_text]
+    async for _, out in rest:
+        parts.append(out.delta_text)
+    body = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=False)
+    body.update(choices=[_choice(kind, "".join(parts), _finish(out), False)], usage=_usage(out))
+    return JSONResponse(body, headers=_route_headers(decision, out.request_id))
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+def build_http_app(service: InferenceService) -> FastAPI:
+    """The FastAPI app bound to one InferenceService (built on the router replica)."""
+    app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
+
+    async def serve(request: Request, kind: Literal["chat", "text"]) -> Response:
+        input_field = "messages" if kind == "chat" else "prompt"
+        try:
+            if kind == "chat":
+                req: _Params = _parse(await request.body(), ChatCompletionRequest)
+                call = _chat_call(service, req)  # type: ignore[arg-type]
+            else:
+                req = _parse(await request.body(), CompletionRequest)
+                call = _completion_call(service, req)  # type: ignore[arg-type]
+            stream = service.generate(call, "http")
+            try:
+                first = await anext(stream)
+            except (RequestError, Overloaded) as e:
+                raise _from_service_error(e, input_field) from None
+        except HttpError as e:
+            return error_response(e.status, e.message, e.param, e.code)
+        if not req.stream:
+            return await _complete(kind, first, stream)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _sse(kind, first, stream, include_usage),
+            media_type="text/event-stream",
+            headers=_route_headers(first[0], call.request_id),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serve(request, "text")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        ids = ["auto"] + [t.name for t in service.config.tiers]
+        ids += [Path(t.model).name for t in service.config.tiers if Path(t.model).name not in ids]
+        data = [{"id": i, "object": "model", "created": created, "owned_by": "moeray"} for i in ids]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health() -> Response:
+        stats = [await service.engine_stats(t) for t in service.engines]
+        ok = all(stats)
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        await service.refresh_metrics()
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

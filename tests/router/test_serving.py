@@ -1,0 +1,329 @@
+"""The front door end to end: the moeray Serve app on a local Ray instance, over a real gRPC
+channel and with the official `openai` client.
+
+The app starts ONCE for the module (two tiny Mixtral-style demo checkpoints in HF format, free
+ports, a private redis-server) and is shut down at the end whatever happens. Oracle for the text:
+the offline `LLM` on the same checkpoint, greedy. Every refusal is checked for its status code
+and for the field named in its message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from moeray.cluster.app import LocalStack
+from moeray.cluster.config import MoerayConfig
+from moeray.cluster.demo_model import build_demo_checkpoint
+from moeray.cluster.redis_server import free_port
+from moeray.v1 import inference_pb2 as pb
+from moeray.v1 import inference_pb2_grpc as pb_grpc
+from moeray.workers import LLM, SamplingParams
+from prometheus_client.parser import text_string_to_metric_families
+
+FAST = {"max_model_len": 64, "max_tokens_limit": 32, "num_kv_blocks": 16, "block_size": 16}
+REASONING = {"max_model_len": 4096, "max_tokens_limit": 4000, "num_kv_blocks": 300}
+LONG = pb.SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving")
+    return {
+        "fast": build_demo_checkpoint(root / "fast-ckpt", preset="tiny", seed=0),
+        "reasoning": build_demo_checkpoint(root / "reasoning-ckpt", preset="tiny", seed=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(checkpoints: dict[str, Path]) -> Iterator[LocalStack]:
+    config = MoerayConfig(
+        tiers=[
+            {"name": "fast", "model": str(checkpoints["fast"]), "engine": FAST},
+            {"name": "reasoning", "model": str(checkpoints["reasoning"]), "engine": REASONING},
+        ],
+        router={"max_inflight_per_tier": 2, "max_message_bytes": 4096},
+        serve={"grpc_port": free_port(), "http_port": free_port()},
+    )
+    st = LocalStack(config, num_cpus=2)
+    try:
+        yield st.start()
+    finally:
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def channel(stack: LocalStack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(stack.endpoints()["grpc"]) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.InferenceStub:
+    return pb_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def client(stack: LocalStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.endpoints()["http"], api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def fast_llm(checkpoints: dict[str, Path]) -> LLM:
+    return LLM(str(checkpoints["fast"]), **FAST)
+
+
+def _greedy(llm: LLM, prompt: Any, max_tokens: int) -> Any:
+    return llm.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0))[0]
+
+
+def _chat_ids(llm: LLM, messages: list[dict[str, str]]) -> list[int]:
+    tok = llm.tokenizer
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _http(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request with the standard library: (status, headers, body)."""
+    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers.items()), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+def _engine_gauges(stack: LocalStack, tier: str) -> dict[str, float]:
+    text = _http(stack.endpoints()["http"].removesuffix("/v1") + "/metrics")[2].decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "moeray_engine":
+            for s in fam.samples:
+                if s.labels["tier"] == tier:
+                    out[s.labels["field"]] = s.value
+    return out
+
+
+def _wait_kv_freed(stack: LocalStack, tier: str, timeout_s: float = 60.0) -> dict[str, float]:
+    """Polls the engine gauges until no request runs, waits or holds a KV block."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        g = _engine_gauges(stack, tier)
+        if g["running"] == 0 and g["waiting"] == 0 and g["kv_blocks_free"] == g["kv_blocks_total"]:
+            return g
+        assert time.monotonic() < deadline, f"KV blocks of tier {tier} not freed: {g}"
+        time.sleep(0.2)
+
+
+# ---- generation ----------------------------------------------------------------------------
+
+
+def test_grpc_stream_equals_offline_llm(stub: pb_grpc.InferenceStub, fast_llm: LLM) -> None:
+    req = pb.GenerateRequest(
+        prompt="The capital of France", tier="fast",
+        sampling=pb.SamplingParams(max_tokens=12, temperature=0),
+    )  # fmt: skip
+    msgs = list(stub.Generate(req, timeout=60))
+    oracle = _greedy(fast_llm, "The capital of France", 12)
+    assert "".join(m.text for m in msgs) == oracle.text
+    assert [t for m in msgs for t in m.token_ids] == oracle.token_ids
+    assert msgs[0].HasField("route") and msgs[0].route.tier == "fast"
+    assert not any(m.HasField("route") for m in msgs[1:])
+    assert msgs[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    assert msgs[-1].usage.completion_tokens == len(oracle.token_ids)
+    assert all(m.tier == "fast" and m.request_id == msgs[0].request_id for m in msgs)
+
+
+def test_grpc_auto_routing_and_route_dry_run(stub: pb_grpc.InferenceStub) -> None:
+    hard = "Prove step by step that the square root of 2 is irrational, rigorously."
+    dry = stub.Route(pb.RouteRequest(prompt=hard), timeout=30)
+    assert dry.route.tier == "reasoning" and dry.route.score >= 0.5 and dry.features
+    msgs = list(stub.Generate(pb.GenerateRequest(prompt=hard, sampling=pb.SamplingParams(
+        max_tokens=3, temperature=0)), timeout=60))  # fmt: skip
+    assert msgs[0].route.tier == "reasoning" and msgs[0].tier == "reasoning"
+    easy = stub.Route(pb.RouteRequest(prompt="hi, translate 'cat' to French"), timeout=30)
+    assert easy.route.tier == "fast"
+
+
+def test_list_tiers_and_cluster_status(stub: pb_grpc.InferenceStub) -> None:
+    tiers = stub.ListTiers(pb.ListTiersRequest(), timeout=30)
+    assert [t.name for t in tiers.tiers] == ["fast", "reasoning"]
+    assert tiers.fast_tier == "fast" and tiers.tiers[0].max_tokens_limit == 32
+    status = stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=30)
+    assert [t.name for t in status.tiers] == ["fast", "reasoning"]
+    assert all(t.replicas and t.replicas[0].kind == "engine" for t in status.tiers)
+    assert status.tiers[0].max_inflight == 2
+
+
+def test_openai_completion_and_chat_equal_offline(client: openai.OpenAI, fast_llm: LLM) -> None:
+    done = client.completions.create(
+        model="fast", prompt="Once upon a time", max_tokens=10, temperature=0
+    )
+    assert done.choices[0].text == _greedy(fast_llm, "Once upon a time", 10).text
+    assert done.model == "fast" and done.usage is not None and done.usage.completion_tokens > 0
+    messages = [{"role": "user", "content": "What is a mixture of experts?"}]
+    oracle = _greedy(fast_llm, _chat_ids(fast_llm, messages), 10)
+    chunks = list(client.chat.completions.create(
+        model="fast-ckpt", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == oracle.text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(oracle.token_ids)
+    unary = client.chat.completions.create(
+        model="fast", messages=messages, max_tokens=10, temperature=0  # type: ignore[arg-type]
+    )
+    assert unary.choices[0].message.content == oracle.text
+
+
+def test_sse_ends_with_done_and_route_headers(stack: LocalStack) -> None:
+    body = {"model": "auto", "prompt": "hello", "max_tokens": 4, "temperature": 0, "stream": True}
+    status, headers, raw = _http(stack.endpoints()["http"] + "/completions", json.dumps(body).encode())
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert headers["x-moeray-tier"] in ("fast", "reasoning")
+    lines = [line for line in raw.decode().split("\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_models_health_metrics(stack: LocalStack, client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"auto", "fast", "reasoning", "fast-ckpt"} <= ids
+    base = stack.endpoints()["http"].removesuffix("/v1")
+    assert json.loads(_http(base + "/health")[2]) == {"status": "ok"}
+    text = _http(base + "/metrics")[2].decode()
+    assert "moeray_requests_total" in text and "moeray_route_decision_seconds" in text
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+BAD_GRPC = [
+    (pb.GenerateRequest(prompt=""), "prompt"),
+    (pb.GenerateRequest(prompt="word " * 200, tier="fast"), "prompt"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens"),
+    (pb.GenerateRequest(prompt="hi", tier="fast", sampling=pb.SamplingParams(max_tokens=33)),
+     "max_tokens"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=0)), "top_p"),
+    (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
+    (pb.GenerateRequest(prompt="hi", tier="huge"), "tier"),
+    (pb.GenerateRequest(prompt_bytes=b"caf\xc3 \xff"), "prompt"),
+    (pb.GenerateRequest(prompt="x" * 5000), "input"),
+    (pb.GenerateRequest(), "input"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_msg", "field"), BAD_GRPC)
+def test_grpc_invalid_argument_names_field(
+    stub: pb_grpc.InferenceStub, request_msg: pb.GenerateRequest, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request_msg, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details() and "Traceback" not in info.value.details()
+
+
+BAD_HTTP = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "word " * 200, "model": "fast"}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "model": "fast", "max_tokens": 33}, "max_tokens"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "model": "gpt-9"}, "model"),
+    ({"prompt": "\ud800"}, "prompt"),
+    ({"prompt": "x" * 5000}, "prompt"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_HTTP)
+def test_http_400_names_field(client: openai.OpenAI, body: dict[str, Any], field: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**{"model": "auto", **body})
+    err = info.value.response.json()["error"]
+    assert info.value.status_code == 400 and err["param"] == field and field in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_http_invalid_utf8_and_empty_chat(stack: LocalStack) -> None:
+    url = stack.endpoints()["http"] + "/chat/completions"
+    status, _, raw = _http(url, b'{"messages": [{"role": "user", "content": "\xff"}]}')
+    assert status == 400 and "UTF-8" in json.loads(raw)["error"]["message"]
+    status, _, raw = _http(url, b'{"messages": []}')
+    assert status == 400 and json.loads(raw)["error"]["param"] == "messages"
+
+
+# ---- health and reflection -----------------------------------------------------------------
+
+
+def test_grpc_health_and_reflection(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == serving
+    named = health_pb2.HealthCheckRequest(service="moeray.v1.Inference")
+    assert health.Check(named, timeout=30).status == serving
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="nope.Service"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    db = ProtoReflectionDescriptorDatabase(channel)
+    services = set(db.get_services())
+    assert {"moeray.v1.Inference", "grpc.health.v1.Health"} <= services
+    assert "Generate" in str(db.FindFileContainingSymbol("moeray.v1.Inference"))
+
+
+# ---- cancellation, abort, overload ---------------------------------------------------------
+
+
+def test_client_cancel_frees_kv_blocks(stack: LocalStack, stub: pb_grpc.InferenceStub) -> None:
+    call = stub.Generate(pb.GenerateRequest(prompt="go on", tier="reasoning", sampling=LONG))
+    next(call), next(call)
+    call.cancel()
+    gauges = _wait_kv_freed(stack, "reasoning")
+    assert gauges["kv_blocks_total"] == 300
+
+
+def test_deadline_stops_generation(stack: LocalStack, stub: pb_grpc.InferenceStub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(prompt="go", tier="reasoning", sampling=LONG),
+                           timeout=1.0))  # fmt: skip
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_kv_freed(stack, "reasoning")
+
+
+def test_overload_then_abort(
+    stack: LocalStack, stub: pb_grpc.InferenceStub, client: openai.OpenAI
+) -> None:
+    calls = [
+        stub.Generate(pb.GenerateRequest(request_id=f"long-{i}", prompt="go", tier="reasoning",
+                                         sampling=LONG))  # fmt: skip
+        for i in range(2)
+    ]
+    first = [next(c) for c in calls]  # both admitted: the tier is now at its limit of 2
+    assert all(m.route.tier == "reasoning" for m in first)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(prompt="x", tier="reasoning"), timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(openai.RateLimitError) as http_info:
+        client.completions.create(model="reasoning", prompt="x", max_tokens=2)
+    assert http_info.value.status_code == 429
+    for i, c in enumerate(calls):
+        assert stub.Abort(pb.AbortRequest(request_id=f"long-{i}"), timeout=30).found
+        rest = list(c)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
+        assert rest[-1].usage.completion_tokens < 4000
+    assert not stub.Abort(pb.AbortRequest(request_id="long-0"), timeout=30).found
+    _wait_kv_freed(stack, "reasoning")

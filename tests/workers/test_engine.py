@@ -1,0 +1,192 @@
+"""The engine on real tiny checkpoints, with transformers' generate() as the oracle.
+
+Covers greedy equality per architecture, continuous batching (chunked prefill, requests joining
+and leaving, preemption) giving the same tokens as each prompt alone, seeded sampling independent
+of the batch, the stop conditions with their finish reasons and usage, validation, and abort.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from moeray.workers import LLM, FinishReason, SamplingParams
+from moeray.workers.engine import LLMEngine
+from tests.checkpoints import ARCHS, make_tiny_checkpoint
+
+PROMPTS = [[5, 17, 99, 3], [200, 11, 45, 46, 47, 60, 61, 62, 63, 70, 71, 300, 301], [42]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    cache: dict[tuple[str, tuple[tuple[str, object], ...]], Path] = {}
+
+    def get(arch: str, **overrides: object) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(arch)
+            cache[key] = make_tiny_checkpoint(d, arch, **overrides)
+        return cache[key]
+
+    return get
+
+
+def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy continuation (stops at the checkpoint's EOS like moeray)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers(arch: str, checkpoint: Callable[..., Path]) -> None:
+    path = checkpoint(arch)
+    llm = LLM(model=path, block_size=4)
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(path, prompt, GREEDY.max_tokens), (arch, prompt)
+        assert out.prompt_token_ids == prompt
+        assert out.usage.prompt_tokens == len(prompt)
+        assert out.usage.completion_tokens == len(out.token_ids)
+
+
+def test_continuous_batching_with_chunks_and_preemption_equals_alone(
+    checkpoint: Callable[..., Path],
+) -> None:
+    path = checkpoint("qwen2_moe")
+    prompts = [list(range(3, 3 + n)) for n in (3, 17, 40, 9, 25, 2)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in (10, 6, 12, 3, 8, 9)]
+    alone = [LLM(model=path).generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+    llm = LLM(
+        model=path,
+        block_size=4,
+        num_kv_blocks=16,  # 64 tokens for ~150 of context in flight: preemption must happen
+        max_num_seqs=3,  # 6 requests: later ones join as earlier ones leave
+        max_num_batched_tokens=8,
+        prefill_chunk_size=5,  # the 40-token prompt takes 8 chunked steps
+    )
+    batched = llm.generate(prompts, params)
+    assert [o.token_ids for o in batched] == alone
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == 16
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(
+    checkpoint: Callable[..., Path],
+) -> None:
+    path = checkpoint("mixtral")
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
+    prompt = PROMPTS[1]
+    alone = LLM(model=path).generate(prompt, seeded)[0].token_ids
+    llm = LLM(model=path, max_num_batched_tokens=6, prefill_chunk_size=4, block_size=4)
+    others = [SamplingParams(temperature=1.0, max_tokens=7), SamplingParams(seed=5, top_k=3)]
+    outs = llm.generate([PROMPTS[0], prompt, PROMPTS[2]], [others[0], seeded, others[1]])
+    assert outs[1].token_ids == alone
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_tokens=12)
+    assert llm.generate(prompt, other_seed)[0].token_ids != alone
+
+
+def test_stop_token_ids_and_max_tokens(checkpoint: Callable[..., Path]) -> None:
+    path = checkpoint("mixtral")
+    llm = LLM(model=path)
+    full = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert full.finish_reason is FinishReason.LENGTH and len(full.token_ids) == 12
+    stop_id = full.token_ids[4]
+    cut = full.token_ids.index(stop_id)
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert out.token_ids == full.token_ids[: cut + 1]  # the stop token is reported ...
+    assert out.text == llm.tokenizer.decode(full.token_ids[:cut])  # ... but not in the text
+    assert out.usage.completion_tokens == cut + 1
+
+
+def test_eos_stops_like_transformers_unless_ignore_eos(checkpoint: Callable[..., Path]) -> None:
+    base = LLM(model=checkpoint("mixtral")).generate(PROMPTS[1], GREEDY)[0].token_ids
+    eos = base[3]  # same weights (same seed), but this token is now the EOS
+    path = checkpoint("mixtral", eos_token_id=eos)
+    llm = LLM(model=path)
+    out = llm.generate(PROMPTS[1], GREEDY)[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert out.token_ids == hf_greedy(path, PROMPTS[1], GREEDY.max_tokens)
+    assert out.token_ids[-1] == eos and len(out.token_ids) <= 4
+    ignoring = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    out = llm.generate(PROMPTS[1], ignoring)[0]
+    assert out.finish_reason is FinishReason.LENGTH and out.token_ids == base
+
+
+def test_stop_strings_across_tokens_are_cut_from_the_text(checkpoint: Callable[..., Path]) -> None:
+    llm = LLM(model=checkpoint("mixtral"))
+    tok = llm.tokenizer
+    prompt = tok.encode("def add(a, b):")
+    full = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20))[0]
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    j = next(
+        j
+        for j in range(len(pieces) - 1)
+        if pieces[j] and pieces[j + 1] and "\ufffd" not in pieces[j] + pieces[j + 1]
+    )
+    stop = pieces[j][-1] + pieces[j + 1][0]  # spans the boundary between tokens j and j+1
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20, stop=[stop]))[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert out.text == full.text[: full.text.index(stop)]
+    assert full.token_ids[: len(out.token_ids)] == out.token_ids
+    assert len(out.token_ids) <= j + 2
+
+
+def test_context_limit_finishes_with_length(checkpoint: Callable[..., Path]) -> None:
+    prompt = PROMPTS[1]
+    llm = LLM(model=checkpoint("mixtral"), max_model_len=len(prompt) + 3)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=50))[0]
+    assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 3
+
+
+def test_bad_input_raises_value_errors_naming_the_field(checkpoint: Callable[..., Path]) -> None:
+    llm = LLM(model=checkpoint("mixtral"), max_model_len=32)
+    cases = {
+        "prompt must not be empty": "",
+        "prompts must be": [],
+        "prompt_token_ids": [1, 2, 320],
+        "max_model_len": list(range(1, 40)),
+        r"prompts\[1\]": ["ok", 3],
+    }
+    for match, prompt in cases.items():
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompt, GREEDY)
+    with pytest.raises(ValueError, match="params must be one SamplingParams or one per prompt"):
+        llm.generate(["a", "b"], [GREEDY])
+    with pytest.raises(ValueError, match="max_tokens must be at most"):
+        llm.generate("a", SamplingParams(max_tokens=100_000))
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        LLM(model=checkpoint("mixtral"), num_kv_blocks=0)
+    assert not llm.engine.has_unfinished()  # a rejected batch leaves nothing behind
+
+
+def test_abort_frees_blocks_and_streaming_deltas_add_up(checkpoint: Callable[..., Path]) -> None:
+    path = checkpoint("olmoe")
+    engine = LLMEngine(path, LLM(model=path).engine.config)
+    total = engine.block_manager.num_blocks
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params)
+    deltas: dict[str, list[int]] = {"0": [], "1": [], "2": []}
+    text = ""
+    for _ in range(5):
+        for out in engine.step():
+            deltas[out.request_id] += out.delta_token_ids
+            if out.request_id == "1":
+                text += out.delta_text
+                assert out.token_ids == deltas["1"]
+    assert engine.block_manager.num_free_blocks < total
+    final = engine.abort("1")
+    assert final is not None and final.finish_reason is FinishReason.ABORT
+    assert final.token_ids == deltas["1"] and final.text.startswith(text)
+    assert engine.abort("1") is None  # unknown now
+    for rid in ("0", "2"):
+        engine.abort(rid)
+    assert engine.block_manager.num_free_blocks == total and not engine.has_unfinished()

@@ -1,0 +1,215 @@
+"""An asyncio front for LLMEngine: the step loop on a background thread, deltas streamed per request.
+
+`generate()` validates and tokenizes on the caller's thread (so bad input raises ValueError and a
+full queue raises EngineOverloaded before anything is queued), then hands the request to the engine
+thread through a command deque. The engine thread drains commands between steps (the engine is only
+ever touched by that thread), steps while there is work, and sends each step's outputs back to the
+event loops with one `call_soon_threadsafe` per loop per step. A consumer that stops iterating, or
+whose task is cancelled, aborts its request: the abort reaches the engine before its next step and
+the request's KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from moeray.cluster.config import EngineConfig
+from moeray.workers.engine import LLMEngine
+from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, Any]]
+_IDLE_WAIT_S = 0.5  # the idle loop re-checks its stop flag this often
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the front door answers RESOURCE_EXHAUSTED / HTTP 429."""
+
+
+class _Stream:
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._max_queue = engine.config.max_queue
+        self._commands: deque[tuple[str, str, Any, Any]] = deque()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams and the pending-add count
+        self._pending_adds = 0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="moeray-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(
+        cls, model_path: str | Path, config: EngineConfig | None = None, dtype: str = "auto"
+    ) -> AsyncLLMEngine:
+        return cls(LLMEngine(model_path, config, dtype=dtype))
+
+    # ---- caller side (any thread with a running event loop) ----------------------------------
+
+    def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int] | Messages,
+        params: SamplingParams | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queues a request; iterate the result for RequestOutput deltas (last one finished).
+
+        Raises ValueError (bad input, naming the field), EngineOverloaded (queue full) or
+        RuntimeError (engine shut down) right away, before anything is queued.
+        """
+        if self._stopping:
+            raise RuntimeError("the engine is shut down")
+        params = params or SamplingParams()
+        params.validate(self.engine.config.max_tokens_limit)
+        ids = self.encode(prompt)
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            if self._queued() >= self._max_queue:
+                raise EngineOverloaded(
+                    f"the engine's waiting queue is full (max_queue={self._max_queue})"
+                )
+            self._streams[request_id] = stream
+            self._pending_adds += 1
+        self._commands.append(("add", request_id, ids, params))
+        self._wake.set()
+        return self._iterate(request_id, stream)
+
+    def encode(self, prompt: str | list[int] | Messages) -> list[int]:
+        """Prompt text, token ids or chat messages -> validated prompt token ids."""
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            # The template already holds the special tokens, as transformers encodes it.
+            prompt = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.engine.encode_prompt(prompt)
+
+    def _queued(self) -> int:
+        """Requests that would wait: queued ones beyond the free seats of the running batch."""
+        sched = self.engine.scheduler
+        free_seats = max(0, sched.max_num_seqs - len(sched.running))
+        return max(0, len(sched.waiting) + self._pending_adds - free_seats)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # consumer stopped early or was cancelled
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request (its stream ends with FinishReason.ABORT); unknown ids are ignored."""
+        self._commands.append(("abort", request_id, None, None))
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        """running / waiting / free_blocks / total_blocks, read without stopping the engine."""
+        s = self.engine.stats()
+        s["waiting"] += self._pending_adds
+        return s
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stops the loop; every unfinished request ends with FinishReason.ABORT."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._drain_commands()
+            if not engine.has_unfinished():
+                self._wake.wait(_IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a model bug must not hang every stream
+                log.exception("engine step failed; aborting its requests")
+                self._fail_all(e)
+                continue
+            self._deliver(outputs)
+        self._drain_commands()
+        self._deliver([o for rid in list(self._streams) if (o := engine.abort(rid))])
+        self._fail_all(RuntimeError("the engine is shut down"))
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            kind, rid, ids, params = self._commands.popleft()
+            if kind == "add":
+                try:
+                    self.engine.add_request(rid, ids, params, stream=True)
+                except ValueError as e:
+                    self._deliver_error(rid, e)
+                with self._lock:  # after the add: counted twice for a moment, never zero times
+                    self._pending_adds -= 1
+            else:
+                out = self.engine.abort(rid)
+                if out is not None:
+                    self._deliver([out])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One call_soon_threadsafe per event loop for the whole step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumer's loop is closed; nobody is listening
+                pass
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid in list(self._streams):
+            self.engine.abort(rid)  # None when it never reached the engine: nothing to free
+            self._deliver_error(rid, error)
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
+__all__ = ["AsyncLLMEngine", "EngineOverloaded", "FinishReason"]

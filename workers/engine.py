@@ -1,0 +1,235 @@
+"""The inference engine: requests in, tokens out, one step at a time (nano-vllm's shape).
+
+`step()` is three calls: the scheduler picks sequences and token counts, the model runner runs
+them, and postprocessing samples, appends, detokenizes and checks stop conditions. Requests join
+and leave the batch between any two steps. Not thread-safe: one thread drives it
+(`AsyncLLMEngine` runs it on a background thread; `LLM` runs it inline).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from moeray.cluster.config import EngineConfig
+from moeray.workers.block_manager import BlockManager
+from moeray.workers.detokenizer import IncrementalDetokenizer
+from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, Usage
+from moeray.workers.model_runner import ModelRunner
+from moeray.workers.sampler import Sampler
+from moeray.workers.scheduler import Scheduler
+from moeray.workers.sequence import Sequence
+from moeray.workers.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+def kv_cache_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int) -> int:
+    """N: the configured count, else what kv_cache_memory_gb holds, capped at what
+    max_num_seqs sequences of max_model_len tokens can ever use."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = bytes_per_token * config.block_size
+    fit = int(config.kv_cache_memory_gb * 2**30) // per_block
+    useful = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
+    if fit < 1:
+        raise ValueError(
+            f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds no block of "
+            f"{config.block_size} tokens ({per_block} bytes)"
+        )
+    return min(fit, useful)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: EngineConfig | None = None,
+        dtype: str = "auto",
+        *,
+        model: Any = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        from moeray.workers.loader import load_model
+
+        self.config = config = config or EngineConfig()
+        self.model = model if model is not None else load_model(str(model_path), dtype=dtype)
+        self.tokenizer = tokenizer or Tokenizer.from_pretrained(model_path)
+        args = self.model.args
+        self.vocab_size: int = args.vocab_size
+        self.max_model_len = self._max_model_len(config, args.max_position_embeddings)
+        self.eos_token_ids = frozenset(args.eos_token_ids) | frozenset(
+            self.tokenizer.eos_token_ids
+        )
+        num_blocks = kv_cache_blocks(config, self.model.kv_bytes_per_token(), self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            min(config.prefill_chunk_size, config.max_num_batched_tokens),
+        )
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.sampler = Sampler()
+        self._requests: dict[str, Sequence] = {}
+
+    @staticmethod
+    def _max_model_len(config: EngineConfig, model_limit: int) -> int:
+        if config.max_model_len is None:
+            return model_limit
+        if config.max_model_len > model_limit:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings ({model_limit})"
+            )
+        return config.max_model_len
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Validated prompt token ids; ValueError naming the field otherwise."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("prompt is not valid UTF-8 text") from None
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list):
+            ids = prompt
+            for t in ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                    raise ValueError(
+                        f"prompt_token_ids must be integers in [0, {self.vocab_size}), got {t!r}"
+                    )
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt)}")
+        if not ids:
+            raise ValueError("prompt must not be empty (it has no tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context limit (max_model_len) is "
+                f"{self.max_model_len}, which must leave room for one generated token"
+            )
+        if self.block_manager.blocks_for(len(ids) + 1) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than the KV cache holds "
+                f"(num_kv_blocks={self.block_manager.num_blocks} of {self.config.block_size})"
+            )
+        return list(ids)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        stream: bool = True,
+    ) -> None:
+        """Queues a request. stream=False reports it once, when it finishes."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        params.validate(self.config.max_tokens_limit)
+        ids = self.encode_prompt(prompt)
+        seq = Sequence(request_id, ids, params, stream)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its KV blocks; its final output, or None if unknown."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.block_manager.num_free_blocks,
+            "total_blocks": self.block_manager.num_blocks,
+        }
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedules, runs and postprocesses one step -> outputs of requests that advanced
+        (streaming ones) or finished."""
+        plan = self.scheduler.schedule()
+        outputs = [self._finished_output(seq) for seq in plan.finished]
+        if not plan:
+            return outputs
+        logits = self.runner.run(plan.seqs, plan.num_new_tokens)
+        sampling: list[Sequence] = []
+        for seq, n in zip(plan.seqs, plan.num_new_tokens):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+        if logits is None:
+            return outputs
+        tokens = self.sampler(
+            logits, [s.params for s in sampling], [s.generator for s in sampling]
+        )
+        for seq, token in zip(sampling, tokens):
+            reason = self._append_token(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                outputs.append(self._finished_output(seq))
+            elif seq.stream:
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Appends a sampled token; the finish reason it causes, if any."""
+        seq.token_ids.append(token)
+        params = seq.params
+        if (token in self.eos_token_ids and not params.ignore_eos) or (
+            token in params.stop_token_ids
+        ):
+            return FinishReason.STOP  # the stop token's text is not part of the output
+        detok = seq.detokenizer
+        assert detok is not None
+        detok.add(token)
+        if detok.stopped:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finished_output(self, seq: Sequence) -> RequestOutput:
+        self._requests.pop(seq.request_id, None)
+        assert seq.detokenizer is not None
+        seq.detokenizer.flush()
+        return self._output(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        """The request's state, with what changed since its last output as the deltas."""
+        detok = seq.detokenizer
+        assert detok is not None
+        finished = seq.finish_reason is not None
+        text_end = detok.stream_len(finished)
+        out_ids = seq.token_ids[seq.num_prompt_tokens :]
+        out = RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=out_ids,
+            text=detok.text[:text_end],
+            delta_token_ids=out_ids[seq.num_sent_tokens :],
+            delta_text=detok.text[seq.num_sent_chars : text_end],
+            finish_reason=seq.finish_reason,
+            usage=Usage(seq.num_prompt_tokens, len(out_ids)),
+        )
+        seq.num_sent_tokens = len(out_ids)
+        seq.num_sent_chars = max(seq.num_sent_chars, text_end)
+        return out

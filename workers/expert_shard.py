@@ -1,0 +1,133 @@
+"""Expert-shard actors: each holds some (layer, expert) FFNs and runs the tokens sent to it.
+
+A shard is created with an *assignment* (model layer -> the global expert ids it holds) and loads
+only those experts' tensors from the checkpoint's safetensors (per tensor, through
+`workers.checkpoint.load_expert_weights`): a shard never reads the whole model.
+
+Wire format. Per step and per MoE layer the engine sends each shard ONE message, a `ShardBatch`
+packed into a single `bytes` object: a small int32 header, the local expert slots [t, K] int32,
+the routing weights [t, K] float32 and the hidden rows [t, D] in the model's dtype. The reply is
+the raw float32 bytes of [t, D]: the shard's routed output for those rows, already weighted and
+summed over the experts this shard served. Measured on the 2-core dev machine, Ray compiled-graph
+channels move one `bytes` object 3x faster than the same data as numpy arrays (Ray's numpy
+serializer dominates), and torch tensors are slower still, so nothing but bytes crosses.
+
+Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from moeray import kernels
+
+# dtype <-> header code; bf16 has no numpy twin, so tensors cross as raw bytes and are re-viewed.
+_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+_HEADER = 5  # int32 words: layer, t, K, D, dtype code
+
+
+@dataclass
+class ShardBatch:
+    """The rows of one MoE layer's batch that one shard serves.
+
+    hidden [t, D] (model dtype), topk_weights [t, K] float32, local_ids [t, K] int32: the slot of
+    each routed expert in the shard's table for `layer`, or -1 where another shard serves it.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    topk_weights: torch.Tensor
+    local_ids: torch.Tensor
+
+    def pack(self) -> bytes:
+        """One contiguous bytes object: header, ids, weights, hidden."""
+        t, d = self.hidden.shape
+        k = self.local_ids.shape[1]
+        header = np.array([self.layer, t, k, d, _DTYPES.index(self.hidden.dtype)], dtype=np.int32)
+        hidden = self.hidden.contiguous().view(torch.uint8)  # [t, D * itemsize] raw bytes
+        return b"".join(
+            (
+                header.tobytes(),
+                self.local_ids.to(torch.int32).contiguous().numpy().tobytes(),
+                self.topk_weights.to(torch.float32).contiguous().numpy().tobytes(),
+                hidden.numpy().tobytes(),
+            )
+        )
+
+    @classmethod
+    def unpack(cls, msg: bytes) -> ShardBatch:
+        """Inverse of `pack`; the tensors are views of one private copy of `msg`."""
+        buf = bytearray(msg)  # writable, so torch.frombuffer needs no copy and warns about nothing
+        layer, t, k, d, code = np.frombuffer(buf, dtype=np.int32, count=_HEADER).tolist()
+        dtype = _DTYPES[code]
+        if t == 0:  # torch.frombuffer refuses count=0
+            ids0 = torch.empty(0, k, dtype=torch.int32)
+            return cls(layer, torch.empty(0, d, dtype=dtype), torch.empty(0, k), ids0)
+        off = _HEADER * 4
+        ids = torch.frombuffer(buf, dtype=torch.int32, count=t * k, offset=off).view(t, k)
+        off += t * k * 4
+        weights = torch.frombuffer(buf, dtype=torch.float32, count=t * k, offset=off).view(t, k)
+        off += t * k * 4
+        hidden = torch.frombuffer(buf, dtype=dtype, count=t * d, offset=off).view(t, d)
+        return cls(layer, hidden, weights, ids)
+
+
+def unpack_result(msg: bytes, rows: int, hidden_size: int) -> torch.Tensor:
+    """A shard's reply -> float32 [rows, D] (a view of a private copy)."""
+    return torch.frombuffer(bytearray(msg), dtype=torch.float32).view(rows, hidden_size)
+
+
+class ExpertShard:
+    """The expert FFNs of one shard and the method the engine calls per layer.
+
+    Created as a Ray actor by `workers.ray_experts.ShardPool` (`ray.remote(ExpertShard)`); it is a
+    plain class so that tests and benchmarks can also run it in-process.
+    """
+
+    def __init__(
+        self,
+        assignment: dict[int, list[int]],
+        checkpoint: str | None = None,
+        dtype: str = "auto",
+        weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        device: str = "cpu",
+    ) -> None:
+        """assignment: model layer -> global expert ids held. Weights come from `checkpoint`
+        (only those experts' tensors are read) or, for synthetic benchmarks, from `weights`
+        (layer -> full w1 [E, 2F, D], w2 [E, D, F], sliced here)."""
+        if (checkpoint is None) == (weights is None):
+            raise ValueError("ExpertShard needs exactly one of checkpoint= or weights=")
+        self.device = torch.device(device)
+        self.assignment = {int(li): sorted(int(e) for e in es) for li, es in assignment.items()}
+        self.tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, experts in self.assignment.items():
+            if weights is not None:
+                w1, w2 = weights[layer][0][experts], weights[layer][1][experts]
+            else:
+                from moeray.workers.checkpoint import load_expert_weights
+
+                assert checkpoint is not None
+                w1, w2 = load_expert_weights(checkpoint, layer, experts, dtype)
+            self.tables[layer] = (w1.to(self.device).contiguous(), w2.to(self.device).contiguous())
+
+    def ready(self) -> dict[int, list[int]]:
+        """Plain actor call used to wait for loading (and to probe liveness): the assignment."""
+        return self.assignment
+
+    def run(self, msg: bytes) -> bytes:
+        """Receives a packed ShardBatch, returns float32 [t, D] bytes (weighted, summed over K).
+
+        An empty batch (t = 0, sent because a compiled graph runs every shard) returns b""."""
+        batch = ShardBatch.unpack(msg)
+        if batch.hidden.shape[0] == 0:
+            return b""
+        w1, w2 = self.tables[batch.layer]
+        # fp32 activations on CPU: the reference upcasts anyway, and fp32 partials keep the sum
+        # over shards as exact as the in-process sum; CUDA kernels take the model dtype.
+        x = batch.hidden.float() if self.device.type == "cpu" else batch.hidden.to(self.device)
+        out = kernels.fused_moe(
+            x, w1, w2, batch.topk_weights.to(self.device), batch.local_ids.to(self.device)
+        )  # [t, D]
+        return out.float().cpu().contiguous().numpy().tobytes()

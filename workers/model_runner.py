@@ -1,0 +1,74 @@
+"""Runs one scheduled step through the model: flattens the batch, builds the ForwardContext.
+
+Owns the paged KV cache (allocated once with `model.make_kv_cache(N, S)`). Per step it builds one
+tensor per field (ids, positions, slot mapping, block tables) from Python lists, runs the model on
+the T new tokens, and computes logits only for the last token of the sequences that sample this
+step (a chunk in the middle of a prompt needs none).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moeray.workers.forward_context import ForwardContext
+from moeray.workers.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.kv_caches = model.make_kv_cache(num_blocks, block_size)
+
+    def prepare(
+        self, seqs: list[Sequence], num_new_tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+        """-> input_ids [T], positions [T], ctx, and the token rows whose logits are sampled."""
+        size = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        for seq, n in zip(seqs, num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            table = seq.block_table
+            if n == 1:  # decode: skip the range machinery
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // size] * size + start % size)
+            else:
+                ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // size] * size + p % size for p in range(start, end))
+            starts.append(starts[-1] + n)
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        ctx = ForwardContext(
+            kv_caches=self.kv_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=torch.tensor(tables, dtype=torch.int64),
+            query_start_loc=starts,
+            context_lens=context_lens,
+            is_decode=starts[-1] == len(seqs),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64)
+        return input_ids, torch.tensor(positions, dtype=torch.int64), ctx, sample_rows
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor | None:
+        """One forward step -> logits [B', V] f32 for the B' sequences that sample, or None."""
+        input_ids, positions, ctx, sample_rows = self.prepare(seqs, num_new_tokens)
+        hidden = self.model(input_ids, positions, ctx)  # [T, D]
+        if not sample_rows:
+            return None
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.int64)]  # [B', D]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,71 @@
+"""Turns the last-token logits of a batch into one token per sequence.
+
+Greedy rows take the argmax. Sampled rows divide by temperature, mask outside top-k / top-p, and
+draw with the exponential race (argmax of p / q, q ~ Exp(1)), which samples exactly from p and
+lets each row use its own noise source: rows of seeded requests draw q from their private
+torch.Generator, so their tokens do not depend on what else is in the batch; unseeded rows draw
+their noise in one batched call. Everything is batched except one small draw per seeded row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeray.workers.io_struct import SamplingParams
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Masks (in place, with -inf) logits outside each row's top-k and top-p nucleus.
+
+    logits [B, V] f32, top_k [B] int64 (V = disabled), top_p [B] f32 (1.0 = disabled).
+    The highest-probability token always survives.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)  # [V]
+    drop = rank[None, :] >= top_k[:, None]  # [B, V]
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens ranked above it already reach top_p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before > top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits.masked_fill_(drop, float("-inf"))
+    logits.scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> list[int]:
+        """logits [B, V] f32 -> B token ids (row b sampled with params[b], generators[b])."""
+        greedy = [p.temperature == 0.0 for p in params]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist()
+        vocab = logits.shape[-1]
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+        scaled = logits / temps[:, None]  # [B, V]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            apply_top_k_top_p(scaled, top_k, top_p)
+        probs = scaled.softmax(dim=-1)  # [B, V]
+        noise = self._exponential_noise(probs, generators)
+        sampled = probs.div_(noise).argmax(dim=-1)  # [B]
+        if any(greedy):
+            mask = torch.tensor(greedy)
+            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+        return sampled.tolist()
+
+    @staticmethod
+    def _exponential_noise(
+        probs: torch.Tensor, generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """q [B, V] ~ Exp(1): batched from the global RNG, per row for seeded rows."""
+        noise = torch.empty_like(probs).exponential_()
+        for row, gen in enumerate(generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+        return noise

@@ -1,0 +1,151 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each feeds.
+
+Plain Python, no tensors (nano-vllm's scheduler, with vLLM's chunked prefill). Every step has a
+token budget (max_num_batched_tokens):
+
+1. Running sequences that decode (one new token each) are scheduled first, so a long prompt
+   arriving never starves them.
+2. Running sequences still prefilling get their next chunk (at most prefill_chunk_size tokens).
+3. Waiting sequences are admitted in arrival order while the budget, max_num_seqs and free KV
+   blocks allow, each with its first chunk.
+
+When the KV pool runs out, the newest running sequence is preempted (recompute): its blocks are
+freed and it goes back to the front of the waiting queue with its generated tokens kept. A
+sequence that cannot fit even alone is finished with FinishReason.LENGTH (its context reached the
+cache's capacity).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moeray.workers.block_manager import BlockManager
+from moeray.workers.io_struct import FinishReason
+from moeray.workers.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: seqs[i] feeds num_new_tokens[i] tokens from its num_computed_tokens."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    # sequences the scheduler had to finish (did not fit in the KV cache even alone)
+    finished: list[Sequence] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_chunk_size: int,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk_size = prefill_chunk_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start, for stats and tests
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Takes seq out of the running batch or the queue and frees its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # Decodes first, then unfinished prefills; preemption victims come from the tail.
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        candidates = deque(decodes + prefills)
+        kept: list[Sequence] = []
+        while candidates and budget > 0:
+            seq = candidates.popleft()
+            n = min(seq.num_tokens - seq.num_computed_tokens, self.prefill_chunk_size, budget)
+            if not self._make_room(seq, n, candidates, out):
+                continue
+            self.block_manager.allocate(seq, n)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            kept.append(seq)
+            budget -= n
+        kept.extend(candidates)  # running, but no budget left this step
+        keep = set(kept)
+        self.running = [s for s in self.running if s in keep]
+        if out.num_preempted == 0:
+            budget = self._admit(budget, out)
+        return out
+
+    def _make_room(
+        self, seq: Sequence, n: int, candidates: deque[Sequence], out: SchedulerOutput
+    ) -> bool:
+        """Preempts from the tail of candidates until seq's next n tokens fit; False if seq lost."""
+        while not self.block_manager.can_allocate(seq, n):
+            if candidates:
+                self._preempt(candidates.pop())
+                out.num_preempted += 1
+            elif not out.seqs:
+                # seq holds every used block and still does not fit: preemption cannot help.
+                self.finish(seq, FinishReason.LENGTH)
+                out.finished.append(seq)
+                return False
+            else:
+                self._preempt(seq)
+                out.num_preempted += 1
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        """Moves waiting sequences into the running batch while budget, seats and blocks allow."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, self.prefill_chunk_size, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                if not self.running and self.block_manager.num_free_blocks == (
+                    self.block_manager.num_blocks
+                ):
+                    # Even an empty cache cannot hold this chunk (block pool tiny): give up on it.
+                    self.finish(seq, FinishReason.LENGTH)
+                    out.finished.append(seq)
+                    continue
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            budget -= n
+        return budget

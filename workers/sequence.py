@@ -1,0 +1,95 @@
+"""One request inside the engine: its tokens, how many are in the KV cache, its blocks.
+
+A Sequence is the scheduler's unit. `token_ids` holds prompt + generated tokens; the first
+`num_computed_tokens` of them have their keys/values in the paged cache (blocks listed in
+`block_table`). A step feeds the next tokens; when, after a step, every token is computed, the
+model's last hidden state is sampled and one token is appended. Preemption (recompute) only resets
+`num_computed_tokens` and the block table: generated tokens are kept and prefilled again.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import torch
+
+from moeray.workers.io_struct import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from moeray.workers.detokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = (
+        "block_table",
+        "detokenizer",
+        "finish_reason",
+        "generator",
+        "num_computed_tokens",
+        "num_prompt_tokens",
+        "num_sent_chars",
+        "num_sent_tokens",
+        "params",
+        "request_id",
+        "status",
+        "stream",
+        "token_ids",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stream: bool = True,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.params = params
+        self.stream = stream
+        self.finish_reason: FinishReason | None = None
+        self.num_sent_tokens = 0  # output tokens already reported in a streamed delta
+        self.num_sent_chars = 0  # output text already reported in a streamed delta
+        self.detokenizer: IncrementalDetokenizer | None = None
+        # A private generator makes a seeded request's samples independent of the batch.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None and not params.greedy:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)}, "
+            f"{self.status.value})"
+        )

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
 from moeray.workers.hf_config import ModelArgs, parse_config
+from safetensors.torch import save_file
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "experts": 4, "top_k": 2,
@@ -88,7 +87,11 @@ def _expert_names(args: ModelArgs, layer: int, e: int) -> list[tuple[str, tuple[
     D, F = args.hidden_size, args.moe_intermediate_size
     if args.family == "mixtral":
         base = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
-        return [(f"{base}.w1.weight", (F, D)), (f"{base}.w3.weight", (F, D)), (f"{base}.w2.weight", (D, F))]
+        return [
+            (f"{base}.w1.weight", (F, D)),
+            (f"{base}.w3.weight", (F, D)),
+            (f"{base}.w2.weight", (D, F)),
+        ]
     base = f"model.layers.{layer}.mlp.experts.{e}"
     return [(f"{base}.gate_proj.weight", (F, D)), (f"{base}.up_proj.weight", (F, D)),
             (f"{base}.down_proj.weight", (D, F))]  # fmt: skip
@@ -109,7 +112,11 @@ def _layer_names(args: ModelArgs, i: int) -> list[tuple[str, tuple[int, ...]]]:
         (f"model.layers.{i}.post_attention_layernorm.weight", (D,)),
     ]  # fmt: skip
     if args.qkv_bias:
-        names += [(f"{a}.q_proj.bias", (H * Dh,)), (f"{a}.k_proj.bias", (G * Dh,)), (f"{a}.v_proj.bias", (G * Dh,))]
+        names += [
+            (f"{a}.q_proj.bias", (H * Dh,)),
+            (f"{a}.k_proj.bias", (G * Dh,)),
+            (f"{a}.v_proj.bias", (G * Dh,)),
+        ]
     if args.qk_norm != "none":
         per_head = args.qk_norm == "head"
         names += [(f"{a}.q_norm.weight", (Dh if per_head else H * Dh,)),
@@ -130,10 +137,15 @@ def demo_tensors(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     """Random weights named and shaped like transformers' save_pretrained output: N(0, 0.02)
     matrices, ones for norms, zeros for biases (HF's _init_weights)."""
     gen = torch.Generator().manual_seed(seed)
-    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (args.vocab_size, args.hidden_size))]
+    names: list[tuple[str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", (args.vocab_size, args.hidden_size))
+    ]
     for i in range(args.num_layers):
         names += _layer_names(args, i)
-    names += [("model.norm.weight", (args.hidden_size,)), ("lm_head.weight", (args.vocab_size, args.hidden_size))]
+    names += [
+        ("model.norm.weight", (args.hidden_size,)),
+        ("lm_head.weight", (args.vocab_size, args.hidden_size)),
+    ]
     out = {}
     for name, shape in names:
         if name.endswith("norm.weight"):
@@ -147,14 +159,20 @@ def demo_tensors(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
 
 
 def build_demo_checkpoint(
-    directory: str | Path, arch: str = "mixtral", preset: str = "tiny", seed: int = 0, dtype: str = "float32"
+    directory: str | Path,
+    arch: str = "mixtral",
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
     """Writes a random-init `arch` checkpoint of size `preset` in HF format into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(arch, preset, dtype)
     args = parse_config(cfg, dtype)
-    save_file(demo_tensors(args, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        demo_tensors(args, seed), str(directory / "model.safetensors"), metadata={"format": "pt"}
+    )
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     generation = {"bos_token_id": EOS_TOKEN_ID, "eos_token_id": [EOS_TOKEN_ID, IM_END_TOKEN_ID]}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

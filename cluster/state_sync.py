@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import redis
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from moeray.cluster.state import ClusterState
 
 log = logging.getLogger(__name__)
+_B = TypeVar("_B", bound="_Background")
 
 
 class _Background:
@@ -55,7 +56,8 @@ class _Background:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def start(self) -> _Background:
+    def start(self: _B) -> _B:
+        """Starts the thread; returns self, so `w = PlacementWatcher(...).start()` reads well."""
         self._thread.start()
         return self
 
@@ -85,7 +87,7 @@ class _Background:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def __enter__(self) -> Any:
+    def __enter__(self: _B) -> _B:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -188,7 +190,8 @@ class LoadReporter(_Background):
     push_every_steps adds (and at least every max_interval_s) the background thread sends the
     sum in one round trip. On a Redis error the sum is kept and retried with backoff: the buffer
     is one int64 [L, E] matrix, so memory is bounded and no counts are lost; counts held over an
-    outage are credited to the window in which they are finally pushed.
+    outage are credited to the window in which they are finally pushed. Delivery is
+    at-least-once: a push whose reply is lost (a timeout after Redis applied it) is sent again.
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class LoadReporter(_Background):
         self.pushed_total = 0
         self._pending = np.zeros(self.shape, dtype=np.int64)
         self._steps = 0
+        self._in_flight = 0  # tokens of the batch being pushed now
         self._lock = threading.Lock()
         self._push_lock = threading.Lock()
         self._wake = threading.Event()
@@ -236,8 +240,9 @@ class LoadReporter(_Background):
 
     @property
     def pending_total(self) -> int:
+        """Tokens counted but not yet acknowledged by Redis (including a push in progress)."""
         with self._lock:
-            return int(self._pending.sum())
+            return int(self._pending.sum()) + self._in_flight
 
     def flush(self) -> bool:
         """Pushes what is pending now, on the caller's thread; False (counts kept) on error."""
@@ -252,16 +257,19 @@ class LoadReporter(_Background):
         with self._push_lock:
             with self._lock:
                 batch, self._pending = self._pending, np.zeros(self.shape, dtype=np.int64)
-                self._steps = 0
-            if not batch.any():
+                self._steps, self._in_flight = 0, int(batch.sum())
+            if not self._in_flight:
                 return
             try:
                 self.state.push_load(self.model, batch)
             except BaseException:
                 with self._lock:
                     self._pending += batch  # keep them for the next try
+                    self._in_flight = 0
                 raise
-            self.pushed_total += int(batch.sum())
+            with self._lock:
+                self.pushed_total += self._in_flight
+                self._in_flight = 0
 
     def _run_once(self) -> float:
         self._wake.wait(self.max_interval_s)

@@ -12,6 +12,7 @@ the request's KV blocks are freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -187,19 +188,15 @@ class AsyncLLMEngine:
                     del self._streams[out.request_id]
                 by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the consumer's loop is closed; nobody is listening
-                pass
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
-            try:
+            with contextlib.suppress(RuntimeError):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-            except RuntimeError:
-                pass
 
     def _fail_all(self, error: BaseException) -> None:
         for rid in list(self._streams):

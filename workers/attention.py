@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from moeray.workers.forward_context import ForwardContext
 
 _META_ATTR = "_paged_attention_meta"  # where the per-step metadata is cached on the ctx
@@ -79,7 +78,11 @@ def step_meta(ctx: ForwardContext, block_size: int) -> _StepMeta:
 
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     """Stores the new k, v [T, G, Dh] at flat slots [T] of the caches [N, S, G, Dh]."""
     G, Dh = k_cache.shape[2], k_cache.shape[3]

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-
 from moeray.workers.hf_config import CheckpointError, ModelArgs, read_model_args
+from safetensors import safe_open
 
 __all__ = ["CheckpointError", "CheckpointReader", "load_expert_weights", "read_experts"]
 
@@ -40,6 +39,7 @@ class CheckpointReader:
         self.root = Path(path)
         self.on_read = on_read  # called with each tensor name after it is read (progress bars)
         self._handles: dict[Path, Any] = {}
+        self._index: Path | None = None
         index = self.root / INDEX_FILE
         self.weight_map = self._read_index(index) if index.exists() else self._scan_files()
 
@@ -52,15 +52,13 @@ class CheckpointReader:
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object")
-        out: dict[str, Path] = {}
-        for name, file in weight_map.items():
-            if not isinstance(file, str) or not (self.root / file).is_file():
-                raise CheckpointError(
-                    f"{index}: field 'weight_map.{name}' names {file!r}, which is not a file "
-                    f"in {self.root}"
-                )
-            out[name] = self.root / file
-        return out
+        bad = [name for name, file in weight_map.items() if not isinstance(file, str)]
+        if bad:
+            raise CheckpointError(f"{index}: field 'weight_map.{bad[0]}' must be a file name")
+        self._index = index
+        # Files are checked when first used, so a shard that needs a few experts does not
+        # depend on (or touch) the files holding the rest.
+        return {name: self.root / file for name, file in weight_map.items()}
 
     def _scan_files(self) -> dict[str, Path]:
         files = sorted(self.root.glob("*.safetensors"))
@@ -68,13 +66,18 @@ class CheckpointReader:
             raise CheckpointError(f"{self.root}: no *.safetensors file and no {INDEX_FILE}")
         out: dict[str, Path] = {}
         for file in files:
-            for name in self._open(file).keys():
+            for name in self._open(file).keys():  # noqa: SIM118 (safe_open is no dict)
                 out[name] = file
         return out
 
     def _open(self, file: Path) -> Any:
         handle = self._handles.get(file)
         if handle is None:
+            if self._index is not None and not file.is_file():
+                raise CheckpointError(
+                    f"{self._index}: field 'weight_map' names {file.name!r}, which is not a file "
+                    f"in {self.root}"
+                )
             try:
                 handle = safe_open(str(file), framework="pt", device="cpu")
             except Exception as exc:  # safetensors raises its own error types and OSError
@@ -199,7 +202,9 @@ def load_expert_weights(
     `path`, opening only the files and reading only the tensors that hold them."""
     args = read_model_args(path, dtype)
     if layer not in args.moe_layers:
-        raise CheckpointError(f"{path}: layer {layer} is not an MoE layer (MoE layers: {args.moe_layers})")
+        raise CheckpointError(
+            f"{path}: layer {layer} is not an MoE layer (MoE layers: {args.moe_layers})"
+        )
     bad = [e for e in experts if not 0 <= e < args.num_experts]
     if bad:
         raise CheckpointError(f"{path}: experts {bad} out of range [0, {args.num_experts})")

@@ -59,9 +59,7 @@ class LLMEngine:
         args = self.model.args
         self.vocab_size: int = args.vocab_size
         self.max_model_len = self._max_model_len(config, args.max_position_embeddings)
-        self.eos_token_ids = frozenset(args.eos_token_ids) | frozenset(
-            self.tokenizer.eos_token_ids
-        )
+        self.eos_token_ids = frozenset(args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         num_blocks = kv_cache_blocks(config, self.model.kv_bytes_per_token(), self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
@@ -178,9 +176,7 @@ class LLMEngine:
                 sampling.append(seq)
         if logits is None:
             return outputs
-        tokens = self.sampler(
-            logits, [s.params for s in sampling], [s.generator for s in sampling]
-        )
+        tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
         for seq, token in zip(sampling, tokens):
             reason = self._append_token(seq, token)
             if reason is not None:

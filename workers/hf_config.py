@@ -124,7 +124,9 @@ def _rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | Non
         )
     if rope_type == "default":
         return theta, None
-    needed = ["factor"] if rope_type == "linear" else ["factor", "low_freq_factor", "high_freq_factor"]
+    needed = (
+        ["factor"] if rope_type == "linear" else ["factor", "low_freq_factor", "high_freq_factor"]
+    )
     for key in needed:
         _require(params, key, f"{source} rope_parameters")
     params["rope_type"] = rope_type
@@ -165,7 +167,9 @@ def _family_fields(cfg: dict[str, Any], family: str, source: str) -> dict[str, A
         if out["top_k"] > out["num_experts"]:
             raise CheckpointError(f"{source}: field 'num_experts_per_tok' exceeds the expert count")
     if family == "qwen2_moe":
-        out["shared_expert_intermediate_size"] = int(cfg.get("shared_expert_intermediate_size") or 0)
+        out["shared_expert_intermediate_size"] = int(
+            cfg.get("shared_expert_intermediate_size") or 0
+        )
         out["qkv_bias"] = bool(cfg.get("qkv_bias", True))  # Qwen2MoeConfig default; o_proj never
     else:
         bias = bool(cfg.get("attention_bias", False))
@@ -202,12 +206,16 @@ def parse_config(
         )
     family = SUPPORTED_ARCHS[arch]
     if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: field 'hidden_act' must be 'silu', got {cfg['hidden_act']!r}")
+        raise CheckpointError(
+            f"{source}: field 'hidden_act' must be 'silu', got {cfg['hidden_act']!r}"
+        )
     hidden = _positive_int(cfg, "hidden_size", source)
     heads = _positive_int(cfg, "num_attention_heads", source)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise CheckpointError(f"{source}: field 'num_key_value_heads' must divide num_attention_heads")
+        raise CheckpointError(
+            f"{source}: field 'num_key_value_heads' must divide num_attention_heads"
+        )
     layers = _positive_int(cfg, "num_hidden_layers", source)
     fam = _family_fields(cfg, family, source)
     theta, scaling = _rope(cfg, source)

@@ -10,11 +10,10 @@ from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from moeray.cluster.config import EngineConfig, describe_validation_error
 from moeray.workers.engine import LLMEngine, Prompt
 from moeray.workers.io_struct import RequestOutput, SamplingParams
+from pydantic import ValidationError
 
 
 def _is_token_ids(x: object) -> bool:

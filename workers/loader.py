@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from moeray.workers.checkpoint import CheckpointError, CheckpointReader, moe_prefixes, read_experts
 from moeray.workers.hf_config import ModelArgs, read_model_args
 from moeray.workers.model import Attention, CausalLM
 from moeray.workers.moe import DenseMLP, ExpertBackend, LocalExperts, MoEBlock
+from tqdm.auto import tqdm
 
 
 def _fill(param: torch.Tensor, reader: CheckpointReader, name: str) -> None:
@@ -26,7 +25,11 @@ def _fill(param: torch.Tensor, reader: CheckpointReader, name: str) -> None:
 
 def _load_attention(attn: Attention, reader: CheckpointReader, prefix: str) -> None:
     H, G, Dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    rows = {"q_proj": (0, H * Dh), "k_proj": (H * Dh, (H + G) * Dh), "v_proj": ((H + G) * Dh, (H + 2 * G) * Dh)}
+    rows = {
+        "q_proj": (0, H * Dh),
+        "k_proj": (H * Dh, (H + G) * Dh),
+        "v_proj": ((H + G) * Dh, (H + 2 * G) * Dh),
+    }
     for proj, (start, stop) in rows.items():
         _fill(attn.wqkv.weight[start:stop], reader, f"{prefix}.{proj}.weight")
         if attn.wqkv.bias is not None:
@@ -106,7 +109,9 @@ def load_model(
         model = CausalLM(args, device=device).to(dtype=args.dtype)
     model.to_empty(device=device)
     reader = CheckpointReader(path)
-    bar = tqdm(total=len(reader.weight_map), desc="Loading weights", unit="tensor", disable=not progress)
+    bar = tqdm(
+        total=len(reader.weight_map), desc="Loading weights", unit="tensor", disable=not progress
+    )
     reader.on_read = lambda _name: bar.update(1)
     try:
         with torch.no_grad():

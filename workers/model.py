@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from moeray.kernels import rms_norm
 from moeray.workers.attention import paged_attention
 from moeray.workers.forward_context import ForwardContext
 from moeray.workers.hf_config import ModelArgs
 from moeray.workers.moe import DenseMLP, ExpertBackend, MoEBlock
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +74,10 @@ class Attention(nn.Module):
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if args.qk_norm == "head":  # Qwen3: over each head's Dh
-            self.q_norm, self.k_norm = RMSNorm(Dh, args.rms_norm_eps), RMSNorm(Dh, args.rms_norm_eps)
+            self.q_norm, self.k_norm = (
+                RMSNorm(Dh, args.rms_norm_eps),
+                RMSNorm(Dh, args.rms_norm_eps),
+            )
         elif args.qk_norm == "proj":  # OLMoE: over the whole q (H*Dh) and k (G*Dh) projections
             self.q_norm = RMSNorm(H * Dh, args.rms_norm_eps)
             self.k_norm = RMSNorm(G * Dh, args.rms_norm_eps)
@@ -181,13 +183,18 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     # --- KV cache --------------------------------------------------------------------------
-    def make_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def make_kv_cache(
+        self, num_blocks: int, block_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k_cache, v_cache), each [N, S, G, Dh] zeros in the model dtype."""
         a = self.args
         shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
         device = self.embed_tokens.weight.device
         return [
-            (torch.zeros(shape, dtype=a.dtype, device=device), torch.zeros(shape, dtype=a.dtype, device=device))
+            (
+                torch.zeros(shape, dtype=a.dtype, device=device),
+                torch.zeros(shape, dtype=a.dtype, device=device),
+            )
             for _ in range(a.num_layers)
         ]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from moeray.workers.forward_context import ForwardContext
 from moeray.workers.sequence import Sequence
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from torch import nn
-
 from moeray.kernels import fused_moe, silu_and_mul, topk_gating
+from torch import nn
 
 
 class ExpertBackend(Protocol):
@@ -51,7 +50,9 @@ class LocalExperts:
                 raise ValueError("num_experts is required when expert_ids is given")
             for layer, ids in expert_ids.items():
                 table = torch.full((num_experts,), -1, dtype=torch.int32)  # [E] global -> local
-                table[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids), dtype=torch.int32)
+                table[torch.tensor(ids, dtype=torch.long)] = torch.arange(
+                    len(ids), dtype=torch.int32
+                )
                 self._to_local[layer] = table
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,6 @@ their noise in one batched call. Everything is batched except one small draw per
 from __future__ import annotations
 
 import torch
-
 from moeray.workers.io_struct import SamplingParams
 
 

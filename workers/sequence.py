@@ -13,7 +13,6 @@ import enum
 from typing import TYPE_CHECKING
 
 import torch
-
 from moeray.workers.io_struct import FinishReason, SamplingParams
 
 if TYPE_CHECKING:

@@ -130,9 +130,7 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-        specials = {
-            k: _token_content(v) for k, v in self.config.items() if k.endswith("_token")
-        }
+        specials = {k: _token_content(v) for k, v in self.config.items() if k.endswith("_token")}
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from moeray.workers import LLM, SamplingParams
+
 from tests.checkpoints import make_tiny_checkpoint
 
 

@@ -222,7 +222,7 @@ BAD_GRPC = [
     (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
     (pb.GenerateRequest(prompt="hi", tier="huge"), "tier"),
     (pb.GenerateRequest(prompt_bytes=b"caf\xc3 \xff"), "prompt"),
-    (pb.GenerateRequest(prompt="x" * 5000), "input"),
+    (pb.GenerateRequest(prompt="x" * 5000), "request"),
     (pb.GenerateRequest(), "input"),
 ]  # fmt: skip
 
@@ -245,7 +245,6 @@ BAD_HTTP = [
     ({"prompt": "hi", "temperature": -0.5}, "temperature"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "hi", "model": "gpt-9"}, "model"),
-    ({"prompt": "\ud800"}, "prompt"),
     ({"prompt": "x" * 5000}, "prompt"),
 ]  # fmt: skip
 
@@ -263,6 +262,9 @@ def test_http_invalid_utf8_and_empty_chat(stack: LocalStack) -> None:
     url = stack.endpoints()["http"] + "/chat/completions"
     status, _, raw = _http(url, b'{"messages": [{"role": "user", "content": "\xff"}]}')
     assert status == 400 and "UTF-8" in json.loads(raw)["error"]["message"]
+    lone = b'{"prompt": "\\ud800"}'  # valid JSON, but the string is no UTF-8 text
+    status, _, raw = _http(stack.endpoints()["http"] + "/completions", lone)
+    assert status == 400 and json.loads(raw)["error"]["param"] == "prompt"
     status, _, raw = _http(url, b'{"messages": []}')
     assert status == 400 and json.loads(raw)["error"]["param"] == "messages"
 

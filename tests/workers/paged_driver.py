@@ -32,7 +32,10 @@ class PagedDriver:
                 p = self.lens[b] + i
                 ids.append(tok)
                 pos.append(p)
-                slots.append(int(self.tables[b, p // self.block_size]) * self.block_size + p % self.block_size)
+                slots.append(
+                    int(self.tables[b, p // self.block_size]) * self.block_size
+                    + p % self.block_size
+                )
             self.lens[b] += len(chunks[b])
             starts.append(starts[-1] + len(chunks[b]))
             ctx_lens.append(self.lens[b])
@@ -49,7 +52,9 @@ class PagedDriver:
             return self.model.compute_logits(hidden)
 
 
-def greedy(model: CausalLM, prompts: list[list[int]], max_new: int, chunk: int = 0) -> list[list[int]]:
+def greedy(
+    model: CausalLM, prompts: list[list[int]], max_new: int, chunk: int = 0
+) -> list[list[int]]:
     """Greedy continuations of all prompts, batched: prefill (in chunks of `chunk` tokens if > 0,
     so later chunks attend to cached blocks), then one decode step per new token."""
     longest = max(len(p) for p in prompts)

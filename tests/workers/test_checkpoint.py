@@ -14,6 +14,7 @@ from moeray.workers.checkpoint import CheckpointError, load_expert_weights
 from moeray.workers.hf_config import read_model_args
 from moeray.workers.loader import load_model
 from safetensors.torch import load_file, save_file
+
 from tests.checkpoints import tiny_config
 from tests.workers.paged_driver import PagedDriver
 
@@ -38,11 +39,15 @@ def split_per_tensor(src: Path, dst: Path) -> Path:
         file = f"model-{i:05d}.safetensors"
         save_file({name: tensor.contiguous()}, str(dst / file), metadata={"format": "pt"})
         weight_map[name] = file
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return dst
 
 
-def test_sharded_checkpoint_loads_the_same(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+def test_sharded_checkpoint_loads_the_same(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
     import transformers
 
     single = tiny_checkpoint("mixtral")
@@ -89,7 +94,9 @@ def test_load_expert_weights_reads_only_the_experts_files(
     torch.testing.assert_close(w2[0], ref_w2[2], atol=0, rtol=0)
 
 
-def test_fused_expert_layout_is_accepted(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+def test_fused_expert_layout_is_accepted(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
     """A checkpoint that stores experts fused (transformers' in-memory names) loads the same."""
     src = tiny_checkpoint("olmoe")
     dst = copy_checkpoint(src, tmp_path / "fused")
@@ -194,7 +201,10 @@ BROKEN = [
 
 @pytest.mark.parametrize(("breaker", "named"), BROKEN, ids=[b.__name__ for b, _ in BROKEN])
 def test_broken_checkpoint_raises_checkpoint_error_naming_the_culprit(
-    breaker: Callable[[Path], None], named: str, tiny_checkpoint: Callable[..., Path], tmp_path: Path
+    breaker: Callable[[Path], None],
+    named: str,
+    tiny_checkpoint: Callable[..., Path],
+    tmp_path: Path,
 ) -> None:
     path = copy_checkpoint(tiny_checkpoint("mixtral"), tmp_path / "broken")
     breaker(path)
@@ -213,7 +223,9 @@ def test_bad_dtype_and_expert_requests_are_named(tiny_checkpoint: Callable[..., 
         load_expert_weights(path, 5, [0], "float32")
 
 
-def test_unsupported_rope_type_is_named(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+def test_unsupported_rope_type_is_named(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
     path = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "rope")
     edit_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(CheckpointError, match="rope_type"):

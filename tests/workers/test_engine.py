@@ -14,6 +14,7 @@ import pytest
 import torch
 from moeray.workers import LLM, FinishReason, SamplingParams
 from moeray.workers.engine import LLMEngine
+
 from tests.checkpoints import ARCHS, make_tiny_checkpoint
 
 PROMPTS = [[5, 17, 99, 3], [200, 11, 45, 46, 47, 60, 61, 62, 63, 70, 71, 300, 301], [42]]

@@ -11,6 +11,7 @@ from moeray.cluster.config import EngineConfig
 from moeray.workers import LLM, FinishReason, SamplingParams
 from moeray.workers.async_engine import AsyncLLMEngine, EngineOverloaded
 from moeray.workers.engine import LLMEngine
+
 from tests.checkpoints import make_tiny_checkpoint
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -15,6 +15,7 @@ import torch
 from moeray.workers.loader import load_model
 from moeray.workers.model import CausalLM
 from moeray.workers.moe import DenseMLP, LocalExperts, MoEBlock
+
 from tests.checkpoints import ARCHS
 from tests.workers.paged_driver import PagedDriver, greedy
 
@@ -51,7 +52,9 @@ def test_prefill_logits_match_transformers(arch: str, tiny_checkpoint: Callable[
     hf = hf_model(path)
     for b, prompt in enumerate(PROMPTS):
         ref = hf_logits(hf, prompt)
-        assert torch.allclose(ours[b], ref, atol=1e-4, rtol=1e-4), report(f"{arch} prompt {b}", ours[b], ref)
+        assert torch.allclose(ours[b], ref, atol=1e-4, rtol=1e-4), report(
+            f"{arch} prompt {b}", ours[b], ref
+        )
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new: int) -> list[int]:
@@ -80,7 +83,10 @@ def test_greedy_matches_transformers_generate(
     ours = greedy(model, PROMPTS, MAX_NEW, chunk=chunk)
     hf = hf_model(path)
     for b, prompt in enumerate(PROMPTS):
-        assert until_eos(ours[b], model.args.eos_token_ids) == hf_greedy(hf, prompt, MAX_NEW), (arch, b)
+        assert until_eos(ours[b], model.args.eos_token_ids) == hf_greedy(hf, prompt, MAX_NEW), (
+            arch,
+            b,
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -98,11 +104,15 @@ def test_bf16_logits_close_to_transformers(arch: str, tiny_checkpoint: Callable[
     # attention, later ones) further: such tokens are rare, so at least 75% must be within.
     per_token = (ours - ref).abs().amax(dim=-1)  # [T]
     within = per_token <= 0.04 * ref.abs().max()
-    assert within.float().mean() >= 0.75, report(arch, ours, ref) + f", per token {per_token.tolist()}"
+    assert within.float().mean() >= 0.75, (
+        report(arch, ours, ref) + f", per token {per_token.tolist()}"
+    )
 
 
 def test_float32_override_of_bf16_checkpoint(tiny_checkpoint: Callable[..., Path]) -> None:
-    model = load_model(tiny_checkpoint("mixtral", dtype="bfloat16"), dtype="float32", progress=False)
+    model = load_model(
+        tiny_checkpoint("mixtral", dtype="bfloat16"), dtype="float32", progress=False
+    )
     assert model.args.dtype == torch.float32 and model.embed_tokens.weight.dtype == torch.float32
 
 

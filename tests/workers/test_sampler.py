@@ -74,8 +74,10 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     alone = draws(mine, 0, [])
     other_rows = torch.randn(3, 100)
     batch = torch.cat([other_rows[:2], mine, other_rows[2:]])
-    others = [SamplingParams(temperature=0.5), SamplingParams(temperature=0.0, seed=9)] + [
-        SamplingParams(top_k=3)
+    others = [
+        SamplingParams(temperature=0.5),
+        SamplingParams(temperature=0.0, seed=9),
+        SamplingParams(top_k=3),
     ]
     assert draws(batch, 2, others) == alone
     assert len(set(alone)) > 1  # it really samples

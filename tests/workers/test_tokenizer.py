@@ -69,7 +69,9 @@ def test_chat_template_renders_like_transformers(tok_dir: Path) -> None:
         assert tok.apply_chat_template(MESSAGES, add_generation_prompt=gen) == want
 
 
-def test_a_template_with_whitespace_control_and_raise_exception(tok_dir: Path, tmp_path: Path) -> None:
+def test_a_template_with_whitespace_control_and_raise_exception(
+    tok_dir: Path, tmp_path: Path
+) -> None:
     """trim_blocks/lstrip_blocks and raise_exception behave as in transformers."""
     from transformers import AutoTokenizer
 

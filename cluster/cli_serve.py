@@ -1,0 +1,175 @@
+"""`moeray serve`, `moeray chat` and `moeray route`: the front door from the command line.
+
+- `serve --config FILE | --demo [--grpc-port N] [--http-port N] [--host H]`: runs the whole stack
+  (private redis-server unless state.redis_url is set, local Ray, Serve with the moeray app),
+  prints the endpoints and blocks until Ctrl-C / SIGTERM, then shuts everything down.
+  `--demo` builds two small Mixtral-style checkpoints in HF format into ./.demo/ on first run
+  (2 layers for the fast tier, 4 for the reasoning tier).
+- `chat [--prompt TEXT] [--tier T]`: streams a chat over gRPC (interactive without --prompt).
+- `route --prompt TEXT`: prints the router's decision as JSON (a dry run, nothing generated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+DEMO_DIR = Path(".demo")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the gRPC + OpenAI HTTP front door on a local Ray")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="YAML config file (see examples/local.yaml)")
+    src.add_argument("--demo", action="store_true", help="serve two small demo MoE checkpoints")
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.set_defaults(func=_serve)
+
+    for name, helptext in (("chat", "chat with the server over gRPC"),
+                           ("route", "print the router's decision for a prompt")):  # fmt: skip
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--address", default="127.0.0.1:50051", help="gRPC host:port")
+        q.add_argument("--prompt", required=name == "route")
+        q.add_argument("--tier", default="auto")
+        if name == "chat":
+            q.add_argument("--max-tokens", type=int, default=64)
+            q.add_argument("--temperature", type=float, default=0.0)
+        q.set_defaults(func=_chat if name == "chat" else _route)
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def demo_config(root: Path = DEMO_DIR) -> Any:
+    """Two demo tiers, built on first use: fast = 2 MoE layers, reasoning = 4 MoE layers."""
+    from moeray.cluster.config import MoerayConfig
+    from moeray.cluster.demo_model import build_demo_checkpoint
+
+    paths = {"fast": root / "fast-2l", "reasoning": root / "reasoning-4l"}
+    for tier, path in paths.items():
+        if not (path / "config.json").is_file():
+            print(f"building the {tier} demo checkpoint in {path} ...", flush=True)
+            build_demo_checkpoint(path, preset="tiny", seed=0 if tier == "fast" else 1)
+            if tier == "reasoning":
+                _deepen(path, layers=4)
+    return MoerayConfig(
+        tiers=[
+            {"name": "fast", "model": str(paths["fast"].resolve()),
+             "description": "2-layer Mixtral-style demo model"},
+            {"name": "reasoning", "model": str(paths["reasoning"].resolve()),
+             "description": "4-layer Mixtral-style demo model"},
+        ]
+    )  # fmt: skip
+
+
+def _deepen(path: Path, layers: int) -> None:
+    """Rewrites a tiny demo checkpoint with `layers` layers (the presets fix the depth)."""
+    from moeray.cluster import demo_model
+
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    args = demo_model.parse_config(cfg, cfg.get("dtype", "float32"))
+    demo_model.save_file(
+        demo_model.demo_tensors(args, seed=1), str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from moeray.cluster.app import LocalStack
+    from moeray.cluster.config import load_config
+
+    config = demo_config() if args.demo else load_config(args.config)
+    overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("http_port", args.http_port),
+                                   ("host", args.host)) if v is not None}  # fmt: skip
+    if overrides:
+        config = config.model_copy(update={"serve": config.serve.model_copy(update=overrides)})
+        config = type(config).model_validate(config.model_dump())  # re-validate the ports
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(config, num_cpus=args.num_cpus)
+    try:
+        stack.start()
+        ends = stack.endpoints()
+        print(f"moeray is serving {', '.join(t.name for t in config.tiers)}\n"
+              f"  gRPC   {ends['grpc']}  (moeray.v1.Inference, grpc.health.v1.Health, reflection)\n"
+              f"  HTTP   {ends['http']}  (OpenAI API; /health, /metrics)\n"
+              f"  redis  {ends['redis']}\nCtrl-C to stop.", flush=True)  # fmt: skip
+        stop.wait()
+    finally:
+        print("shutting down ...", flush=True)
+        stack.close()
+    return 0
+
+
+# ---- chat / route ----------------------------------------------------------------------------
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import grpc
+
+    from moeray.v1 import inference_pb2 as pb
+    from moeray.v1 import inference_pb2_grpc as pb_grpc
+
+    history: list[Any] = []
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        prompts = [args.prompt] if args.prompt else _interactive()
+        for text in prompts:
+            history.append(pb.ChatMessage(role="user", content=text))
+            req = pb.GenerateRequest(
+                messages=pb.ChatMessages(messages=history), tier=args.tier,
+                sampling=pb.SamplingParams(max_tokens=args.max_tokens,
+                                           temperature=args.temperature),
+            )  # fmt: skip
+            reply = []
+            try:
+                for msg in stub.Generate(req):
+                    if msg.HasField("route"):
+                        print(f"[{msg.route.tier}: {msg.route.reason}]", file=sys.stderr)
+                    reply.append(msg.text)
+                    print(msg.text, end="", flush=True)
+            except grpc.RpcError as e:
+                raise ValueError(f"{e.code().name}: {e.details()}") from None
+            print()
+            history.append(pb.ChatMessage(role="assistant", content="".join(reply)))
+    return 0
+
+
+def _interactive() -> Any:
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
+
+
+def _route(args: argparse.Namespace) -> int:
+    import grpc
+
+    from moeray.v1 import inference_pb2 as pb
+    from moeray.v1 import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            r = pb_grpc.InferenceStub(channel).Route(
+                pb.RouteRequest(prompt=args.prompt, tier=args.tier), timeout=30
+            )
+        except grpc.RpcError as e:
+            raise ValueError(f"{e.code().name}: {e.details()}") from None
+    decision = {"tier": r.route.tier, "score": round(r.route.score, 4), "reason": r.route.reason,
+                "fallback": r.route.fallback, "features": dict(r.features)}  # fmt: skip
+    print(json.dumps(decision, indent=2))
+    return 0

@@ -38,36 +38,33 @@ def engine_deployment_name(tier: str) -> str:
 
 
 def _engine(tier: TierConfig) -> Any:
-    from ray import serve
-
     from moeray.workers.engine_deployment import EngineServer
+    from ray import serve
 
     # Serve's own queue must never refuse before the engine's bounded queue does (429 comes
     # from the engine or the router, quickly); the engine's threads use the CPUs torch sees.
     ongoing = tier.engine.max_num_seqs + tier.engine.max_queue + _CONTROL_SLACK
-    return serve.deployment(
-        EngineServer,
+    deployment = serve.deployment(
         name=engine_deployment_name(tier.name),
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=ongoing,
         health_check_period_s=10,
-    ).bind(tier)
+    )(EngineServer)
+    return deployment.bind(tier)
 
 
 def build_app(config: MoerayConfig) -> Any:
     """The Serve Application: the router ingress bound to every tier's engine deployment."""
-    from ray import serve
-
     from moeray.router.ingress import RouterIngress
+    from ray import serve
 
     engines = {t.name: _engine(t) for t in config.tiers}
     ongoing = len(config.tiers) * config.router.max_inflight_per_tier + _CONTROL_SLACK
     router = serve.deployment(
-        serve.ingress()(RouterIngress),
         name=ROUTER_DEPLOYMENT,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=ongoing,
-    )
+    )(serve.ingress()(RouterIngress))
     return router.bind(config, engines)
 
 

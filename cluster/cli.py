@@ -50,11 +50,23 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument(
+        "--expert-shards", type=int, default=0, help="expert-shard Ray actors; 0 = in-process"
+    )
+    p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert")
+    p.add_argument("--redis-url", default=None, help="Redis URL; none = a private redis-server")
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_model_len", "num_kv_blocks", "block_size", "max_num_seqs")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.expert_shards:  # LLM arguments, not EngineConfig fields
+        options.update(
+            expert_shards=args.expert_shards,
+            expert_replicas=args.expert_replicas,
+            redis_url=args.redis_url,
+        )
+    return options
 
 
 def _register_generate(sub: Any) -> None:

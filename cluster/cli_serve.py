@@ -72,15 +72,15 @@ def demo_config(root: Path = DEMO_DIR) -> Any:
 
 def _deepen(path: Path, layers: int) -> None:
     """Rewrites a tiny demo checkpoint with `layers` layers (the presets fix the depth)."""
-    from moeray.cluster import demo_model
+    from moeray.cluster.demo_model import demo_tensors
+    from moeray.workers.hf_config import parse_config
+    from safetensors.torch import save_file
 
     cfg = json.loads((path / "config.json").read_text())
     cfg["num_hidden_layers"] = layers
-    args = demo_model.parse_config(cfg, cfg.get("dtype", "float32"))
-    demo_model.save_file(
-        demo_model.demo_tensors(args, seed=1), str(path / "model.safetensors"),
-        metadata={"format": "pt"},
-    )  # fmt: skip
+    args = parse_config(cfg, cfg.get("dtype", "float32"))
+    tensors = demo_tensors(args, seed=1)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -117,7 +117,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     import grpc
-
     from moeray.v1 import inference_pb2 as pb
     from moeray.v1 import inference_pb2_grpc as pb_grpc
 
@@ -158,7 +157,6 @@ def _interactive() -> Any:
 
 def _route(args: argparse.Namespace) -> int:
     import grpc
-
     from moeray.v1 import inference_pb2 as pb
     from moeray.v1 import inference_pb2_grpc as pb_grpc
 

@@ -4,6 +4,7 @@ The public functions (shape letters in docs/SHAPES.md):
     topk_gating(router_logits [T, E], top_k, scoring, renormalize, bias) -> (weights f32 [T, K], ids i32 [T, K])
     fused_moe(hidden [T, D], w1 [E, 2F, D], w2 [E, D, F], topk_weights [T, K], topk_ids [T, K]) -> [T, D]
     rms_norm(x [..., D], weight [D], eps) -> [..., D]
+    add_rms_norm(x [..., D], residual [..., D], weight [D], eps) -> (normed [..., D], x + residual [..., D])
     silu_and_mul(gate_up [T, 2F]) -> [T, F]
     moe_align(topk_ids [T, K], num_experts, block_m) -> TokenPermutation (slots sorted by expert)
     permute_tokens(hidden [T, D], perm) -> [P, D]            (dispatch: rows in expert order)
@@ -25,6 +26,7 @@ from moeray.kernels.reference import TokenPermutation, padded_rows
 
 __all__ = [
     "TokenPermutation",
+    "add_rms_norm",
     "fused_moe",
     "moe_align",
     "padded_rows",
@@ -78,6 +80,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if resolve(x) == "triton":
         return triton_module("triton_norm").rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [..., D], weight [D] -> (rms_norm(x + residual), x + residual); one pass on GPU."""
+    contracts.check_add_rms_norm(x, residual, weight, eps)
+    if resolve(x) == "triton":
+        return triton_module("triton_norm").add_rms_norm(x, residual, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

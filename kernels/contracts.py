@@ -89,6 +89,17 @@ def check_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
         raise ValueError(f"eps must be > 0, got {eps!r}")
 
 
+def check_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    """As check_rms_norm, plus residual with x's shape and dtype."""
+    check_rms_norm(x, weight, eps)
+    _shape("residual", residual, f"{tuple(x.shape)} (x's shape)", residual.shape == x.shape)
+    if residual.dtype != x.dtype:
+        raise ValueError(f"residual must have x's dtype ({x.dtype}), got {residual.dtype}")
+    _same_device("residual", residual, x)
+
+
 def check_silu_and_mul(gate_up: torch.Tensor) -> None:
     """gate_up [T, 2F] float."""
     _shape("gate_up", gate_up, "[T, 2F]", gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0)

@@ -47,7 +47,7 @@ def topk_gating(
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: [T, 2F] (gate then up) -> [T, F] = silu(gate) * up."""
     gate, up = gate_up.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+    return F.silu(gate).mul_(up).to(gate_up.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,6 +56,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm, as a decoder layer does between its blocks:
+    x [..., D], residual [..., D], weight [D] -> (rms_norm(x + residual) [..., D], x + residual [..., D]).
+    The sum is rounded to x's dtype before the norm, as HF models do."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
 
 
 def fused_moe(

@@ -305,7 +305,9 @@ def _launch_fused_moe(
     E, F = w1.shape[0], w1.shape[1] // 2
     if T == 0 or topk_ids.shape[1] == 0:
         return torch.zeros_like(hidden)
-    cfg = config or block_config.lookup("fused_moe", shape_key(E, F, D), hidden.dtype, T, hidden.device)
+    cfg = config or block_config.lookup(
+        "fused_moe", shape_key(E, F, D), hidden.dtype, T, hidden.device
+    )
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     dot_fp32 = not hidden.is_cuda  # the interpreter (see _dot)

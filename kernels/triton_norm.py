@@ -1,6 +1,8 @@
-"""RMSNorm and the SwiGLU activation (silu_and_mul) in Triton: memory-bound, one read, one write.
+"""RMSNorm, residual-add + RMSNorm, and the SwiGLU activation (silu_and_mul) in Triton.
 
-Torch twins: moeray.kernels.reference.rms_norm and .silu_and_mul. Shape letters: docs/SHAPES.md.
+All memory-bound: each reads its inputs once and writes once (add_rms_norm saves the separate
+add's read and write of [T, D]). Torch twins: moeray.kernels.reference.rms_norm, .add_rms_norm
+and .silu_and_mul. Shape letters: docs/SHAPES.md.
 """
 
 from __future__ import annotations
@@ -56,6 +58,53 @@ def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] -> [..., D]; see the reference."""
     return _launch_rms_norm(x, weight, eps)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, D, stride_x, stride_r, stride_o, stride_s, eps,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    # Round the sum to x's dtype first: the next layer's residual is that rounded sum.
+    summed = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    tl.store(sum_ptr + row * stride_s + cols, summed, mask=mask)
+    sf = summed.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = (sf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    contracts.check_add_rms_norm(x, residual, weight, eps)
+    D = x.shape[-1]
+    if D > _MAX_FUSED_D:
+        raise ValueError(f"x's last dim D={D} exceeds the fused RMSNorm limit {_MAX_FUSED_D}")
+    x2 = x.reshape(-1, D).contiguous()  # [T, D]
+    r2 = residual.reshape(-1, D).contiguous()  # [T, D]
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)  # [T, D]
+    summed = torch.empty_like(x2)  # [T, D]
+    if x2.shape[0] > 0:
+        cfg = block_config.lookup("rms_norm", f"D={D}", x.dtype, x2.shape[0], x.device)
+        _add_rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight.contiguous(), out, summed, D, x2.stride(0), r2.stride(0), out.stride(0),
+            summed.stride(0), float(eps), BLOCK_D=triton.next_power_of_2(D), num_warps=cfg["num_warps"],
+        )  # fmt: skip
+    return out.view(x.shape), summed.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [..., D], weight [D] -> (normed [..., D], x + residual [..., D]); see the reference."""
+    return _launch_add_rms_norm(x, residual, weight, eps)
 
 
 @triton.jit

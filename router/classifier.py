@@ -35,6 +35,7 @@ from moeray.router.policy import (
     FEATURE_NAMES,
     FeatureWeights,
     extract_features,
+    scan_view,
     sigmoid,
 )
 
@@ -145,7 +146,8 @@ def embed(texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     tok, model = _embedder()
     chunks = []
     for i in range(0, len(texts), batch_size):
-        enc = tok.encode_batch(list(texts[i : i + batch_size]))
+        # Only the head and tail are embedded anyway (256 word pieces): do not tokenize 200 kB.
+        enc = tok.encode_batch([scan_view(t) for t in texts[i : i + batch_size]])
         ids = torch.tensor([e.ids for e in enc])  # [B, L]
         mask = torch.tensor([e.attention_mask for e in enc])  # [B, L]
         with torch.inference_mode():

@@ -26,13 +26,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from moeray.router.convert import RequestError, build_route_input, check_sampling
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.metrics import CONTENT_TYPE
 from moeray.router.service import InferenceService, Overloaded
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +106,17 @@ def _parse(body: bytes, model: type[_Params]) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise HttpError(
-            400, f"request body is not valid UTF-8 (bad byte at offset {e.start})", None, "invalid_utf8"
+            400,
+            f"request body is not valid UTF-8 (bad byte at offset {e.start})",
+            None,
+            "invalid_utf8",
         ) from None
     try:
         return model.model_validate(json.loads(text))
     except json.JSONDecodeError as e:
-        raise HttpError(400, f"request body is not valid JSON: {e.msg}", None, "invalid_json") from None
+        raise HttpError(
+            400, f"request body is not valid JSON: {e.msg}", None, "invalid_json"
+        ) from None
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "body"
@@ -142,7 +146,9 @@ def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
 def _sampling(req: _Params, service: InferenceService, default_max: int) -> SamplingParams:
     if req.n != 1:
         raise _invalid("n", f"must be 1 (one choice per request), got {req.n}")
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     limit = service.limits.tokens_limit(req.model)
     if max_tokens is None:
         max_tokens = min(default_max, limit) if limit else default_max
@@ -228,7 +234,9 @@ def _choice(kind: Literal["chat", "text"], text: str, finish: str | None, chunk:
     return {"index": 0, key: body, "logprobs": None, "finish_reason": finish}
 
 
-def _envelope(kind: Literal["chat", "text"], rid: str, created: int, tier: str, chunk: bool) -> dict:
+def _envelope(
+    kind: Literal["chat", "text"], rid: str, created: int, tier: str, chunk: bool
+) -> dict:
     obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
     if chunk and kind == "chat":
         obj += ".chunk"
@@ -336,7 +344,9 @@ def build_http_app(service: InferenceService) -> FastAPI:
     async def health() -> Response:
         stats = [await service.engine_stats(t) for t in service.engines]
         ok = all(stats)
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
-
 from moeray.cluster.config import MoerayConfig
 from moeray.protos import SERVICE_NAME
 from moeray.router import convert

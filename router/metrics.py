@@ -46,7 +46,9 @@ class FrontDoorMetrics:
             "moeray_route_decision_seconds", "Time the routing policy takes per request",
             buckets=DECISION_BUCKETS_S, registry=r,
         )  # fmt: skip
-        self.inflight = Gauge("moeray_inflight", "Requests in flight per tier", ["tier"], registry=r)
+        self.inflight = Gauge(
+            "moeray_inflight", "Requests in flight per tier", ["tier"], registry=r
+        )
         self.engine = Gauge(
             "moeray_engine", "Engine state per tier: running, waiting, kv_blocks_free, "
             "kv_blocks_total", ["tier", "field"], registry=r,

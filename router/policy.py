@@ -180,7 +180,7 @@ def _saturating(count: int) -> float:
     return 1.0 - 0.5**count
 
 
-def _scan_view(text: str) -> str:
+def scan_view(text: str) -> str:
     if len(text) <= 2 * SCAN_CHARS:
         return text
     return text[:SCAN_CHARS] + "\n" + text[-SCAN_CHARS:]
@@ -192,7 +192,7 @@ def extract_features(request: RouteInput) -> tuple[float, ...]:
     Cues are read from the newest user turn (the ask); length counts the whole text view.
     """
     whole = request.text()
-    ask = _scan_view(request.last_user_text())
+    ask = scan_view(request.last_user_text())
     low = ask.lower()
     words = _TOKEN.findall(low)
     n_words = len(words) if len(whole) == len(ask) else len(whole) // 6  # ~6 chars a word
@@ -357,7 +357,8 @@ def calibrate_threshold(scores: Collection[float], target_share: float) -> float
     """The threshold that sends `target_share` of these requests to the reasoning tier.
 
     RouteLLM's calibration: on a representative sample of scores, the threshold is the score of
-    the k-th highest request, k = round(target_share * n); ties may send a few more.
+    the k-th highest request, k = round(target_share * n). When ties make that send too many,
+    the next higher distinct score is taken if it lands closer to k.
     """
     if not 0.0 <= target_share <= 1.0:
         raise ValueError(f"target_share must be in [0, 1], got {target_share}")
@@ -367,7 +368,12 @@ def calibrate_threshold(scores: Collection[float], target_share: float) -> float
     k = round(target_share * len(ranked))
     if k == 0:
         return 1.0  # nothing reaches 1.0 except an explicit request: no reasoning traffic
-    return float(ranked[k - 1])
+    threshold = ranked[k - 1]
+    n_higher = sum(1 for v in ranked if v > threshold)  # what the next distinct score would send
+    n_at = n_higher + ranked.count(threshold)
+    if n_higher > 0 and abs(n_higher - k) < abs(n_at - k):
+        threshold = min(v for v in ranked if v > threshold)
+    return float(threshold)
 
 
 class QueryRouter:

@@ -123,8 +123,12 @@ class InferenceService:
         self._enter(call.request_id, tier)
         outcome, start = "error", time.perf_counter()
         try:
-            response = self.engines[tier].options(stream=True).generate.remote(  # 3
-                call.request_id, call.input.engine_input(), call.sampling
+            response = (
+                self.engines[tier]
+                .options(stream=True)
+                .generate.remote(  # 3
+                    call.request_id, call.input.engine_input(), call.sampling
+                )
             )
             running = self._running[call.request_id]
             running.response = response
@@ -206,7 +210,9 @@ class InferenceService:
         names = [t.name for t in self.config.tiers]
         if tier_filter:
             if tier_filter not in names:
-                raise RequestError("tier", f"{tier_filter!r} is not configured; choose one of {names}")
+                raise RequestError(
+                    "tier", f"{tier_filter!r} is not configured; choose one of {names}"
+                )
             names = [tier_filter]
         stats = await asyncio.gather(*(self.engine_stats(n) for n in names))
         out = []

@@ -6,11 +6,17 @@ Adds every prompt to one LLMEngine and steps it until all finish, so prompts sha
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 from typing import Any
 
-from moeray.cluster.config import EngineConfig, describe_validation_error
+from moeray.cluster.config import (
+    EngineConfig,
+    ExpertsConfig,
+    StateConfig,
+    describe_validation_error,
+)
 from moeray.workers.engine import LLMEngine, Prompt
 from moeray.workers.io_struct import RequestOutput, SamplingParams
 from pydantic import ValidationError
@@ -33,15 +39,42 @@ def normalize_prompts(prompts: Any) -> list[Prompt]:
 
 
 class LLM:
-    def __init__(self, model: str | Path, dtype: str = "auto", **engine_options: Any) -> None:
-        """model: a local Hugging Face checkpoint; engine_options: EngineConfig fields."""
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "auto",
+        expert_shards: int = 0,
+        expert_replicas: int = 1,
+        redis_url: str | None = None,
+        **engine_options: Any,
+    ) -> None:
+        """model: a local Hugging Face checkpoint; engine_options: EngineConfig fields.
+        expert_shards > 0 serves the routed experts from that many Ray actors (a local Ray is
+        started if none runs), each expert on expert_replicas of them, with Redis at redis_url
+        as the control plane (None = a private redis-server); `close()` stops what was started."""
         try:
             config = EngineConfig(**engine_options)
+            experts = ExpertsConfig(shards=expert_shards, replicas=expert_replicas)
+            state = StateConfig(redis_url=redis_url)
         except ValidationError as e:
             raise ValueError(describe_validation_error(e)) from None
         self.engine = LLMEngine(model, config, dtype=dtype)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
+        self._close = weakref.finalize(self, lambda: None)
+        if experts.shards:
+            # The offline API is a composition root (like the CLI): the only place in workers/
+            # that reaches into cluster/, lazily, to wire Ray shards and the Redis state in.
+            from moeray.cluster.expert_parallel import ExpertParallelRuntime
+
+            runtime = ExpertParallelRuntime.start(
+                self.engine.model, str(model), experts, state, dtype=dtype
+            )
+            self._close = weakref.finalize(self, runtime.close)  # at close() or at exit
+
+    def close(self) -> None:
+        """Stops the expert shards, and the Ray and Redis this LLM started (idempotent)."""
+        self._close()
 
     def generate(
         self,

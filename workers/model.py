@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from moeray.kernels import rms_norm
+from moeray.kernels import add_rms_norm, rms_norm
 from moeray.workers.attention import paged_attention
 from moeray.workers.forward_context import ForwardContext
 from moeray.workers.hf_config import ModelArgs
@@ -95,18 +95,35 @@ class Attention(nn.Module):
         """x [T, D] -> [T, D]."""
         T = x.shape[0]
         H, G, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)  # [T, H*Dh], [T, G*Dh] x2
-        if self.qk_norm == "proj" and self.q_norm is not None and self.k_norm is not None:
+        qkv = self.wqkv(x)  # [T, (H+2G)*Dh]
+        if self.qk_norm == "none":
+            if self.clip_qkv is not None:
+                qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+            # q and k share cos/sin: one rope over their [T, H+G, Dh] view
+            qk = apply_rope(qkv[:, : (H + G) * Dh].view(T, H + G, Dh), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]  # [T, H, Dh], [T, G, Dh] views
+            v = qkv[:, (H + G) * Dh :].view(T, G, Dh)
+        else:
+            q, k, v = self._normed_qkv(qkv)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(q, k, v, kv_cache, ctx, self.scale)  # [T, H, Dh]
+        return self.wo(out.view(T, H * Dh))
+
+    def _normed_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, (H+2G)*Dh] -> q [T, H, Dh], k, v [T, G, Dh] with the q/k norms (and clipping)."""
+        T = qkv.shape[0]
+        H, G, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        assert self.q_norm is not None and self.k_norm is not None
+        q, k, v = qkv.split([H * Dh, G * Dh, G * Dh], dim=-1)
+        if self.qk_norm == "proj":  # OLMoE: norm the whole projections, then clamp
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip_qkv is not None:  # OLMoE clamps after the norms
+        if self.clip_qkv is not None:
             c = self.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        q, k, v = q.view(T, H, Dh), k.view(T, G, Dh), v.view(T, G, Dh)
-        if self.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
+        q, k, v = q.reshape(T, H, Dh), k.reshape(T, G, Dh), v.reshape(T, G, Dh)
+        if self.qk_norm == "head":  # Qwen3: norm each head over Dh
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v.contiguous(), kv_cache, ctx, self.scale)  # [T, H, Dh]
-        return self.wo(out.view(T, H * Dh))
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
@@ -132,13 +149,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         ctx: ForwardContext,
-    ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, ctx)
-        return h + self.mlp(self.ffn_norm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] = the previous block's output, residual [T, D] = the stream before it (None
+        for the first layer, whose x is the embeddings) -> (this layer's FFN output, residual).
+        Passing the residual along lets each add fuse with the next norm (add_rms_norm)."""
+        if residual is None:
+            h, residual = rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), x
+        else:
+            h, residual = add_rms_norm(x, residual, self.attn_norm.weight, self.attn_norm.eps)
+        h = self.attn(h, cos, sin, kv_cache, ctx)
+        h, residual = add_rms_norm(h, residual, self.ffn_norm.weight, self.ffn_norm.eps)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -174,9 +200,11 @@ class CausalLM(nn.Module):
         """input_ids [T] int64, positions [T] int64 -> final-normed hidden [T, D]."""
         x = self.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rope(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, ctx.kv_caches):
-            x = layer(x, cos, sin, kv_cache, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, ctx)
+        assert residual is not None, "a model has at least one layer"
+        return add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> logits [B, V] float32."""

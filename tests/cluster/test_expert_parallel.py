@@ -13,9 +13,11 @@ the last bit between thread counts, and the comparison is exact.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -31,7 +33,7 @@ from moeray.workers.moe import LocalExperts
 from tests.checkpoints import make_tiny_checkpoint
 
 # Expert counts chosen so that neither 2 nor 3 shards divide them.
-MOE_ARCHS = {
+MOE_ARCHS: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 5},
     "qwen2_moe": {"num_experts": 7},  # + shared expert, which stays with the engine
     "qwen3_moe": {"num_experts": 5},
@@ -52,7 +54,7 @@ def single_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     yield
     ray.shutdown()
 
@@ -124,7 +126,8 @@ def test_sharded_greedy_equals_in_process(
                 for route in ep.backend.routes.values():  # every expert on `replicas` shards
                     held = (route.slots >= 0).sum(dim=0)  # [E] replicas per expert
                     assert held.tolist() == [replicas] * len(held)
-                assert wait_for(lambda n=shards: len(registered(state)) == n)
+                n = shards
+                assert wait_for(lambda: len(registered(state)) == n)  # noqa: B023
             finally:
                 ep.close()
         # the engines' expert counts reached Redis (flushed by close at the latest)
@@ -198,3 +201,21 @@ def test_redis_restart_mid_run_fails_no_request(
     finally:
         ep.close()
         state.close()
+
+
+def test_llm_api_with_expert_shards_and_a_private_redis(
+    ray_local: None, checkpoint: Callable[[str], Path]
+) -> None:
+    from moeray.workers import LLM
+
+    path = str(checkpoint("olmoe"))
+    prompts = [list(p) for p in PROMPTS]
+    expected = [o.token_ids for o in LLM(model=path).generate(prompts, GREEDY)]
+    llm = LLM(model=path, expert_shards=3, expert_replicas=2, num_kv_blocks=64)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+    finally:
+        llm.close()
+    assert ray.is_initialized()  # the module's Ray was not ours to stop
+    with pytest.raises(ValueError, match="shards"):
+        LLM(model=path, expert_shards=-1)

@@ -59,6 +59,8 @@ def compile_all() -> list[dict[str, object]]:
          gemm | {"stride_wf": 1}, ("D", "F", "stride_hp", "stride_we", "stride_wd", "stride_yp"), 8, 3),
         (triton_norm._rms_norm_kernel, {"x_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "eps": "fp32"},
          {"BLOCK_D": 8192}, ("D", "stride_x", "stride_o"), 8, 1),
+        (triton_norm._add_rms_norm_kernel, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16, "sum_ptr": bf16,
+         "eps": "fp32"}, {"BLOCK_D": 8192}, ("D", "stride_x", "stride_r", "stride_o", "stride_s"), 8, 1),
         (triton_norm._silu_and_mul_kernel, {"gu_ptr": bf16, "out_ptr": bf16}, {"BLOCK_F": 1024},
          ("F", "stride_g", "stride_o"), 4, 1),
     ]  # fmt: skip
@@ -90,7 +92,7 @@ def test_kernels_compile_for_h100(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = {r["kernel"]: r for r in map(json.loads, proc.stdout.splitlines())}
     print(records)
-    assert len(records) == 9
+    assert len(records) == 10
     for name, rec in records.items():
         assert rec["cubin_bytes"] > 0, name
         assert rec["shared"] <= H100_SHARED_BYTES, (

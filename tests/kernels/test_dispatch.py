@@ -115,6 +115,10 @@ def test_kernels_work_without_triton_installed():
         ),
         (lambda: kernels.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6), "weight"),
         (lambda: kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 0.0), "eps"),
+        (
+            lambda: kernels.add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-6),
+            "residual",
+        ),
         (lambda: kernels.silu_and_mul(torch.randn(2, 7)), "gate_up"),
         (lambda: kernels.moe_align(torch.zeros(3, 2, dtype=torch.int32), 0), "num_experts"),
     ],

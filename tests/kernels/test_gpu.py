@@ -50,6 +50,10 @@ def test_norm_and_activation_bf16(T, D, close):
     x = torch.randn(T, D, device="cuda").bfloat16()
     weight = torch.randn(D, device="cuda").bfloat16()
     close("rms_norm (cuda)", kernels.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+    out, summed = kernels.add_rms_norm(x, x.flip(0), weight, 1e-6)
+    out_ref, summed_ref = reference.add_rms_norm(x, x.flip(0), weight, 1e-6)
+    close("add_rms_norm sum (cuda)", summed, summed_ref)
+    close("add_rms_norm (cuda)", out, out_ref)
     close(
         "silu_and_mul (cuda)",
         kernels.silu_and_mul(x[:, : D // 2 * 2]),

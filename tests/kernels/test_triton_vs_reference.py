@@ -160,6 +160,21 @@ def test_rms_norm(shape, dtype, close):
 
 
 @pytest.mark.parametrize(
+    "shape,dtype",
+    [((1, 40), torch.bfloat16), ((2, 17, 24), torch.float32), ((130, 48), torch.bfloat16)],
+)
+def test_add_rms_norm(shape, dtype, close):
+    gen = torch.Generator().manual_seed(shape[0] + 1)
+    x, residual = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(shape[-1], generator=gen).to(dtype)
+    out, summed = kernels.add_rms_norm(x, residual, weight, 1e-5)
+    out_ref, summed_ref = reference.add_rms_norm(x, residual, weight, 1e-5)
+    # Not bit-equal in bf16: the interpreter rounds fp32 -> bf16 toward zero, GPUs to nearest.
+    close("add_rms_norm sum", summed, summed_ref)
+    close("add_rms_norm", out, out_ref)
+
+
+@pytest.mark.parametrize(
     "T,F,dtype", [(1, 48, torch.float32), (33, 20, torch.bfloat16), (130, 36, torch.float32)]
 )
 def test_silu_and_mul(T, F, dtype, close):

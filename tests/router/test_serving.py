@@ -184,14 +184,19 @@ def test_openai_completion_and_chat_equal_offline(client: openai.OpenAI, fast_ll
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == len(oracle.token_ids)
     unary = client.chat.completions.create(
-        model="fast", messages=messages, max_tokens=10, temperature=0  # type: ignore[arg-type]
+        model="fast",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert unary.choices[0].message.content == oracle.text
 
 
 def test_sse_ends_with_done_and_route_headers(stack: LocalStack) -> None:
     body = {"model": "auto", "prompt": "hello", "max_tokens": 4, "temperature": 0, "stream": True}
-    status, headers, raw = _http(stack.endpoints()["http"] + "/completions", json.dumps(body).encode())
+    status, headers, raw = _http(
+        stack.endpoints()["http"] + "/completions", json.dumps(body).encode()
+    )
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert headers["x-moeray-tier"] in ("fast", "reasoning")
     lines = [line for line in raw.decode().split("\n") if line]
@@ -310,8 +315,9 @@ def test_overload_then_abort(
     stack: LocalStack, stub: pb_grpc.InferenceStub, client: openai.OpenAI
 ) -> None:
     calls = [
-        stub.Generate(pb.GenerateRequest(request_id=f"long-{i}", prompt="go", tier="reasoning",
-                                         sampling=LONG))  # fmt: skip
+        stub.Generate(
+            pb.GenerateRequest(request_id=f"long-{i}", prompt="go", tier="reasoning", sampling=LONG)
+        )
         for i in range(2)
     ]
     first = [next(c) for c in calls]  # both admitted: the tier is now at its limit of 2

@@ -136,7 +136,8 @@ def tune() -> None:
     from moeray.kernels import block_config, triton_moe
 
     device = torch.cuda.get_device_name()
-    grid = itertools.product([16, 32, 64, 128], [32, 64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
+    # 64 candidates; compiled once each (the Triton cache keeps them across T).
+    grid = itertools.product([16, 32, 64, 128], [64, 128], [64, 128], [4, 8], [3, 4])
     candidates = [
         dict(zip(["BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"], c)) for c in grid
     ]

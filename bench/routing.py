@@ -32,9 +32,7 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
     return {"p50_us": round(pick(0.50), 2), "p99_us": round(pick(0.99), 2), "n": len(s)}
 
 
-def time_decisions(
-    requests: Sequence[RouteInput], iters: int, scorer: Scorer
-) -> dict[str, float]:
+def time_decisions(requests: Sequence[RouteInput], iters: int, scorer: Scorer) -> dict[str, float]:
     """Times route() one call at a time (the way the front door calls it)."""
     cfg, load = RouterConfig(), TierLoad({"reasoning": 3})
     for r in requests[:50]:  # warm caches and lazy loads
@@ -75,9 +73,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "date": dt.date.today().isoformat(),
     }
-    runs: list[tuple[str, Callable[[], Scorer], int]] = [
-        ("features", FeatureScorer, args.iters)
-    ]
+    runs: list[tuple[str, Callable[[], Scorer], int]] = [("features", FeatureScorer, args.iters)]
     try:
         from moeray.router.classifier import EmbeddingClassifier, _embedder
 

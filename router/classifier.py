@@ -180,10 +180,22 @@ class EmbeddingClassifier:
         return 1.0 / (1.0 + np.exp(-z))
 
     def score(self, request: RouteInput) -> float:
+        """One request, on ONE torch thread: a 6-layer encoder on one sentence is too small to
+        split, and on a busy host intra-op threads cost ~1 s instead of ~15 ms (measured on
+        the 2-core dev machine). THE THREAD COUNT IS PROCESS-WIDE: it is restored afterwards,
+        but run the classifier in the router's own process (a Serve replica), not an engine's.
+        """
         text = request.last_user_text()
         if not text:
             return sigmoid(self.bias)  # pre-tokenized input: no text to embed
-        return float(self.score_texts([text])[0])
+        import torch
+
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return float(self.score_texts([text])[0])
+        finally:
+            torch.set_num_threads(prev)
 
     def explain(self, request: RouteInput) -> tuple[float, list[str]]:
         return self.score(request), ["embedding classifier"]

@@ -18,17 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-
 from moeray.router.convert import finish_reason_from_proto, route_decision_from_proto
 from moeray.router.messages import ChatMessage, RouteDecision
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers.io_struct import FinishReason, Usage
-
-T = TypeVar("T")
 
 
 class MoerayError(RuntimeError):
@@ -105,7 +102,9 @@ def _request_input(
         msg.prompt = prompt
     elif messages is not None:
         for m in messages:
-            role, content = (m.role, m.content) if isinstance(m, ChatMessage) else (m["role"], m["content"])
+            role, content = (
+                (m.role, m.content) if isinstance(m, ChatMessage) else (m["role"], m["content"])
+            )
             msg.messages.messages.add(role=role, content=content)
     else:
         msg.prompt_token_ids.ids.extend(prompt_token_ids or ())
@@ -166,20 +165,20 @@ class MoerayClient:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation."""
         req = pb.GenerateRequest(request_id=request_id, tier=tier)
         _request_input(req, prompt, messages, prompt_token_ids)
-        sampling = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "seed": seed,
-        }
-        req.sampling.CopyFrom(
-            pb.SamplingParams(
-                **{k: v for k, v in sampling.items() if v is not None},
-                stop=list(stop),
-                ignore_eos=ignore_eos,
-            )
-        )
+        s = req.sampling
+        s.stop.extend(stop)
+        s.ignore_eos = ignore_eos
+        # optional fields: set only what the caller gave, absence means the server's default
+        if max_tokens is not None:
+            s.max_tokens = max_tokens
+        if temperature is not None:
+            s.temperature = temperature
+        if top_p is not None:
+            s.top_p = top_p
+        if top_k is not None:
+            s.top_k = top_k
+        if seed is not None:
+            s.seed = seed
         return self._stream(req)
 
     def _stream(self, req: pb.GenerateRequest) -> Iterator[GenerateDelta]:
@@ -221,9 +220,11 @@ class MoerayClient:
         tier: str = "",
     ) -> RouteDecision:
         """The router's dry-run decision for this input."""
-        return route_decision_from_proto(self.route_features(prompt, messages=messages,
-                                                              prompt_token_ids=prompt_token_ids,
-                                                              tier=tier).route)
+        return route_decision_from_proto(
+            self.route_features(
+                prompt, messages=messages, prompt_token_ids=prompt_token_ids, tier=tier
+            ).route
+        )
 
     def route_features(
         self,

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     train = load_labeled_jsonl(args.data, split="train")
     test = load_labeled_jsonl(args.data, split="test")
     if not test:
-        raise SystemExit(f"{args.data} has no examples with \"split\": \"test\"")
+        raise SystemExit(f'{args.data} has no examples with "split": "test"')
     out: dict[str, Any] = {
         "data": str(args.data),
         "train": len(train),

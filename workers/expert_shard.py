@@ -43,17 +43,12 @@ class ShardBatch:
 
     def pack(self) -> bytes:
         """One contiguous bytes object: header, ids, weights, hidden."""
-        t, d = self.hidden.shape
-        k = self.local_ids.shape[1]
-        header = np.array([self.layer, t, k, d, _DTYPES.index(self.hidden.dtype)], dtype=np.int32)
-        hidden = self.hidden.contiguous().view(torch.uint8)  # [t, D * itemsize] raw bytes
-        return b"".join(
-            (
-                header.tobytes(),
-                self.local_ids.to(torch.int32).contiguous().numpy().tobytes(),
-                self.topk_weights.to(torch.float32).contiguous().numpy().tobytes(),
-                hidden.numpy().tobytes(),
-            )
+        return pack_batch(
+            self.layer,
+            raw_rows(self.hidden),
+            self.hidden.dtype,
+            self.topk_weights.to(torch.float32).numpy(),
+            self.local_ids.to(torch.int32).numpy(),
         )
 
     @classmethod
@@ -72,6 +67,27 @@ class ShardBatch:
         off += t * k * 4
         hidden = torch.frombuffer(buf, dtype=dtype, count=t * d, offset=off).view(t, d)
         return cls(layer, hidden, weights, ids)
+
+
+def raw_rows(hidden: torch.Tensor) -> np.ndarray:
+    """hidden [T, D] (any float dtype) -> a numpy view of its bytes, [T, D * itemsize] uint8."""
+    return hidden.contiguous().view(torch.uint8).numpy()
+
+
+def pack_batch(
+    layer: int,
+    hidden_raw: np.ndarray,
+    dtype: torch.dtype,
+    weights: np.ndarray,
+    local_ids: np.ndarray,
+) -> bytes:
+    """ShardBatch.pack on numpy views (the engine's per-layer hot path slices rows in numpy):
+    hidden_raw [t, D * itemsize] uint8, weights [t, K] float32, local_ids [t, K] int32."""
+    t = hidden_raw.shape[0]
+    d = hidden_raw.shape[1] // dtype.itemsize
+    header = np.array([layer, t, local_ids.shape[1], d, _DTYPES.index(dtype)], dtype=np.int32)
+    parts = (header, local_ids.astype(np.int32, copy=False), weights.astype(np.float32, copy=False))
+    return b"".join([*(p.tobytes() for p in parts), hidden_raw.tobytes()])
 
 
 def unpack_result(msg: bytes, rows: int, hidden_size: int) -> torch.Tensor:

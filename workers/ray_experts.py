@@ -34,9 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import ray
 import torch
-from moeray.workers.expert_shard import ExpertShard, ShardBatch, unpack_result
+from moeray.workers.expert_shard import ExpertShard, pack_batch, raw_rows, unpack_result
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError
 
 log = logging.getLogger(__name__)
@@ -171,33 +172,34 @@ class CompiledTransport:
 # ---- routing ----------------------------------------------------------------------------------
 @dataclass
 class LayerRoute:
-    """Where one MoE layer's experts live, as tensors for the dispatch.
+    """Where one MoE layer's experts live, as numpy tables for the dispatch (numpy, not torch:
+    on a few dozen ids a numpy op costs ~1 us, a torch op ~5-10 us, and this runs per layer).
 
     fixed_owner [E] int64: the shard index of an expert with one replica, -1 if replicated;
     replicated: (expert, shard indices) for the others; slots [S, E] int32: an expert's row in
     shard s's table for this layer, -1 where s does not hold it.
     """
 
-    fixed_owner: torch.Tensor
+    fixed_owner: np.ndarray
     replicated: list[tuple[int, list[int]]]
-    slots: torch.Tensor
+    slots: np.ndarray
 
-    def owners(self, topk_ids: torch.Tensor, num_shards: int) -> torch.Tensor:
-        """[E] shard index serving each expert in this dispatch. A replicated expert's tokens all
-        go to its least-loaded replica (counting tokens already sent to each shard this layer)."""
+    def owners(self, topk_ids: np.ndarray, num_shards: int) -> np.ndarray:
+        """topk_ids [T, K] -> [E] shard index serving each expert in this dispatch. A replicated
+        expert's tokens all go to its least-loaded replica (counting tokens already sent to each
+        shard this layer), so an expert's rows stay one batch, as in-process."""
         if not self.replicated:
             return self.fixed_owner
         E = self.fixed_owner.shape[0]
-        counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=E)  # [E]
+        counts = np.bincount(topk_ids.reshape(-1), minlength=E)  # [E]
         fixed = self.fixed_owner >= 0
-        load = torch.zeros(num_shards, dtype=torch.int64)
-        load.index_add_(0, self.fixed_owner[fixed], counts[fixed])
-        owner = self.fixed_owner.clone()
-        cnt, ld = counts.tolist(), load.tolist()
+        load = np.bincount(self.fixed_owner[fixed], counts[fixed], minlength=num_shards).tolist()
+        owner = self.fixed_owner.copy()
+        cnt = counts.tolist()
         for e, reps in sorted(self.replicated, key=lambda r: -cnt[r[0]]):
-            s = min(reps, key=lambda r: ld[r])
+            s = min(reps, key=lambda r: load[r])
             owner[e] = s
-            ld[s] += cnt[e]
+            load[s] += cnt[e]
         return owner
 
 
@@ -215,8 +217,8 @@ def build_routes(
     routes: dict[int, LayerRoute] = {}
     for li, layer in enumerate(moe_layers):
         E = len(mapping[li])
-        fixed = torch.full((E,), -1, dtype=torch.int64)
-        slots = torch.full((len(replica_ids), E), -1, dtype=torch.int32)
+        fixed = np.full(E, -1, dtype=np.int64)
+        slots = np.full((len(replica_ids), E), -1, dtype=np.int32)
         replicated = []
         for e, reps in enumerate(mapping[li]):
             shards = sorted(index[int(r)] for r in reps)
@@ -352,37 +354,39 @@ class RayExperts:
 
     def _dispatch(
         self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-    ) -> tuple[list[torch.Tensor | None], list[bytes]]:
-        """Per shard: the rows it serves (None = all) and its packed message."""
+    ) -> tuple[list[np.ndarray | None], list[bytes]]:
+        """Per shard: the rows it serves (None = all) and its packed message. Numpy throughout:
+        a few dozen rows make per-op overhead, not bytes, the cost."""
         route = self.routes[layer]
-        S = len(self.replica_ids)
-        ids = topk_ids.long()  # [T, K]
-        owner = route.owners(ids, S)[ids]  # [T, K] shard serving each (token, k)
-        rows_out: list[torch.Tensor | None] = []
+        ids = topk_ids.cpu().numpy()  # [T, K]
+        weights = topk_weights.cpu().float().numpy()  # [T, K]
+        raw = raw_rows(hidden.cpu())  # [T, D * itemsize] uint8 view
+        owner = route.owners(ids, len(self.replica_ids))[ids]  # [T, K] shard of each choice
+        rows_out: list[np.ndarray | None] = []
         msgs = []
-        for s in range(S):
+        for s, slots in enumerate(route.slots):
             mask = owner == s  # [T, K]
-            local = torch.where(mask, route.slots[s][ids], -1)  # [T, K] int32
-            hit = mask.any(dim=1)  # [T]
-            if bool(hit.all()):
-                rows, batch = None, ShardBatch(layer, hidden, topk_weights, local)
+            local = np.where(mask, slots[ids], -1)  # [T, K] int32
+            hit = mask.any(axis=1)  # [T]
+            if hit.all():
+                rows_out.append(None)
+                msgs.append(pack_batch(layer, raw, hidden.dtype, weights, local))
             else:
-                rows = hit.nonzero().squeeze(1)  # [t]
-                batch = ShardBatch(layer, hidden[rows], topk_weights[rows], local[rows])
-            rows_out.append(rows)
-            msgs.append(batch.pack())
+                rows = np.flatnonzero(hit)  # [t]
+                rows_out.append(rows)
+                msgs.append(pack_batch(layer, raw[rows], hidden.dtype, weights[rows], local[rows]))
         return rows_out, msgs
 
     def _combine(
-        self, hidden: torch.Tensor, rows: list[torch.Tensor | None], replies: list[bytes]
+        self, hidden: torch.Tensor, rows: list[np.ndarray | None], replies: list[bytes]
     ) -> torch.Tensor:
         T, D = hidden.shape
         out = torch.zeros(T, D, dtype=torch.float32)  # fp32 sum of the shards' partials
         for r, reply in zip(rows, replies):
             if r is None:
                 out += unpack_result(reply, T, D)
-            elif r.numel():
-                out.index_add_(0, r, unpack_result(reply, r.numel(), D))
+            elif r.size:
+                out.index_add_(0, torch.from_numpy(r), unpack_result(reply, r.size, D))
         return out.to(device=hidden.device, dtype=hidden.dtype)
 
     # ---- failure ------------------------------------------------------------------------------

@@ -94,9 +94,12 @@ class Scheduler:
             out.num_new_tokens.append(n)
             kept.append(seq)
             budget -= n
-        kept.extend(candidates)  # running, but no budget left this step
-        keep = set(kept)
-        self.running = [s for s in self.running if s in keep]
+        if candidates:
+            # Out of budget: those left out go first next step, so no decode starves.
+            self.running = [*candidates, *kept]
+        else:
+            keep = set(kept)
+            self.running = [s for s in self.running if s in keep]
         if out.num_preempted == 0:
             budget = self._admit(budget, out)
         return out

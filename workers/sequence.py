@@ -36,6 +36,7 @@ class Sequence:
         "num_sent_chars",
         "num_sent_tokens",
         "params",
+        "prompt_token_ids",
         "request_id",
         "status",
         "stream",
@@ -51,6 +52,8 @@ class Sequence:
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
+        # Shared by every RequestOutput of the request (not copied per step): do not mutate.
+        self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
@@ -74,9 +77,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -24,6 +24,7 @@ import ray
 import torch
 from moeray.cluster.config import EngineConfig, ExpertsConfig
 from moeray.cluster.expert_parallel import ExpertParallel, apply_expert_parallel
+from moeray.cluster.placement import initial_placement
 from moeray.cluster.redis_server import RedisServer
 from moeray.cluster.state import ClusterState
 from moeray.workers.engine import LLMEngine
@@ -124,7 +125,7 @@ def test_sharded_greedy_equals_in_process(
             try:
                 assert generate(engine) == expected, f"{shards} shards x {replicas} replicas"
                 for route in ep.backend.routes.values():  # every expert on `replicas` shards
-                    held = (route.slots >= 0).sum(dim=0)  # [E] replicas per expert
+                    held = (route.slots >= 0).sum(axis=0)  # [E] replicas per expert
                     assert held.tolist() == [replicas] * len(held)
                 n = shards
                 assert wait_for(lambda: len(registered(state)) == n)  # noqa: B023
@@ -219,3 +220,32 @@ def test_llm_api_with_expert_shards_and_a_private_redis(
     assert ray.is_initialized()  # the module's Ray was not ours to stop
     with pytest.raises(ValueError, match="shards"):
         LLM(model=path, expert_shards=-1)
+
+
+def test_new_placement_epoch_is_swapped_in_between_steps(
+    ray_local: None, checkpoint: Callable[[str], Path], redis_url: str
+) -> None:
+    """An autoscaler only publishes a placement: the backend starts the new replica (shard 2),
+    reloads the shards whose experts changed, and the requests in flight keep their tokens."""
+    path = checkpoint("qwen3_moe")
+    engine = LLMEngine(path, ENGINE)
+    expected = in_process(engine)
+    state = ClusterState(redis_url)
+    ep = apply_expert_parallel(engine.model, str(path), ExpertsConfig(shards=2), state)
+    args = engine.model.args
+    wider = initial_placement(len(args.moe_layers), args.num_experts, num_shards=3, replicas=2)
+    published: list[int] = []
+    try:
+
+        def rebalance(step: int) -> None:
+            if step == 2:
+                published.append(state.publish_placement("default", wider).epoch)
+                assert ep.watcher is not None and ep.watcher.wait_for_epoch(published[0], 10)
+
+        assert generate(engine, rebalance) == expected
+        assert ep.backend.epoch == published[0]
+        assert ep.backend.replica_ids == [0, 1, 2]
+        assert wait_for(lambda: len(registered(state)) == 3)
+    finally:
+        ep.close()
+        state.close()

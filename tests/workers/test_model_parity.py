@@ -162,3 +162,37 @@ def test_set_expert_backend_swaps_every_moe_layer(tiny_checkpoint: Callable[...,
     after = moeray_prefill_logits(model, PROMPTS)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_single_sequence_decode_matches_transformers(
+    arch: str, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    """Batch-1 decode takes LocalExperts' one-token path and the unmasked attention path."""
+    path = tiny_checkpoint(arch)
+    model = load_model(path, progress=False)
+    hf = hf_model(path)
+    prompt = PROMPTS[2]
+    ours = greedy(model, [prompt], MAX_NEW)[0]
+    assert until_eos(ours, model.args.eos_token_ids) == hf_greedy(hf, prompt, MAX_NEW)
+
+
+def test_one_token_path_equals_fused_moe() -> None:
+    from moeray.kernels import fused_moe
+
+    torch.manual_seed(0)
+    E, D, F, K = 6, 16, 8, 3
+    w1, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
+    x = torch.randn(1, D)
+    weights = torch.rand(1, K)
+    ids = torch.tensor([[4, 0, 2]], dtype=torch.int32)
+    experts = LocalExperts({0: (w1, w2)})
+    torch.testing.assert_close(
+        experts.forward_layer(0, x, weights, ids),
+        fused_moe(x, w1, w2, weights, ids),
+        atol=0,
+        rtol=0,
+    )
+    shard = LocalExperts({0: (w1[[2, 4]], w2[[2, 4]])}, {0: [2, 4]}, num_experts=E)  # holds 2 of 6
+    partial = fused_moe(x, w1, w2, weights, torch.tensor([[4, -1, 2]], dtype=torch.int32))
+    torch.testing.assert_close(shard.forward_layer(0, x, weights, ids), partial, atol=0, rtol=0)

@@ -11,7 +11,7 @@ setup:
 	@bash .ci/setup dev
 
 demo: setup
-	$(VENV)/moeray demo
+	$(VENV)/moeray serve --demo
 
 lint:
 	$(VENV)/ruff check .

@@ -53,7 +53,7 @@ def hf_step(path: Path, batch: int, context: int) -> Callable[[], None]:
 
     def step() -> None:
         hf(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        cache.crop(context - 1)  # keep the context length fixed across repetitions
+        cache.crop(-1)  # drop the new token: keep the context length fixed across repetitions
 
     return step
 

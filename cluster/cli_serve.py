@@ -31,6 +31,11 @@ def register(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument(
+        "--exit-after-demo",
+        action="store_true",
+        help="with --demo: stop after the demo requests instead of serving until Ctrl-C",
+    )
     p.set_defaults(func=_serve)
 
     for name, helptext in (("chat", "chat with the server over gRPC"),
@@ -104,12 +109,45 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"moeray is serving {', '.join(t.name for t in config.tiers)}\n"
               f"  gRPC   {ends['grpc']}  (moeray.v1.Inference, grpc.health.v1.Health, reflection)\n"
               f"  HTTP   {ends['http']}  (OpenAI API; /health, /metrics)\n"
-              f"  redis  {ends['redis']}\nCtrl-C to stop.", flush=True)  # fmt: skip
+              f"  redis  {ends['redis']}", flush=True)  # fmt: skip
+        if args.demo:
+            _demo_requests(ends["grpc"])
+            if args.exit_after_demo:
+                return 0
+        print("Ctrl-C to stop.", flush=True)
         stop.wait()
     finally:
         print("shutting down ...", flush=True)
         stack.close()
     return 0
+
+
+DEMO_PROMPTS = (
+    "Hi! How are you today?",
+    "Prove step by step that the sum of two even integers is even, then compute 17 * 23.",
+)
+
+
+def _demo_requests(grpc_target: str) -> None:
+    """Sends the demo prompts through the front door (gRPC, tier "auto") and streams the answers,
+    showing which tier the query router chose and why. The demo models are random-weight
+    checkpoints, so the words are gibberish; the routing, streaming and usage are real."""
+    from moeray.router.client import MoerayClient
+
+    with MoerayClient(grpc_target, timeout=120) as client:
+        for prompt in DEMO_PROMPTS:
+            print(f"\n>>> {prompt}", flush=True)
+            usage = None
+            for delta in client.generate(prompt, max_tokens=24, temperature=0.0):
+                if delta.route is not None:
+                    print(f"[routed to {delta.route.tier}: {delta.route.reason}]", flush=True)
+                print(delta.text, end="", flush=True)
+                usage = delta.usage
+            if usage is not None:
+                print(
+                    f"\n[{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens]"
+                )
+    print(flush=True)
 
 
 # ---- chat / route ----------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def initial_placement(
         num_layers=num_layers, num_experts=num_experts, num_shards=num_shards, replicas=replicas
     )
     layer = _initial_layer(num_experts, num_shards, min(replicas, num_shards))
-    return Placement(0, num_layers, num_experts, [layer] * num_layers)
+    return Placement.from_lists([layer] * num_layers, epoch=0)
 
 
 def shard_loads(
@@ -225,7 +225,7 @@ def plan_rebalance(
         best = min(scores)
         tol = 1e-9 * max(1.0, best)
         layers.append(next(c for c, sc in zip(candidates, scores) if sc <= best + tol))
-    return Placement(current.epoch, current.num_layers, num_experts, layers)
+    return Placement.from_lists(layers, epoch=current.epoch)
 
 
 def _outstanding_of(outstanding: Mapping[int, float] | Sequence[float] | None, r: int) -> float:

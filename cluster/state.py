@@ -263,7 +263,7 @@ class ClusterState:
         fields = {**info.to_fields(), "heartbeat_ms": str(int(time.time() * 1000))}
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(key)
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's key type is invariant
         pipe.pexpire(key, ttl_ms)
         pipe.sadd(self.key("replicas", model), info.replica_id)
         pipe.execute()

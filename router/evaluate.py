@@ -1,11 +1,14 @@
 """Held-out accuracy of the routing policies on a labeled JSONL; prints one JSON object.
 
     python -m moeray.router.evaluate [--data router/data/default_routing.jsonl] [--no-classifier]
+    python -m moeray.router.evaluate --test-data router/data/fresh_routing.jsonl
 
 The feature policy is scored with its shipped weights (router/data/feature_weights.json, fitted
 on the train split only); the embedding classifier is trained on the train split here and scored
 on the test split (skipped, and said so, when the `router-classifier` extra is missing). Also
 reports the threshold that would send 30 % / 50 % of the held-out traffic to the reasoning tier.
+--test-data scores every row of another file (router/data/fresh_routing.jsonl: 40 requests
+written after the features were frozen) with the models fitted on --data's train split.
 """
 
 from __future__ import annotations
@@ -67,14 +70,21 @@ def evaluate_classifier(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH)
+    parser.add_argument(
+        "--test-data", type=Path, default=None, help="score every row of this file instead"
+    )
     parser.add_argument("--no-classifier", action="store_true")
     args = parser.parse_args(argv)
     train = load_labeled_jsonl(args.data, split="train")
-    test = load_labeled_jsonl(args.data, split="test")
+    if args.test_data is not None:
+        test = load_labeled_jsonl(args.test_data)
+    else:
+        test = load_labeled_jsonl(args.data, split="test")
     if not test:
         raise SystemExit(f'{args.data} has no examples with "split": "test"')
     out: dict[str, Any] = {
         "data": str(args.data),
+        "test_data": str(args.test_data or args.data),
         "train": len(train),
         "test": len(test),
         "features": evaluate_features(test),

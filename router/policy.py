@@ -96,6 +96,7 @@ _DIGIT_OP = re.compile(r"\d ?[-+*/^<>] ?[\d(]")
 _SYMBOL_CHARS = "=^≤≥∑∫√π"
 _VARIABLES = frozenset("xyzn")
 _CODE_MARKS = ("```", "o(n", "o(log", "()", "{")
+_CODE_INDEX = list(_LEXICON).index("code")
 
 Lexicon = tuple[dict[str, list[tuple[int, tuple[str, ...]]]], tuple[tuple[str, int], ...]]
 
@@ -181,6 +182,7 @@ def _saturating(count: int) -> float:
 
 
 def scan_view(text: str) -> str:
+    """The head and tail of a long text (SCAN_CHARS each), where the ask usually sits."""
     if len(text) <= 2 * SCAN_CHARS:
         return text
     return text[:SCAN_CHARS] + "\n" + text[-SCAN_CHARS:]
@@ -195,12 +197,13 @@ def extract_features(request: RouteInput) -> tuple[float, ...]:
     ask = scan_view(request.last_user_text())
     low = ask.lower()
     words = _TOKEN.findall(low)
-    n_words = len(words) if len(whole) == len(ask) else len(whole) // 6  # ~6 chars a word
+    # words of the ask; for a chat or a clipped document, ~6 characters a word of the whole
+    n_words = len(words) if len(whole) == len(ask) else len(whole) // 6
     user_turns = sum(1 for m in request.messages or () if m.role == "user")
     symbols = sum(low.count(c) for c in _SYMBOL_CHARS) + len(_DIGIT_OP.findall(low))
     symbols += sum(1 for w in words if w in _VARIABLES)
     cues = _count_cues(words)
-    cues[1] += sum(low.count(m) for m in _CODE_MARKS)  # "code"
+    cues[_CODE_INDEX] += sum(low.count(m) for m in _CODE_MARKS)
     return (
         min(math.log1p(n_words) / math.log(200.0), 1.5),  # length: 1.0 at 200 words
         min(max(user_turns - 1, 0) / 4.0, 1.0),  # depth: follow-ups of a conversation

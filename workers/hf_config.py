@@ -129,10 +129,13 @@ def _rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | Non
     )
     for key in needed:
         _require(params, key, f"{source} rope_parameters")
-    params["rope_type"] = rope_type
-    # HF's llama3 default for the pretraining length is max_position_embeddings.
-    params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-    return theta, params
+    scaling: dict[str, Any] = {"rope_type": rope_type, **{k: float(params[k]) for k in needed}}
+    if rope_type == "llama3":  # HF's default pretraining length is max_position_embeddings
+        original = params.get("original_max_position_embeddings") or cfg.get(
+            "max_position_embeddings"
+        )
+        scaling["original_max_position_embeddings"] = original
+    return theta, scaling
 
 
 def _sparse_layers(cfg: dict[str, Any], num_layers: int, family: str) -> list[int]:

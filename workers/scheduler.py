@@ -52,7 +52,8 @@ class Scheduler:
         prefill_chunk_size: int,
     ) -> None:
         self.block_manager = block_manager
-        self.max_num_seqs = max_num_seqs
+        # Every running sequence must be able to decode in every step, or some would starve.
+        self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk_size = prefill_chunk_size
         self.waiting: deque[Sequence] = deque()

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from moeray.workers.checkpoint import CheckpointError, load_expert_weights
-from moeray.workers.hf_config import read_model_args
+from moeray.workers.hf_config import parse_config, read_model_args
 from moeray.workers.loader import load_model
+from moeray.workers.moe import LocalExperts
 from safetensors.torch import load_file, save_file
 
 from tests.checkpoints import tiny_config
@@ -124,7 +125,7 @@ def edit_config(path: Path, **changes: object) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def rewrite_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+def rewrite_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
     tensors = load_file(path / "model.safetensors")
     edit(tensors)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -235,3 +236,34 @@ def test_unsupported_rope_type_is_named(
 def test_tiny_config_knows_every_arch() -> None:
     with pytest.raises(ValueError, match="arch"):
         tiny_config("gpt2")
+
+
+def test_model_with_given_backend_skips_experts(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    """load_model(expert_backend=...) never reads routed experts: a backend built from
+    load_expert_weights serves a checkpoint whose expert tensors are gone, with equal logits."""
+    full = tiny_checkpoint("qwen2_moe")
+    args = read_model_args(full)
+    everything = list(range(args.num_experts))
+    backend = LocalExperts(
+        {layer: load_expert_weights(full, layer, everything) for layer in args.moe_layers}
+    )
+    stripped = copy_checkpoint(full, tmp_path / "no-experts")
+    rewrite_tensors(stripped, lambda t: [t.pop(n) for n in list(t) if ".mlp.experts." in n])
+    model = load_model(stripped, expert_backend=backend, progress=False)
+    ours = PagedDriver(model, len(PROMPTS), 16).step(PROMPTS)
+    torch.testing.assert_close(ours, logits(full), atol=0, rtol=0)
+
+
+def test_legacy_config_fields_parse_like_new_ones(tiny_checkpoint: Callable[..., Path]) -> None:
+    """transformers 4.x wrote rope_theta/rope_scaling/torch_dtype at the top level."""
+    cfg = json.loads((tiny_checkpoint("llama") / "config.json").read_text())
+    legacy = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype")}
+    rope = dict(cfg["rope_parameters"])
+    legacy["rope_theta"] = rope.pop("rope_theta")
+    legacy["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+    legacy["torch_dtype"] = "bfloat16"
+    new, old = parse_config(cfg), parse_config(legacy)
+    assert old.dtype == torch.bfloat16 and new.dtype == torch.float32
+    assert (old.rope_theta, old.rope_scaling) == (new.rope_theta, new.rope_scaling)

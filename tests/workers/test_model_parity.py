@@ -7,8 +7,10 @@ blocks with a causal offset), and bf16 logits within a bf16 tolerance.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +25,8 @@ PROMPTS = [[5, 9, 33, 100, 7], [3, 44, 200], [11, 12, 13, 14, 15, 16, 17, 18, 19
 MAX_NEW = 12
 
 
-def hf_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+@functools.cache  # the oracle model of a checkpoint is read once per session
+def hf_model(path: Path, dtype: torch.dtype = torch.float32) -> Any:
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -45,9 +48,20 @@ def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> str:
     return f"{name}: max err {err.max().item():.3g}, mean err {err.mean().item():.3g}"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_logits_match_transformers(arch: str, tiny_checkpoint: Callable[..., Path]) -> None:
-    path = tiny_checkpoint(arch)
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}
+VARIANTS = [(arch, {}) for arch in ARCHS] + [
+    ("qwen3", {"rope_parameters": LINEAR_ROPE, "tie_word_embeddings": True}),
+    ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"), VARIANTS, ids=[f"{a}{'-variant' if o else ''}" for a, o in VARIANTS]
+)
+def test_prefill_logits_match_transformers(
+    arch: str, overrides: dict[str, Any], tiny_checkpoint: Callable[..., Path]
+) -> None:
+    path = tiny_checkpoint(arch, **overrides)
     ours = moeray_prefill_logits(load_model(path, progress=False), PROMPTS)
     hf = hf_model(path)
     for b, prompt in enumerate(PROMPTS):
@@ -57,7 +71,7 @@ def test_prefill_logits_match_transformers(arch: str, tiny_checkpoint: Callable[
         )
 
 
-def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new: int) -> list[int]:
+def hf_greedy(model: Any, prompt: list[int], max_new: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0

@@ -66,6 +66,18 @@ def test_decodes_first_then_prefill_chunks_fill_the_budget() -> None:
     check_invariants(sched, bm)
 
 
+def test_every_running_sequence_decodes_every_step() -> None:
+    """The running batch is capped at the token budget, so no decode is ever left out."""
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=2, prefill_chunk_size=2)
+    for i in range(3):
+        sched.add(make_seq(str(i), 1))
+    for _ in range(6):
+        served = advance(sched)
+        assert len(sched.running) <= 2
+        assert {s.request_id for s in served} == {s.request_id for s in sched.running}
+
+
 def test_max_num_seqs_limits_the_running_batch() -> None:
     bm = BlockManager(num_blocks=100, block_size=4)
     sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100, prefill_chunk_size=100)

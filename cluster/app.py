@@ -31,6 +31,18 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 #: Handle calls beyond the generation streams: stats, health checks, aborts.
 _CONTROL_SLACK = 32
+#: Serve writes one access-log line per request per process (proxy, router, engine): about
+#: 0.3 ms of CPU each on the 2-core dev machine, for lines the moeray metrics already cover.
+_LOGGING = {"enable_access_log": False}
+#: Latency settings for the replicas' processes (docs/SERVING.md, "Latency"). Serve's defaults
+#: run user code and the handle's router on event loops of their own threads; every streamed
+#: item then crosses two threads (and waits for the GIL) in the router replica and one in the
+#: engine replica. One loop per replica removes those hops; moeray's replica code never blocks
+#: its loop (the engine steps on its own thread).
+REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 
 
 def engine_deployment_name(tier: str) -> str:
@@ -46,11 +58,16 @@ def _engine(tier: TierConfig) -> Any:
     ongoing = tier.engine.max_num_seqs + tier.engine.max_queue + _CONTROL_SLACK
     deployment = serve.deployment(
         name=engine_deployment_name(tier.name),
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=_actor_options(),
         max_ongoing_requests=ongoing,
         health_check_period_s=10,
+        logging_config=_LOGGING,
     )(EngineServer)
     return deployment.bind(tier)
+
+
+def _actor_options() -> dict[str, Any]:
+    return {"num_cpus": 0, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
 
 
 def build_app(config: MoerayConfig) -> Any:
@@ -62,8 +79,9 @@ def build_app(config: MoerayConfig) -> Any:
     ongoing = len(config.tiers) * config.router.max_inflight_per_tier + _CONTROL_SLACK
     router = serve.deployment(
         name=ROUTER_DEPLOYMENT,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=_actor_options(),
         max_ongoing_requests=ongoing,
+        logging_config=_LOGGING,
     )(serve.ingress()(RouterIngress))
     return router.bind(config, engines)
 
@@ -108,7 +126,7 @@ class LocalStack:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
             self._ray_started = True
         http, grpc_opts = serve_options(self.config)
-        serve.start(http_options=http, grpc_options=grpc_opts)
+        serve.start(http_options=http, grpc_options=grpc_opts, logging_config=_LOGGING)
         serve.run(build_app(self.config), name=APP_NAME, route_prefix="/", blocking=False)
         self._wait_running(timeout_s)
         return self

@@ -53,7 +53,9 @@ class ExpertsConfig(_Strict):
     shards: int = Field(0, ge=0, description="expert-shard Ray actors; 0 = in-process experts")
     replicas: int = Field(1, ge=1, description="replicas of every expert at start")
     compiled_graph: bool = Field(
-        True, description="use Ray Compiled Graphs for the dispatch when available"
+        True,
+        description="fast dispatch: Unix sockets to shards on the engine's node, a Ray Compiled "
+        "Graph to shards elsewhere; false = plain Ray actor calls",
     )
     shard_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per shard actor")
     shard_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard actor")

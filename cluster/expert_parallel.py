@@ -137,11 +137,14 @@ def apply_expert_parallel(
     model_name: str = "default",
     dtype: str = "auto",
     load_push_every_steps: int = 16,
+    transport: str | None = None,
 ) -> ExpertParallel:
     """Serves `model`'s routed experts from `config.shards` Ray actors (Ray must be initialised).
 
     With a ClusterState, the placement is published and watched, loads are reported and the
-    replicas registered; without one, the placement is fixed. Returns the handle to close."""
+    replicas registered; without one, the placement is fixed. `transport` overrides the
+    config's choice (compiled_graph=True: "auto", i.e. sockets on one node, a compiled graph
+    across nodes; False: "plain"). Returns the handle to close."""
     if config.shards < 1:
         raise ValueError("experts.shards must be >= 1 to apply expert parallelism")
     a = model.args
@@ -165,7 +168,7 @@ def apply_expert_parallel(
         list(a.moe_layers),
         num_cpus=config.shard_num_cpus,
         num_gpus=config.shard_num_gpus,
-        compiled_graph=config.compiled_graph,
+        transport=transport or ("auto" if config.compiled_graph else "plain"),
         **hooks,
     )
     ep = ExpertParallel(backend, watcher, reporter, registry)

@@ -62,6 +62,7 @@ class RouterIngress:
     """
 
     def __init__(self, config: MoerayConfig, engines: Mapping[str, Any]) -> None:
+        import os as _o, sys as _s; _s.setswitchinterval(float(_o.environ.get('FD2_SWITCH', '0.005')))  # FD2-EXPERIMENT
         state = None
         if config.state.redis_url:
             from moeray.cluster.state import ClusterState

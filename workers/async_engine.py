@@ -167,7 +167,7 @@ class AsyncLLMEngine:
             if kind == "add":
                 try:
                     self.engine.add_request(rid, ids, params, stream=True)
-                except ValueError as e:
+                except Exception as e:  # reaches the caller's stream; the loop carries on
                     self._deliver_error(rid, e)
                 with self._lock:  # after the add: counted twice for a moment, never zero times
                     self._pending_adds -= 1

@@ -90,6 +90,15 @@ def write_kv(
     v_cache.view(-1, G, Dh).index_copy_(0, slots, v)
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [N, S, G, Dh], slots [...] flat slot ids -> [..., G, Dh].
+    index_select on [N*S, G*Dh] rows is a plain row copy, ~3x faster on CPU than advanced
+    indexing with the same ids."""
+    G, Dh = cache.shape[2], cache.shape[3]
+    rows = cache.view(-1, G * Dh).index_select(0, slots.reshape(-1))  # [numel(slots), G*Dh]
+    return rows.view(*slots.shape, G, Dh)
+
+
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: _StepMeta, scale: float
 ) -> torch.Tensor:
@@ -97,8 +106,8 @@ def _decode(
     B, H, Dh = q.shape
     G = k_cache.shape[2]
     assert meta.decode_index is not None
-    keys = k_cache.view(-1, G, Dh)[meta.decode_index].transpose(1, 2)  # [B, G, Lmax, Dh]
-    values = v_cache.view(-1, G, Dh)[meta.decode_index].transpose(1, 2)  # [B, G, Lmax, Dh]
+    keys = _gather(k_cache, meta.decode_index).transpose(1, 2)  # [B, G, Lmax, Dh]
+    values = _gather(v_cache, meta.decode_index).transpose(1, 2)  # [B, G, Lmax, Dh]
     queries = q.view(B, G, H // G, Dh)  # the R heads of a kv group act as R query rows
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=meta.decode_mask, scale=scale
@@ -117,7 +126,7 @@ def _prefill(
     scale: float,
 ) -> torch.Tensor:
     """q [T, H, Dh], new k/v [T, G, Dh] -> [T, H, Dh]; one SDPA per sequence."""
-    G, Dh = k_cache.shape[2], k_cache.shape[3]
+    G = k_cache.shape[2]
     gqa = q.shape[1] != G
     out = torch.empty_like(q)
     starts = ctx.query_start_loc
@@ -126,8 +135,8 @@ def _prefill(
         if index is None:
             keys, values = k[s:e], v[s:e]  # [L_b, G, Dh]
         else:
-            keys = k_cache.view(-1, G, Dh)[index]  # [L_b, G, Dh]
-            values = v_cache.view(-1, G, Dh)[index]
+            keys = _gather(k_cache, index)  # [L_b, G, Dh]
+            values = _gather(v_cache, index)
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1),  # [H, q_len, Dh]
             keys.transpose(0, 1),  # [G, L_b, Dh]

@@ -40,6 +40,7 @@ class EngineServer:
 
     def __init__(self, tier: TierConfig) -> None:
         self.tier = tier
+        import sys as _s; _s.setswitchinterval(float(os.environ.get('FD2_SWITCH', '0.005')))  # FD2-EXPERIMENT
         self.engine = AsyncLLMEngine.from_pretrained(tier.model, tier.engine, dtype=tier.dtype)
         self.replica_id = _replica_id()
         self.node = socket.gethostname()

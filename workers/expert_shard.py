@@ -17,6 +17,11 @@ Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +95,30 @@ def pack_batch(
     return b"".join([*(p.tobytes() for p in parts), hidden_raw.tobytes()])
 
 
+_FRAME = struct.Struct("<Q")  # socket transport: every message is a length-prefixed frame
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(_FRAME.pack(len(payload)) + payload)
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    """One frame's payload; ConnectionError if the peer closed (e.g. the shard died)."""
+    (n,) = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    return _recv_exact(sock, n)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("expert shard socket closed")
+        got += k
+    return bytes(buf)
+
+
 def unpack_result(msg: bytes, rows: int, hidden_size: int) -> torch.Tensor:
     """A shard's reply -> float32 [rows, D] (a view of a private copy)."""
     return torch.frombuffer(bytearray(msg), dtype=torch.float32).view(rows, hidden_size)
@@ -131,6 +160,35 @@ class ExpertShard:
     def ready(self) -> dict[int, list[int]]:
         """Plain actor call used to wait for loading (and to probe liveness): the assignment."""
         return self.assignment
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the socket transport needs the engine's node)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    def serve_socket(self, path: str) -> str:
+        """Serves `run` on a Unix socket at `path` from a daemon thread, for one connection:
+        receives packed ShardBatch frames, answers each with its result frame, and stops when
+        the engine closes the connection. Returns once listening. (Plain calls keep working.)"""
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        threading.Thread(target=self._serve, args=(srv, path), daemon=True).start()
+        return path
+
+    def _serve(self, srv: socket.socket, path: str) -> None:
+        try:
+            conn, _ = srv.accept()
+            with conn:
+                while True:
+                    send_frame(conn, self.run(recv_frame(conn)))
+        except OSError:  # the engine closed the connection (or went away): this loop is done
+            pass
+        finally:
+            srv.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def run(self, msg: bytes) -> bytes:
         """Receives a packed ShardBatch, returns float32 [t, D] bytes (weighted, summed over K).

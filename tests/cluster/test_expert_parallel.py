@@ -55,6 +55,9 @@ def single_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
+    if ray.is_initialized():  # another module's instance: share it, leave it to its owner
+        yield
+        return
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     yield
     ray.shutdown()
@@ -138,16 +141,16 @@ def test_sharded_greedy_equals_in_process(
         state.close()
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-graph", "plain-calls"])
+@pytest.mark.parametrize("transport", ["socket", "compiled", "plain"])
 def test_shard_killed_mid_batch_requests_finish_identically(
-    compiled: bool, ray_local: None, checkpoint: Callable[[str], Path], redis_url: str
+    transport: str, ray_local: None, checkpoint: Callable[[str], Path], redis_url: str
 ) -> None:
     path = checkpoint("qwen2_moe")
     engine = LLMEngine(path, ENGINE)
     expected = in_process(engine)
     state = ClusterState(redis_url)
     ep = apply_expert_parallel(
-        engine.model, str(path), ExpertsConfig(shards=3, compiled_graph=compiled), state
+        engine.model, str(path), ExpertsConfig(shards=3), state, transport=transport
     )
     try:
         assert wait_for(lambda: len(registered(state)) == 3)

@@ -253,7 +253,8 @@ def test_model_with_given_backend_skips_experts(
     rewrite_tensors(stripped, lambda t: [t.pop(n) for n in list(t) if ".mlp.experts." in n])
     model = load_model(stripped, expert_backend=backend, progress=False)
     ours = PagedDriver(model, len(PROMPTS), 16).step(PROMPTS)
-    torch.testing.assert_close(ours, logits(full), atol=0, rtol=0)
+    # the loader keeps its own experts column-major on CPU: same math, other summation order
+    torch.testing.assert_close(ours, logits(full), atol=1e-5, rtol=1e-5)
 
 
 def test_legacy_config_fields_parse_like_new_ones(tiny_checkpoint: Callable[..., Path]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from moeray.cluster.config import EngineConfig
 from moeray.workers import LLM, FinishReason, SamplingParams
 from moeray.workers.engine import LLMEngine
 
@@ -170,7 +171,7 @@ def test_bad_input_raises_value_errors_naming_the_field(checkpoint: Callable[...
 
 def test_abort_frees_blocks_and_streaming_deltas_add_up(checkpoint: Callable[..., Path]) -> None:
     path = checkpoint("olmoe")
-    engine = LLMEngine(path, LLM(model=path).engine.config)
+    engine = LLMEngine(path, EngineConfig(block_size=4))
     total = engine.block_manager.num_blocks
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     for i, p in enumerate(PROMPTS):

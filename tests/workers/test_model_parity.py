@@ -49,7 +49,7 @@ def report(name: str, ours: torch.Tensor, ref: torch.Tensor) -> str:
 
 
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}
-VARIANTS = [(arch, {}) for arch in ARCHS] + [
+VARIANTS: list[tuple[str, dict[str, Any]]] = [(arch, {}) for arch in ARCHS] + [
     ("qwen3", {"rope_parameters": LINEAR_ROPE, "tie_word_embeddings": True}),
     ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
 ]

@@ -1,11 +1,19 @@
-"""Front-door overhead: end-to-end latency through Serve minus the engine's own time.
+"""Front-door overhead: per request, end-to-end latency through Serve minus the engine's own time.
 
 Runs the moeray app (LocalStack) on one tiny demo checkpoint and sends N sequential one-token
-requests (max_tokens=1, greedy) over gRPC and over OpenAI HTTP; then runs the same requests on an
-in-process AsyncLLMEngine (no Ray, no network). overhead = e2e - engine at p50 and p99. Also
-times the routing decision (QueryRouter.decide) alone. Prints one JSON object per line.
+requests (max_tokens=1, greedy) over gRPC and over OpenAI HTTP (non-streamed). The engine
+deployment reports its own time for each request (entry of `EngineServer.generate` to the last
+delta): gRPC in the trailing metadata `moeray-engine-time-ms`, HTTP in the header
+`x-moeray-engine-time-ms`. overhead = e2e - engine time of the SAME request; its p50 / p99 are
+reported (not p50(e2e) - p50(engine), which mixes two distributions). Also times an in-process
+AsyncLLMEngine (no Ray, no network) and the routing decision (QueryRouter.decide) alone.
+
+`--compare` runs the app twice per round, with Serve's default replica settings and with
+moeray's (cluster/app.py REPLICA_ENV), alternating, so both see the same machine load.
+Prints one JSON object per line.
 
     python bench/frontdoor.py --requests 200
+    python bench/frontdoor.py --requests 200 --compare --rounds 2
 """
 
 from __future__ import annotations
@@ -13,17 +21,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+from moeray.cluster import app as app_module
 from moeray.cluster.app import LocalStack
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
+from moeray.router.http_app import ENGINE_TIME_HEADER
+from moeray.router.ingress import ENGINE_TIME_KEY
 from moeray.router.messages import RouteInput
 from moeray.router.policy import QueryRouter
 from moeray.v1 import inference_pb2 as pb
@@ -32,6 +45,9 @@ from moeray.workers.async_engine import AsyncLLMEngine
 from moeray.workers.io_struct import SamplingParams
 
 PROMPT = "Summarize the plot of Hamlet in one sentence."
+WARMUP = 10
+#: (e2e ms, engine ms) of one request.
+Sample = tuple[float, float]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -45,32 +61,37 @@ def summary(name: str, ms: list[float], **extra: object) -> dict[str, object]:
             **extra}  # fmt: skip
 
 
-def grpc_latencies(address: str, n: int) -> list[float]:
+def grpc_samples(address: str, n: int) -> list[Sample]:
     req = pb.GenerateRequest(prompt=PROMPT, tier="fast",
                              sampling=pb.SamplingParams(max_tokens=1, temperature=0))  # fmt: skip
     out = []
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.InferenceStub(ch)
-        for i in range(n + 10):
+        for i in range(n + WARMUP):
             t = time.perf_counter()
-            list(stub.Generate(req, timeout=60))
-            if i >= 10:  # warm-up
-                out.append((time.perf_counter() - t) * 1e3)
+            call = stub.Generate(req, timeout=60)
+            for _ in call:
+                pass
+            e2e = (time.perf_counter() - t) * 1e3
+            if i >= WARMUP:
+                out.append((e2e, float(dict(call.trailing_metadata())[ENGINE_TIME_KEY])))
     return out
 
 
-def http_latencies(base: str, n: int) -> list[float]:
+def http_samples(base: str, n: int) -> list[Sample]:
     import urllib.request
 
     body = json.dumps({"model": "fast", "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
     out = []
-    for i in range(n + 10):
+    for i in range(n + WARMUP):
         req = urllib.request.Request(base + "/completions", data=body.encode(),
                                      headers={"content-type": "application/json"})  # fmt: skip
         t = time.perf_counter()
-        urllib.request.urlopen(req, timeout=60).read()
-        if i >= 10:
-            out.append((time.perf_counter() - t) * 1e3)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+            engine_ms = float(r.headers[ENGINE_TIME_HEADER])
+        if i >= WARMUP:
+            out.append(((time.perf_counter() - t) * 1e3, engine_ms))
     return out
 
 
@@ -79,11 +100,11 @@ async def engine_latencies(path: Path, n: int) -> list[float]:
     params = SamplingParams(max_tokens=1, temperature=0)
     out = []
     try:
-        for i in range(n + 10):
+        for i in range(n + WARMUP):
             t = time.perf_counter()
             async for _ in engine.generate(f"r{i}", PROMPT, params):
                 pass
-            if i >= 10:
+            if i >= WARMUP:
                 out.append((time.perf_counter() - t) * 1e3)
     finally:
         engine.shutdown()
@@ -101,11 +122,35 @@ def decision_latencies(config: MoerayConfig, n: int) -> list[float]:
     return out
 
 
+def transport_rows(name: str, samples: list[Sample], **extra: object) -> list[dict[str, object]]:
+    """e2e, engine and per-request overhead (e2e - engine of the same request) summaries."""
+    e2e = [s[0] for s in samples]
+    engine = [s[1] for s in samples]
+    overhead = [s[0] - s[1] for s in samples]
+    return [summary(f"{name}_e2e_1_token", e2e, **extra),
+            summary(f"{name}_engine_in_replica", engine, **extra),
+            summary(f"{name}_overhead", overhead, **extra)]  # fmt: skip
+
+
+def run_stack(config: MoerayConfig, n: int, replica_env: dict[str, str]) -> dict[str, list[Sample]]:
+    """Serves the app with the given replica environment and samples both transports."""
+    app_module.REPLICA_ENV = replica_env
+    with LocalStack(config, num_cpus=2) as stack:
+        ends = stack.endpoints()
+        return {"grpc": grpc_samples(ends["grpc"], n), "http": http_samples(ends["http"], n)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--compare", action="store_true", help="Serve defaults vs moeray settings")
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
-    machine = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%F")}
+    machine: dict[str, Any] = {"machine": platform.processor() or platform.machine(),
+                               "date": time.strftime("%F")}  # fmt: skip
+    tuned = dict(app_module.REPLICA_ENV)
+    variants = {"serve_defaults": {}, "moeray": tuned} if args.compare else {"moeray": tuned}
+    rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = build_demo_checkpoint(Path(tmp) / "tiny", preset="tiny")
         config = MoerayConfig(
@@ -113,20 +158,15 @@ def main() -> None:
             serve={"grpc_port": free_port(), "http_port": free_port()},
         )
         engine = asyncio.run(engine_latencies(path, args.requests))
-        with LocalStack(config, num_cpus=2) as stack:
-            ends = stack.endpoints()
-            g = grpc_latencies(ends["grpc"], args.requests)
-            h = http_latencies(ends["http"], args.requests)
-    rows = [
-        summary("engine_only_1_token", engine, **machine),
-        summary("grpc_e2e_1_token", g, **machine),
-        summary("http_e2e_1_token", h, **machine),
-        {"bench": "grpc_overhead", "p50_ms": round(pct(g, 0.5) - pct(engine, 0.5), 3),
-         "p99_ms": round(pct(g, 0.99) - pct(engine, 0.99), 3), **machine},
-        {"bench": "http_overhead", "p50_ms": round(pct(h, 0.5) - pct(engine, 0.5), 3),
-         "p99_ms": round(pct(h, 0.99) - pct(engine, 0.99), 3), **machine},
-        summary("route_decision", decision_latencies(config, 2000), **machine),
-    ]  # fmt: skip
+        rows.append(summary("engine_only_in_process_1_token", engine, **machine))
+        for rnd in range(args.rounds):
+            for variant, env in variants.items():
+                load = round(os.getloadavg()[0], 1)
+                got = run_stack(config, args.requests, env)
+                extra = {"variant": variant, "round": rnd, "load_avg_1m": load, **machine}
+                for transport, samples in got.items():
+                    rows += transport_rows(transport, samples, **extra)
+        rows.append(summary("route_decision", decision_latencies(config, 2000), **machine))
     for row in rows:
         print(json.dumps(row), flush=True)
 

@@ -11,7 +11,7 @@ JSON is converted to the same dataclasses the gRPC path uses, with the same vali
 400 invalid_request_error, 429 rate_limit_exceeded, 500 server_error. A stream is opened only
 after the engine accepted the request, so refusals always get a status code.
 The route decision is returned in the headers x-moeray-tier, x-moeray-route-score and
-x-moeray-route-fallback.
+x-moeray-route-fallback; non-streamed responses also carry x-moeray-engine-time-ms.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 #: default for chat (OpenAI's is "up to the context", which a CPU demo would take minutes for).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_CHAT_MAX_TOKENS = 256
+#: Non-streamed responses: the engine's own time for the request (ms), for per-request overhead.
+ENGINE_TIME_HEADER = "x-moeray-engine-time-ms"
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop"}
 
 
@@ -289,7 +291,9 @@ async def _complete(
         parts.append(out.delta_text)
     body = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=False)
     body.update(choices=[_choice(kind, "".join(parts), _finish(out), False)], usage=_usage(out))
-    return JSONResponse(body, headers=_route_headers(decision, out.request_id))
+    headers = _route_headers(decision, out.request_id)
+    headers[ENGINE_TIME_HEADER] = f"{out.engine_time_s * 1e3:.3f}"
+    return JSONResponse(body, headers=headers)
 
 
 # ---- the app ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NoReturn
 
@@ -28,10 +29,16 @@ from moeray.router import convert
 from moeray.router.convert import RequestError
 from moeray.router.service import InferenceService, Overloaded, TierSnapshot
 from moeray.v1 import inference_pb2 as pb
+from moeray.workers.io_struct import RequestOutput
 
 log = logging.getLogger(__name__)
 
 HEALTH_WATCH_POLL_S = 1.0
+#: Trailing metadata of Generate: the engine's own time for the request, in ms, so clients and
+#: bench/frontdoor.py can compute the front door's overhead per request.
+ENGINE_TIME_KEY = "moeray-engine-time-ms"
+#: See workers/engine_deployment.py: a short GIL switch interval shortens thread hand-offs.
+GIL_SWITCH_INTERVAL_S = 2e-4
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -62,7 +69,7 @@ class RouterIngress:
     """
 
     def __init__(self, config: MoerayConfig, engines: Mapping[str, Any]) -> None:
-        import os as _o, sys as _s; _s.setswitchinterval(float(_o.environ.get('FD2_SWITCH', '0.005')))  # FD2-EXPERIMENT
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         state = None
         if config.state.redis_url:
             from moeray.cluster.state import ClusterState
@@ -86,6 +93,8 @@ class RouterIngress:
             call = convert.generate_call_from_proto(request, self.service.limits)
             first = True
             async for decision, out in self.service.generate(call, "grpc"):
+                if out.finished and grpc_context is not None:  # rides with the last message
+                    grpc_context.set_trailing_metadata([(ENGINE_TIME_KEY, _ms(out))])
                 yield convert.output_to_proto(out, decision.tier, decision if first else None)
                 first = False
         except Exception as e:  # mapped to a status code with one sentence, never a traceback
@@ -159,6 +168,10 @@ class RouterIngress:
                 name: health_pb2.HealthCheckResponse(status=status) for name in ("", SERVICE_NAME)
             }
         )
+
+
+def _ms(out: RequestOutput) -> str:
+    return f"{out.engine_time_s * 1e3:.3f}"
 
 
 def _tier_status(s: TierSnapshot) -> pb.TierStatus:

@@ -82,6 +82,8 @@ class InferenceService:
     ) -> None:
         self.config = config
         self.engines = dict(engines)
+        # One streaming view per tier, made once: handle.options() copies the handle per call.
+        self._streams = {tier: h.options(stream=True) for tier, h in self.engines.items()}
         self.state = state
         self.metrics = metrics or FrontDoorMetrics()
         self.limits = RequestLimits.from_config(config)
@@ -123,12 +125,8 @@ class InferenceService:
         self._enter(call.request_id, tier)
         outcome, start = "error", time.perf_counter()
         try:
-            response = (
-                self.engines[tier]
-                .options(stream=True)
-                .generate.remote(  # 3
-                    call.request_id, call.input.engine_input(), call.sampling
-                )
+            response = self._streams[tier].generate.remote(  # 3
+                call.request_id, call.input.engine_input(), call.sampling
             )
             running = self._running[call.request_id]
             running.response = response

@@ -10,7 +10,9 @@ the routing weights [t, K] float32 and the hidden rows [t, D] in the model's dty
 the raw float32 bytes of [t, D]: the shard's routed output for those rows, already weighted and
 summed over the experts this shard served. Measured on the 2-core dev machine, Ray compiled-graph
 channels move one `bytes` object 3x faster than the same data as numpy arrays (Ray's numpy
-serializer dominates), and torch tensors are slower still, so nothing but bytes crosses.
+serializer dominates), and torch tensors are slower still, so nothing but bytes crosses. The
+same bytes travel over any transport: a Ray call (`run`), a compiled-graph channel, or a Unix
+socket served by the actor itself (`serve_socket`, length-prefixed frames).
 
 Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard).
 """

@@ -111,6 +111,9 @@ class RequestOutput:
     delta_text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage = field(default_factory=Usage)
+    #: Seconds the engine deployment spent on the request (entry to last delta), set on the
+    #: last message only; the front door reports it so overhead is measured per request.
+    engine_time_s: float = 0.0
 
     @property
     def finished(self) -> bool:

@@ -29,6 +29,7 @@ Shape letters: docs/SHAPES.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -195,16 +196,19 @@ class SocketTransport:
 
     def __init__(self, handles: list[Any]) -> None:
         self.socks: list[socket.socket] = []
+        self.paths: list[str] = []
         tag = f"{os.getpid()}-{time.time_ns() % 10**9}"
         try:
             for j, h in enumerate(handles):
                 # AF_UNIX paths are limited to ~107 bytes: keep it short, in the temp dir
                 path = os.path.join(tempfile.gettempdir(), f"moeray-{tag}-{j}.sock")
+                self.paths.append(path)
                 ray.get(h.serve_socket.remote(path), timeout=DISPATCH_TIMEOUT_S)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(DISPATCH_TIMEOUT_S)
                 sock.connect(path)
                 self.socks.append(sock)
+                os.unlink(path)  # connected: the name is no longer needed, and cannot leak
         except BaseException:
             self.close()
             raise
@@ -217,7 +221,10 @@ class SocketTransport:
     def close(self) -> None:
         for sock in self.socks:
             sock.close()  # the shard's serving thread sees EOF and exits
-        self.socks = []
+        for path in self.paths:  # a killed shard never removed its own
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.socks, self.paths = [], []
 
 
 Transport = PlainTransport | CompiledTransport | SocketTransport

@@ -252,3 +252,18 @@ def test_new_placement_epoch_is_swapped_in_between_steps(
     finally:
         ep.close()
         state.close()
+
+
+def test_cli_expert_shards_flag(
+    ray_local: None, checkpoint: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from moeray.cluster.cli import main
+
+    argv = ["generate", "--model", str(checkpoint("mixtral")), "--prompt-token-ids", "5,17,99"]
+    argv += ["--max-tokens", "6", "--ignore-eos", "--output", "json", "--num-kv-blocks", "32"]
+    assert main(argv) == 0
+    expected = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*argv, "--expert-shards", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected

@@ -135,7 +135,12 @@ def test_grpc_stream_equals_offline_llm(stub: pb_grpc.InferenceStub, fast_llm: L
         prompt="The capital of France", tier="fast",
         sampling=pb.SamplingParams(max_tokens=12, temperature=0),
     )  # fmt: skip
-    msgs = list(stub.Generate(req, timeout=60))
+    start = time.perf_counter()
+    call = stub.Generate(req, timeout=60)
+    msgs = list(call)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    engine_ms = float(dict(call.trailing_metadata())["moeray-engine-time-ms"])
+    assert 0 < engine_ms < elapsed_ms  # the engine's own time, for per-request overhead
     oracle = _greedy(fast_llm, "The capital of France", 12)
     assert "".join(m.text for m in msgs) == oracle.text
     assert [t for m in msgs for t in m.token_ids] == oracle.token_ids
@@ -190,6 +195,16 @@ def test_openai_completion_and_chat_equal_offline(client: openai.OpenAI, fast_ll
         temperature=0,  # type: ignore[arg-type]
     )
     assert unary.choices[0].message.content == oracle.text
+
+
+def test_http_engine_time_header(stack: LocalStack) -> None:
+    body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
+    start = time.perf_counter()
+    status, headers, _ = _http(
+        stack.endpoints()["http"] + "/completions", json.dumps(body).encode()
+    )
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    assert status == 200 and 0 < float(headers["x-moeray-engine-time-ms"]) < elapsed_ms
 
 
 def test_sse_ends_with_done_and_route_headers(stack: LocalStack) -> None:

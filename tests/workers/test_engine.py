@@ -64,7 +64,8 @@ def test_continuous_batching_with_chunks_and_preemption_equals_alone(
     path = checkpoint("qwen2_moe")
     prompts = [list(range(3, 3 + n)) for n in (3, 17, 40, 9, 25, 2)]
     params = [SamplingParams(temperature=0.0, max_tokens=m) for m in (10, 6, 12, 3, 8, 9)]
-    alone = [LLM(model=path).generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+    single = LLM(model=path)
+    alone = [single.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
     llm = LLM(
         model=path,
         block_size=4,

@@ -8,8 +8,9 @@ delta): gRPC in the trailing metadata `moeray-engine-time-ms`, HTTP in the heade
 reported (not p50(e2e) - p50(engine), which mixes two distributions). Also times an in-process
 AsyncLLMEngine (no Ray, no network) and the routing decision (QueryRouter.decide) alone.
 
-`--compare` runs the app twice per round, with Serve's default replica settings and with
-moeray's (cluster/app.py REPLICA_ENV), alternating, so both see the same machine load.
+`--compare` runs the app twice per round, with the replicas' default settings (cluster/app.py
+REPLICA_ENV) and with Serve's one-loop-per-replica flags (SINGLE_LOOP_ENV), alternating, so both
+see the same machine load.
 Prints one JSON object per line.
 
     python bench/frontdoor.py --requests 200
@@ -148,8 +149,9 @@ def main() -> None:
     args = ap.parse_args()
     machine: dict[str, Any] = {"machine": platform.processor() or platform.machine(),
                                "date": time.strftime("%F")}  # fmt: skip
-    tuned = dict(app_module.REPLICA_ENV)
-    variants = {"serve_defaults": {}, "moeray": tuned} if args.compare else {"moeray": tuned}
+    variants = {"default": dict(app_module.REPLICA_ENV)}
+    if args.compare:
+        variants["single_loop"] = dict(app_module.SINGLE_LOOP_ENV)
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = build_demo_checkpoint(Path(tmp) / "tiny", preset="tiny")

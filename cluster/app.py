@@ -34,15 +34,17 @@ _CONTROL_SLACK = 32
 #: Serve writes one access-log line per request per process (proxy, router, engine): about
 #: 0.3 ms of CPU each on the 2-core dev machine, for lines the moeray metrics already cover.
 _LOGGING = {"enable_access_log": False}
-#: Latency settings for the replicas' processes (docs/SERVING.md, "Latency"). Serve's defaults
-#: run user code and the handle's router on event loops of their own threads; every streamed
-#: item then crosses two threads (and waits for the GIL) in the router replica and one in the
-#: engine replica. One loop per replica removes those hops; moeray's replica code never blocks
-#: its loop (the engine steps on its own thread).
-REPLICA_ENV = {
+#: Serve runs user code and the handle's router on event loops of their own threads, so a
+#: streamed item crosses threads inside each replica. These flags put everything on one loop
+#: (what RAY_SERVE_THROUGHPUT_OPTIMIZED does). Measured with `bench/frontdoor.py --compare`
+#: (docs/BENCHMARKS.md): no difference beyond the noise of the loaded 2-core VM, so replicas keep
+#: Serve's defaults (REPLICA_ENV, empty) and the bench keeps the comparison.
+SINGLE_LOOP_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+#: Environment variables of the replicas' processes (their runtime_env).
+REPLICA_ENV: dict[str, str] = {}
 
 
 def engine_deployment_name(tier: str) -> str:
@@ -67,7 +69,10 @@ def _engine(tier: TierConfig) -> Any:
 
 
 def _actor_options() -> dict[str, Any]:
-    return {"num_cpus": 0, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+    options: dict[str, Any] = {"num_cpus": 0}
+    if REPLICA_ENV:
+        options["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}
+    return options
 
 
 def build_app(config: MoerayConfig) -> Any:

@@ -2,7 +2,9 @@
 
 Every function here has the same signature as its Triton twin in this package. The references
 compute in float32 (inputs are upcast; a no-op for fp32 models, which the CPU engine runs, so that
-path makes no copies) and return the input dtype, except where the contract says float32.
+path makes no copies) and return the input dtype, except where the contract says float32. One
+exception: fused_moe keeps its GEMM operands in the weights' dtype with fp32 accumulation, as the
+Triton kernel does (see its docstring).
 Shape letters: docs/SHAPES.md.
 """
 
@@ -82,6 +84,9 @@ def fused_moe(
     Ids outside [0, E) (e.g. -1 for experts another shard holds) contribute nothing, so a shard
     holding E_local experts gets its partial sum; the shards' outputs add up to the full layer.
     Loops only over experts that got tokens (one host sync for the counts).
+    Precision: the GEMM operands stay in the weights' dtype with fp32 accumulation (what the
+    Triton kernel's tl.dot and CPU bf16 GEMMs do; upcasting bf16 weights would copy every
+    expert's weights on every call), the SwiGLU and the weighted combine run in fp32.
     """
     T, D = hidden.shape
     E = w1.shape[0]
@@ -100,9 +105,9 @@ def fused_moe(
         slots = order[start : start + n]  # [n] positions in the flattened [T*K]
         start += n
         tok = slots // K  # [n]
-        x = hidden[tok].float()  # [n, D]
-        h = silu_and_mul(F.linear(x, w1[e].float()))  # [n, F]
-        y = F.linear(h, w2[e].float())  # [n, D]
+        x = hidden.index_select(0, tok).to(w1.dtype)  # [n, D]
+        h = silu_and_mul(F.linear(x, w1[e]))  # [n, 2F] -> [n, F], SwiGLU in fp32
+        y = F.linear(h, w2[e]).float()  # [n, D]
         out.index_add_(0, tok, y.mul_(flat_w[slots].unsqueeze(-1)))
     return out.to(hidden.dtype)
 

@@ -90,7 +90,7 @@ def _local_experts(model: CausalLM, reader: CheckpointReader, device: str) -> Lo
     weights = {}
     for layer in args.moe_layers:
         w1, w2 = read_experts(reader, args, layer, list(range(args.num_experts)))
-        if _cpu(device):
+        if _column_major(device, args.dtype):
             w1, w2 = column_major(w1), column_major(w2)
         weights[layer] = (w1.to(device), w2.to(device))
     return LocalExperts(weights)
@@ -98,6 +98,13 @@ def _local_experts(model: CausalLM, reader: CheckpointReader, device: str) -> Lo
 
 def _cpu(device: str | torch.device) -> bool:
     return torch.device(device).type == "cpu"
+
+
+def _column_major(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """fp32 CPU GEMMs stream weights faster from [in, out] storage; bf16 ones (oneDNN) are
+    faster from the row-major layout (measured: LM head at batch 1, 2.5 vs 4.3 ms in fp32,
+    1.5 vs 0.95 ms in bf16)."""
+    return _cpu(device) and dtype == torch.float32
 
 
 def _column_major_linears(model: CausalLM) -> None:
@@ -134,7 +141,7 @@ def load_model(
     try:
         with torch.no_grad():
             _load_dense_weights(model, reader)
-            if _cpu(device):
+            if _column_major(device, args.dtype):
                 _column_major_linears(model)
             if args.is_moe:
                 model.set_expert_backend(expert_backend or _local_experts(model, reader, device))

@@ -62,9 +62,10 @@ def demo_config(root: Path = DEMO_DIR) -> Any:
     for tier, path in paths.items():
         if not (path / "config.json").is_file():
             print(f"building the {tier} demo checkpoint in {path} ...", flush=True)
-            build_demo_checkpoint(path, preset="tiny", seed=0 if tier == "fast" else 1)
-            if tier == "reasoning":
-                _deepen(path, layers=4)
+            build_demo_checkpoint(
+                path, preset="tiny", seed=0 if tier == "fast" else 1,
+                num_layers=2 if tier == "fast" else 4,
+            )  # fmt: skip
     return MoerayConfig(
         tiers=[
             {"name": "fast", "model": str(paths["fast"].resolve()),
@@ -73,20 +74,6 @@ def demo_config(root: Path = DEMO_DIR) -> Any:
              "description": "4-layer Mixtral-style demo model"},
         ]
     )  # fmt: skip
-
-
-def _deepen(path: Path, layers: int) -> None:
-    """Rewrites a tiny demo checkpoint with `layers` layers (the presets fix the depth)."""
-    from moeray.cluster.demo_model import demo_tensors
-    from moeray.workers.hf_config import parse_config
-    from safetensors.torch import save_file
-
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["num_hidden_layers"] = layers
-    args = parse_config(cfg, cfg.get("dtype", "float32"))
-    tensors = demo_tensors(args, seed=1)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _serve(args: argparse.Namespace) -> int:

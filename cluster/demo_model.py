@@ -13,12 +13,12 @@ Presets: "tiny" (hidden 64, 2 layers, 4 experts; for tests and laptops) and "ben
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from moeray.cluster.demo_tokenizer import write_tokenizer
 from moeray.workers.hf_config import ModelArgs, parse_config
 from safetensors.torch import save_file
 
@@ -164,11 +164,17 @@ def build_demo_checkpoint(
     preset: str = "tiny",
     seed: int = 0,
     dtype: str = "float32",
+    num_layers: int | None = None,
 ) -> Path:
-    """Writes a random-init `arch` checkpoint of size `preset` in HF format into `directory`."""
+    """Writes a random-init `arch` checkpoint of size `preset` in HF format into `directory`
+    (`num_layers` overrides the preset's depth)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(arch, preset, dtype)
+    if num_layers is not None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        cfg["num_hidden_layers"] = num_layers
     args = parse_config(cfg, dtype)
     save_file(
         demo_tensors(args, seed), str(directory / "model.safetensors"), metadata={"format": "pt"}
@@ -176,9 +182,5 @@ def build_demo_checkpoint(
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     generation = {"bos_token_id": EOS_TOKEN_ID, "eos_token_id": [EOS_TOKEN_ID, IM_END_TOKEN_ID]}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    try:
-        tokenizer = importlib.import_module("moeray.cluster.demo_tokenizer")
-    except ModuleNotFoundError:  # ENGINE's module; absent in a partial checkout
-        return directory
-    tokenizer.write_tokenizer(directory, args.vocab_size)
+    write_tokenizer(directory, args.vocab_size)
     return directory

@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from moeray.cluster.config import EngineConfig
 from moeray.workers.engine import LLMEngine
@@ -97,10 +97,11 @@ class AsyncLLMEngine:
     def encode(self, prompt: str | list[int] | Messages) -> list[int]:
         """Prompt text, token ids or chat messages -> validated prompt token ids."""
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            messages = cast("Messages", prompt)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             # The template already holds the special tokens, as transformers encodes it.
-            prompt = self.tokenizer.encode(text, add_special_tokens=False)
-        return self.engine.encode_prompt(prompt)
+            return self.engine.encode_prompt(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.engine.encode_prompt(cast("str | list[int]", prompt))
 
     def _queued(self) -> int:
         """Requests that would wait: queued ones beyond the free seats of the running batch."""

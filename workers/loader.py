@@ -11,11 +11,12 @@ which makes the weight-streaming decode GEMMs markedly faster.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from moeray.workers.checkpoint import CheckpointError, CheckpointReader, moe_prefixes, read_experts
 from moeray.workers.hf_config import ModelArgs, read_model_args
-from moeray.workers.model import Attention, CausalLM
+from moeray.workers.model import Attention, CausalLM, DecoderLayer
 from moeray.workers.moe import DenseMLP, ExpertBackend, LocalExperts, MoEBlock, column_major
 from torch import nn
 from tqdm.auto import tqdm
@@ -69,7 +70,8 @@ def _load_moe_block(block: MoEBlock, reader: CheckpointReader, args: ModelArgs) 
 def _load_dense_weights(model: CausalLM, reader: CheckpointReader) -> None:
     args = model.args
     _fill(model.embed_tokens.weight, reader, "model.embed_tokens.weight")
-    for i, layer in enumerate(model.layers):
+    for i, module in enumerate(model.layers):
+        layer = cast(DecoderLayer, module)
         prefix = f"model.layers.{i}"
         _load_attention(layer.attn, reader, f"{prefix}.self_attn")
         _fill(layer.attn_norm.weight, reader, f"{prefix}.input_layernorm.weight")
@@ -77,7 +79,7 @@ def _load_dense_weights(model: CausalLM, reader: CheckpointReader) -> None:
         if isinstance(layer.mlp, MoEBlock):
             _load_moe_block(layer.mlp, reader, args)
         else:
-            _load_mlp(layer.mlp, reader, f"{prefix}.mlp")
+            _load_mlp(cast(DenseMLP, layer.mlp), reader, f"{prefix}.mlp")
     _fill(model.norm.weight, reader, "model.norm.weight")
     if args.tie_word_embeddings:  # HF ties lm_head to the embeddings (ignoring a saved copy)
         model.lm_head.weight = model.embed_tokens.weight

@@ -68,8 +68,12 @@ MAX_RECOVERIES = 3
 class PlacementLike(Protocol):
     """What the backend reads of a placement (cluster.state_messages.Placement has it)."""
 
-    epoch: int
-    mapping: Sequence[Sequence[Sequence[int]]]  # [moe_layer][expert] -> replica ids
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def mapping(self) -> Sequence[Sequence[Sequence[int]]]:  # [moe_layer][expert] -> replica ids
+        ...
 
 
 class ShardFailure(RuntimeError):

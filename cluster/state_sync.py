@@ -14,6 +14,7 @@ Shape letters (docs/SHAPES.md): L MoE layers, E routed experts per layer.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import logging
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 _B = TypeVar("_B", bound="_Background")
 
 
-class _Background:
+class _Background(abc.ABC):
     """One daemon thread running `_run_once` until close(), sleeping with capped backoff on
     errors. Subclasses implement `_run_once() -> float` (seconds to wait before the next call)."""
 
@@ -61,10 +62,11 @@ class _Background:
         self._thread.start()
         return self
 
+    @abc.abstractmethod
     def _run_once(self) -> float:
-        raise NotImplementedError
+        """One round of work; returns the seconds to wait before the next."""
 
-    def _on_error(self) -> None:
+    def _on_error(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Hook: drop connections after an error (runs on the background thread)."""
 
     def _loop(self) -> None:

@@ -136,6 +136,8 @@ def transport_rows(name: str, samples: list[Sample], **extra: object) -> list[di
 def run_stack(config: MoerayConfig, n: int, replica_env: dict[str, str]) -> dict[str, list[Sample]]:
     """Serves the app with the given replica environment and samples both transports."""
     app_module.REPLICA_ENV = replica_env
+    ports = {"grpc_port": free_port(), "http_port": free_port()}  # fresh ones per stack
+    config = config.model_copy(update={"serve": config.serve.model_copy(update=ports)})
     with LocalStack(config, num_cpus=2) as stack:
         ends = stack.endpoints()
         return {"grpc": grpc_samples(ends["grpc"], n), "http": http_samples(ends["http"], n)}

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 from moeray.cluster.config import MoerayConfig, TierConfig
+from moeray.cluster.redis_server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,44 @@ _CONTROL_SLACK = 32
 _LOGGING = {"enable_access_log": False}
 #: Serve runs user code and the handle's router on event loops of their own threads, so a
 #: streamed item crosses threads inside each replica. These flags put everything on one loop
-#: (what RAY_SERVE_THROUGHPUT_OPTIMIZED does). Measured with `bench/frontdoor.py --compare`
-#: (docs/BENCHMARKS.md): no difference beyond the noise of the loaded 2-core VM, so replicas keep
-#: Serve's defaults (REPLICA_ENV, empty) and the bench keeps the comparison.
+#: (part of what RAY_SERVE_THROUGHPUT_OPTIMIZED does). `bench/frontdoor.py --compare` measures
+#: them against Serve's defaults (docs/BENCHMARKS.md).
 SINGLE_LOOP_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+#: Serve settings of the laptop stack only: no load balancer drains the router replica on this
+#: machine, so it stops at once (Serve's default holds it 30 s, which would delay every close()).
+LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 #: Environment variables of the replicas' processes (their runtime_env).
 REPLICA_ENV: dict[str, str] = {}
+
+
+def serve_env(config: MoerayConfig) -> dict[str, str]:
+    """The Ray Serve settings every process of the app needs (controller, proxies, replicas).
+
+    LocalStack sets them as the Ray job's environment; on Kubernetes the Helm chart sets the same
+    variables on the Ray pods. serve.ingress "direct" turns on Serve's direct ingress and pins the
+    port range Serve allocates ingress ports from to exactly grpc_port / http_port, so the router
+    replica itself listens there (one router replica per node).
+    """
+    s = config.serve
+    if s.ingress != "direct":
+        return {}
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(s.grpc_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(s.grpc_port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(s.http_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(s.http_port + 1),
+    }
 
 
 def engine_deployment_name(tier: str) -> str:
     return f"engine-{tier}"
 
 
-def _engine(tier: TierConfig) -> Any:
+def _engine(tier: TierConfig, config: MoerayConfig) -> Any:
     from moeray.workers.engine_deployment import EngineServer
     from ray import serve
 
@@ -65,7 +88,13 @@ def _engine(tier: TierConfig) -> Any:
         health_check_period_s=10,
         logging_config=_LOGGING,
     )(EngineServer)
-    return deployment.bind(tier)
+    registry = None
+    st = config.state
+    if st.redis_url and config.router.engine_channel:  # the router finds it through Redis
+        from moeray.cluster.state import EngineRegistry
+
+        registry = EngineRegistry(st.redis_url, st.cluster, st.heartbeat_ttl_s)
+    return deployment.bind(tier, registry)
 
 
 def _actor_options() -> dict[str, Any]:
@@ -80,7 +109,7 @@ def build_app(config: MoerayConfig) -> Any:
     from moeray.router.ingress import RouterIngress
     from ray import serve
 
-    engines = {t.name: _engine(t) for t in config.tiers}
+    engines = {t.name: _engine(t, config) for t in config.tiers}
     ongoing = len(config.tiers) * config.router.max_inflight_per_tier + _CONTROL_SLACK
     router = serve.deployment(
         name=ROUTER_DEPLOYMENT,
@@ -92,16 +121,31 @@ def build_app(config: MoerayConfig) -> Any:
 
 
 def serve_options(config: MoerayConfig) -> tuple[Any, Any]:
-    """(HTTPOptions, gRPCOptions) for serve.start from config.serve."""
+    """(HTTPOptions, gRPCOptions) for serve.start from config.serve.
+
+    With ingress "proxy" Serve's proxies listen on the configured ports. With "direct" the router
+    replica does (serve_env), and the proxies, which Serve still starts, get free internal ports.
+    """
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    http = HTTPOptions(host=config.serve.host, port=config.serve.http_port)
+    s = config.serve
+    direct = s.ingress == "direct"
+    http = HTTPOptions(host=s.host, port=free_port() if direct else s.http_port)
     grpc_opts = gRPCOptions(
-        port=config.serve.grpc_port,
+        port=free_port() if direct else s.grpc_port,
         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS,
         enable_reflection=True,
     )
     return http, grpc_opts
+
+
+def with_ports(config: MoerayConfig) -> MoerayConfig:
+    """The config with port 0 replaced by a free port (both ingress modes need real numbers)."""
+    s = config.serve
+    update = {k: free_port() for k in ("grpc_port", "http_port") if getattr(s, k) == 0}
+    if not update:
+        return config
+    return config.model_copy(update={"serve": s.model_copy(update=update)})
 
 
 class LocalStack:
@@ -127,9 +171,18 @@ class LocalStack:
             self.redis = RedisServer().start()
             state = self.config.state.model_copy(update={"redis_url": self.redis.url})
             self.config = self.config.model_copy(update={"state": state})
+        self.config = with_ports(self.config)
         if not ray.is_initialized():
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+            env = {**serve_env(self.config), **LOCAL_SERVE_ENV}
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env})  # fmt: skip
             self._ray_started = True
+        elif self.config.serve.ingress == "direct":
+            # Ray was started elsewhere, without this stack's Serve environment: Serve's proxies
+            # serve the configured ports instead (a cluster sets serve_env on its pods).
+            log.warning("Ray is already running: serving through Serve's proxies (ingress proxy)")
+            serve_cfg = self.config.serve.model_copy(update={"ingress": "proxy"})
+            self.config = self.config.model_copy(update={"serve": serve_cfg})
         http, grpc_opts = serve_options(self.config)
         serve.start(http_options=http, grpc_options=grpc_opts, logging_config=_LOGGING)
         serve.run(build_app(self.config), name=APP_NAME, route_prefix="/", blocking=False)

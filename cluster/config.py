@@ -108,6 +108,11 @@ class RouterConfig(_Strict):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="largest request message accepted"
     )
+    engine_channel: bool = Field(
+        True,
+        description="stream Generate over the engines' direct channels (found through Redis); "
+        "false = always through the engine deployments' Serve handles",
+    )
 
 
 class StateConfig(_Strict):
@@ -123,9 +128,20 @@ class StateConfig(_Strict):
 
 
 class ServeConfig(_Strict):
+    """Where clients reach the front door (docs/SERVING.md).
+
+    ingress "direct": the router replica itself listens on grpc_port and http_port (Ray Serve's
+    direct ingress; Serve's proxies move to free internal ports), one network hop fewer.
+    "proxy": Serve's gRPC and HTTP proxies listen on the ports and forward to the router.
+    Port 0 = a free port chosen at start.
+    """
+
     host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     http_port: int = Field(8000, ge=0, le=65535)
+    ingress: Literal["direct", "proxy"] = Field(
+        "direct", description="direct: the router replica serves the ports; proxy: Serve's proxies"
+    )
 
 
 class MoerayConfig(_Strict):

@@ -10,6 +10,8 @@
 | `replica:{model}:{id}` | hash, TTL | one `ReplicaInfo`; expires unless heartbeated |
 | `load:{model}:{window}` | hash "l,e" -> count, TTL | tokens routed per (layer, expert) in a window |
 | `lease:{model}` | string, TTL | owner id of the one active autoscaler |
+| `engines:{tier}` | set | replica ids of a tier's engine replicas with a direct channel |
+| `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON); expires unless refreshed |
 | `tiers`, `tier:{tier}` | set, hash | request counts, errors, latency sum and histogram |
 
 Every multi-step update is one Lua script (atomic, one round trip). Placement epochs only grow:
@@ -21,6 +23,7 @@ on one daemon thread that `close()` stops in bounded time, none letting a Redis 
   its memory it republishes the cached placement (`republish` never lowers an epoch).
 - `LoadReporter`: sums [L, E] counts locally, pushes them every N steps; keeps them on errors.
 - `Heartbeater`: refreshes a replica's TTL and re-registers it after a Redis restart.
+- `EndpointAnnouncer`: keeps an engine replica's direct-channel endpoint registered.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from moeray.cluster.config import StateConfig
 from moeray.cluster.state_messages import (
     LATENCY_BUCKETS_S,
     REPLICA_STATES,
+    EngineEndpoint,
     Placement,
     ReplicaInfo,
     ReplicaState,
@@ -305,6 +309,37 @@ class ClusterState:
         """Replicas with an unexpired heartbeat that are not marked dead, by id."""
         return [i for i in self.replicas(model) if i.state != "dead"]
 
+    # ---- engine endpoints ------------------------------------------------------------------
+
+    def register_engine(self, ep: EngineEndpoint, ttl_s: float | None = None) -> None:
+        """Writes (or refreshes) an engine replica's endpoint with a TTL (default heartbeat_ttl_s)."""
+        ttl_ms = int((ttl_s or self.heartbeat_ttl_s) * 1000)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.key("engine", ep.tier, ep.replica_id), ep.to_json(), px=ttl_ms)
+        pipe.sadd(self.key("engines", ep.tier), ep.replica_id)
+        pipe.execute()
+
+    def remove_engine(self, tier: str, replica_id: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.key("engine", check_name("tier", tier), replica_id))
+        pipe.srem(self.key("engines", tier), replica_id)
+        pipe.execute()
+
+    def engine_endpoints(self, tier: str) -> list[EngineEndpoint]:
+        """The tier's engine endpoints whose TTL has not run out, by replica id (expired ones are
+        dropped from the set). Two round trips."""
+        members = self.key("engines", check_name("tier", tier))
+        ids = sorted(cast("set[str]", self.client.smembers(members)))
+        if not ids:
+            return []
+        bodies = cast(
+            "list[str | None]", self.client.mget([self.key("engine", tier, i) for i in ids])
+        )
+        expired = [i for i, b in zip(ids, bodies) if b is None]
+        if expired:
+            self.client.srem(members, *expired)
+        return [EngineEndpoint.from_json(b) for b in bodies if b is not None]
+
     # ---- load ------------------------------------------------------------------------------
 
     def window(self, now: float | None = None) -> int:
@@ -433,10 +468,18 @@ class ClusterState:
 
 # The background helpers live in state_sync; re-exported so `moeray.cluster.state` is the one
 # import an engine or shard needs.
-from moeray.cluster.state_sync import Heartbeater, LoadReporter, PlacementWatcher  # noqa: E402
+from moeray.cluster.state_sync import (  # noqa: E402
+    EndpointAnnouncer,
+    EngineRegistry,
+    Heartbeater,
+    LoadReporter,
+    PlacementWatcher,
+)
 
 __all__ = [
     "ClusterState",
+    "EndpointAnnouncer",
+    "EngineRegistry",
     "EpochConflict",
     "Heartbeater",
     "LoadReporter",

@@ -181,6 +181,36 @@ class ReplicaInfo:
 
 
 @dataclass(frozen=True)
+class EngineEndpoint:
+    """One engine replica's direct channel (workers/engine_channel.py), as it registers itself.
+
+    address: host:port the router connects to; token: the secret its first frame must carry.
+    """
+
+    tier: str
+    replica_id: str
+    address: str
+    token: str
+
+    def __post_init__(self) -> None:
+        check_name("tier", self.tier)
+        check_name("replica_id", self.replica_id)
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address must be host:port, got {self.address!r}")
+        if not self.token:
+            raise ValueError("token must be a non-empty string")
+
+    def to_json(self) -> str:
+        return json.dumps([self.tier, self.replica_id, self.address, self.token])
+
+    @classmethod
+    def from_json(cls, body: str) -> EngineEndpoint:
+        tier, replica_id, address, token = json.loads(body)
+        return cls(tier, replica_id, address, token)
+
+
+@dataclass(frozen=True)
 class TierStats:
     """Counters of one tier since the state was created (or Redis last lost its memory).
 

@@ -8,6 +8,8 @@ exponential backoff after an error, and never lets an exception escape (errors a
   its memory it republishes the cached placement (`republish` never lowers an epoch).
 - `LoadReporter`: sums [L, E] token counts locally, pushes them every N steps; keeps them on errors.
 - `Heartbeater`: refreshes a replica's TTL and re-registers it after a Redis restart.
+- `EndpointAnnouncer`: keeps an engine replica's direct-channel endpoint registered (and removes
+  it on close); `EngineRegistry` is the picklable recipe an engine deployment receives.
 
 Shape letters (docs/SHAPES.md): L MoE layers, E routed experts per layer.
 """
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import redis
 from moeray.cluster.state_messages import (
+    EngineEndpoint,
     Placement,
     ReplicaInfo,
     ReplicaState,
@@ -288,6 +291,16 @@ class LoadReporter(_Background):
             self.flush()
 
 
+def _refresh_interval(state: ClusterState, interval_s: float | None) -> float:
+    """interval_s (default: a third of the TTL), checked to be shorter than the TTL."""
+    interval = interval_s if interval_s is not None else state.heartbeat_ttl_s / 3
+    if not 0 < interval < state.heartbeat_ttl_s:
+        raise ValueError(
+            f"interval_s must be in (0, heartbeat_ttl_s={state.heartbeat_ttl_s}), got {interval}"
+        )
+    return interval
+
+
 class Heartbeater(_Background):
     """Keeps one replica registered: heartbeats every interval_s; re-registers it (with its
     current state) when Redis has forgotten it, e.g. after a restart."""
@@ -306,12 +319,7 @@ class Heartbeater(_Background):
             f"moeray-heartbeat-{model}-{info.replica_id}", backoff_initial_s, backoff_max_s
         )
         self.state, self.model, self.info = state, check_name("model", model), info
-        self.interval_s = interval_s if interval_s is not None else state.heartbeat_ttl_s / 3
-        if not 0 < self.interval_s < state.heartbeat_ttl_s:
-            raise ValueError(
-                f"interval_s must be in (0, heartbeat_ttl_s={state.heartbeat_ttl_s}), "
-                f"got {self.interval_s}"
-            )
+        self.interval_s = _refresh_interval(state, interval_s)
         self.registrations = 0
         self._force = True  # the first beat registers
 
@@ -332,3 +340,52 @@ class Heartbeater(_Background):
             self._force = False
             self.registrations += 1
         return self.interval_s
+
+
+class EndpointAnnouncer(_Background):
+    """Keeps one engine endpoint registered: rewrites it (with its TTL) every interval_s, which
+    also restores it after a Redis restart; close() removes it (best effort)."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        endpoint: EngineEndpoint,
+        *,
+        interval_s: float | None = None,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        super().__init__(f"moeray-endpoint-{endpoint.tier}", backoff_initial_s, backoff_max_s)
+        self.state, self.endpoint = state, endpoint
+        self.owns_state = False  # close() also closes `state` (set by EngineRegistry.announce)
+        self.interval_s = _refresh_interval(state, interval_s)
+
+    def _run_once(self) -> float:
+        self.state.register_engine(self.endpoint)
+        return self.interval_s
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        super().close(timeout_s)
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.state.remove_engine(self.endpoint.tier, self.endpoint.replica_id)
+        if self.owns_state:
+            self.state.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRegistry:
+    """What an engine deployment needs to announce its direct channel, as a picklable value
+    (workers/ may not import the Redis side: cluster/app.py hands this to the deployment)."""
+
+    redis_url: str
+    cluster: str = "default"
+    heartbeat_ttl_s: float = 10.0
+
+    def announce(self, tier: str, replica_id: str, address: str, token: str) -> EndpointAnnouncer:
+        """Starts announcing; the caller closes the returned announcer on shutdown."""
+        from moeray.cluster.state import ClusterState
+
+        state = ClusterState(self.redis_url, self.cluster, heartbeat_ttl_s=self.heartbeat_ttl_s)
+        announcer = EndpointAnnouncer(state, EngineEndpoint(tier, replica_id, address, token))
+        announcer.owns_state = True
+        return announcer.start()

@@ -58,6 +58,11 @@ class FrontDoorMetrics:
             "(tiers with expert shards)", ["tier", "layer", "expert"], registry=r,
         )  # fmt: skip
 
+        self.engine_streams = Counter(
+            "moeray_engine_streams", "Generate streams by tier and path (channel = the engine's "
+            "direct channel, handle = the Serve handle)", ["tier", "path"], registry=r,
+        )  # fmt: skip
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""
         return generate_latest(self.registry)

@@ -5,6 +5,12 @@ it through a DeploymentHandle (`handle.options(stream=True).generate.remote(...)
 that crosses the process boundary is a typed dataclass from workers/io_struct.py: the engine never
 sees a protobuf, the router never sees a tensor.
 
+Direct channel: given an endpoint registry (cluster/app.py passes a `cluster.state.EngineRegistry`
+when Redis is configured), the replica also serves its token streams over
+workers/engine_channel.py on its node's IP and keeps that endpoint registered in Redis; the router
+then streams Generate over it and uses this deployment's handle for everything else (stats,
+health, and as the fallback when no channel is reachable).
+
 A refusal (bad input, full queue) is streamed as one `RequestRejected` value instead of raised,
 so the router maps it to a status code without unwrapping a Ray traceback. When the caller stops
 iterating (client cancel, deadline, Abort), Serve cancels this generator; the engine's stream
@@ -15,13 +21,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from moeray.cluster.config import TierConfig
 from moeray.workers.async_engine import AsyncLLMEngine, EngineOverloaded, Messages
+from moeray.workers.engine_channel import EngineChannelServer
 from moeray.workers.io_struct import EngineStats, RequestOutput, RequestRejected, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -30,6 +39,22 @@ log = logging.getLogger(__name__)
 #: thread's Python code (scheduler, sampler) hold the GIL for up to 5 ms while the event loop
 #: waits to hand a delta to Ray; 0.2 ms bounds that wait (measured: engine-hop p50 -1 ms).
 GIL_SWITCH_INTERVAL_S = 2e-4
+
+
+class EndpointRegistry(Protocol):
+    """cluster.state.EngineRegistry, seen from here: announce() returns something to close()."""
+
+    def announce(self, tier: str, replica_id: str, address: str, token: str) -> Any: ...
+
+
+def _node_ip() -> str:
+    """The IP other nodes reach this replica on (Ray's view); loopback outside Ray."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address()) if ray.is_initialized() else "127.0.0.1"
+    except Exception:  # no Ray, or no network: the channel stays local
+        return "127.0.0.1"
 
 
 def _replica_id() -> str:
@@ -45,12 +70,21 @@ def _replica_id() -> str:
 class EngineServer:
     """The engine of one tier. Construct with the tier's config (the checkpoint must be local)."""
 
-    def __init__(self, tier: TierConfig) -> None:
+    def __init__(self, tier: TierConfig, registry: EndpointRegistry | None = None) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.tier = tier
         self.engine = AsyncLLMEngine.from_pretrained(tier.model, tier.engine, dtype=tier.dtype)
         self.replica_id = _replica_id()
         self.node = socket.gethostname()
+        self.channel: EngineChannelServer | None = None
+        self._announcer: Any = None
+        if registry is not None:
+            self.channel = EngineChannelServer(self.engine, secrets.token_urlsafe(24), _node_ip())
+            address = self.channel.start()
+            self._announcer = registry.announce(
+                tier.name, self.replica_id, address, self.channel.token
+            )
+            log.info("engine %s of tier %s streams on %s", self.replica_id, tier.name, address)
 
     async def generate(
         self, request_id: str, prompt: str | list[int] | Messages, params: SamplingParams
@@ -105,6 +139,11 @@ class EngineServer:
             raise RuntimeError(f"the engine thread of tier {self.tier.name!r} has stopped")
 
     def __del__(self) -> None:
+        if getattr(self, "_announcer", None) is not None:
+            self._announcer.close()  # the router stops picking this replica
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout_s=2.0)

@@ -18,12 +18,19 @@ from moeray.cluster.placement import initial_placement
 from moeray.cluster.redis_server import RedisServer
 from moeray.cluster.state import (
     ClusterState,
+    EndpointAnnouncer,
+    EngineRegistry,
     EpochConflict,
     Heartbeater,
     LoadReporter,
     PlacementWatcher,
 )
-from moeray.cluster.state_messages import LATENCY_BUCKETS_S, Placement, ReplicaInfo
+from moeray.cluster.state_messages import (
+    LATENCY_BUCKETS_S,
+    EngineEndpoint,
+    Placement,
+    ReplicaInfo,
+)
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> bool:
@@ -216,6 +223,53 @@ def test_heartbeater_registers_and_advertises_state(cluster_state: ClusterState)
         ReplicaInfo(0, "shard-0", state="gone")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="interval_s"):
         Heartbeater(cluster_state, "m", _info(0), interval_s=cluster_state.heartbeat_ttl_s)
+
+
+# ---- engine endpoints ---------------------------------------------------------------------------
+
+
+def test_engine_endpoints_register_expire_and_leave(cluster_state: ClusterState) -> None:
+    a = EngineEndpoint("fast", "rep-a", "10.0.0.1:4000", "tok-a")
+    b = EngineEndpoint("fast", "rep-b", "10.0.0.2:4001", "tok-b")
+    cluster_state.register_engine(a, ttl_s=0.3)
+    cluster_state.register_engine(b, ttl_s=5)
+    cluster_state.register_engine(EngineEndpoint("reasoning", "rep-c", "h:1", "t"))
+    assert cluster_state.engine_endpoints("fast") == [a, b]
+    assert wait_until(lambda: cluster_state.engine_endpoints("fast") == [b], 3)
+    assert cluster_state.client.smembers(cluster_state.key("engines", "fast")) == {"rep-b"}
+    cluster_state.remove_engine("fast", "rep-b")
+    assert cluster_state.engine_endpoints("fast") == []
+    assert [e.replica_id for e in cluster_state.engine_endpoints("reasoning")] == ["rep-c"]
+    for bad, field in ((("fast", "r", "nohost", "t"), "address"), (("fast", "r", "h:0", "t"), "address"),
+                       (("fast", "r", "h:1", ""), "token"), (("fa st", "r", "h:1", "t"), "tier"),
+                       (("fast", "r/../x y", "h:1", "t"), "replica_id")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            EngineEndpoint(*bad)
+
+
+def test_announcer_keeps_an_endpoint_and_removes_it_on_close(redis_server: RedisServer) -> None:
+    state = ClusterState(redis_server.url, "test", heartbeat_ttl_s=0.6)
+    reader = ClusterState(redis_server.url, "test")
+    try:
+        ep = EngineEndpoint("fast", "rep-a", "127.0.0.1:4000", "tok")
+        with EndpointAnnouncer(state, ep, interval_s=0.1):
+            assert wait_until(lambda: reader.engine_endpoints("fast") == [ep])
+            time.sleep(1.0)  # past the TTL: refreshed
+            assert reader.engine_endpoints("fast") == [ep]
+            reader.client.flushall()  # Redis lost its memory: announced again
+            assert wait_until(lambda: reader.engine_endpoints("fast") == [ep])
+        assert reader.engine_endpoints("fast") == []  # close() removed it
+        registry = EngineRegistry(redis_server.url, "test", heartbeat_ttl_s=5.0)
+        announcer = registry.announce("fast", "rep-b", "127.0.0.1:4001", "tok-b")
+        try:
+            assert wait_until(lambda: [e.replica_id for e in reader.engine_endpoints("fast")]
+                              == ["rep-b"])  # fmt: skip
+        finally:
+            announcer.close()
+        assert reader.engine_endpoints("fast") == []
+    finally:
+        reader.close()
+        state.close()
 
 
 # ---- load ---------------------------------------------------------------------------------------

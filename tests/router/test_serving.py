@@ -1,8 +1,10 @@
 """The front door end to end: the moeray Serve app on a local Ray instance, over a real gRPC
 channel and with the official `openai` client.
 
-The app starts ONCE for the module (two tiny Mixtral-style demo checkpoints in HF format, free
-ports, a private redis-server) and is shut down at the end whatever happens. Oracle for the text:
+The app starts once per ingress mode (two tiny Mixtral-style demo checkpoints in HF format, free
+ports, a private redis-server) and is shut down at the end whatever happens. Every test runs in
+both modes: "direct" (the router replica serves the ports, Generate streams over the engines'
+direct channels) and "proxy" (Serve's proxies, and the engines' Serve handles on the data path). Oracle for the text:
 the offline `LLM` on the same checkpoint, greedy. Every refusal is checked for its status code
 and for the field named in its message.
 """
@@ -47,15 +49,22 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def stack(checkpoints: dict[str, Path]) -> Iterator[LocalStack]:
+MODES = {
+    "direct": {"serve": {"ingress": "direct"}, "router": {"engine_channel": True}},
+    "proxy": {"serve": {"ingress": "proxy"}, "router": {"engine_channel": False}},
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def stack(checkpoints: dict[str, Path], request: pytest.FixtureRequest) -> Iterator[LocalStack]:
+    mode = MODES[request.param]
     config = MoerayConfig(
         tiers=[
             {"name": "fast", "model": str(checkpoints["fast"]), "engine": FAST},
             {"name": "reasoning", "model": str(checkpoints["reasoning"]), "engine": REASONING},
         ],
-        router={"max_inflight_per_tier": 2, "max_message_bytes": 4096},
-        serve={"grpc_port": free_port(), "http_port": free_port()},
+        router={"max_inflight_per_tier": 2, "max_message_bytes": 4096, **mode["router"]},
+        serve={"grpc_port": free_port(), "http_port": free_port(), **mode["serve"]},
     )
     st = LocalStack(config, num_cpus=2)
     try:
@@ -227,6 +236,31 @@ def test_models_health_metrics(stack: LocalStack, client: openai.OpenAI) -> None
     assert json.loads(_http(base + "/health")[2]) == {"status": "ok"}
     text = _http(base + "/metrics")[2].decode()
     assert "moeray_requests_total" in text and "moeray_route_decision_seconds" in text
+
+
+def test_generate_takes_the_configured_engine_path(
+    stack: LocalStack, stub: pb_grpc.InferenceStub
+) -> None:
+    """direct mode streams over the engines' channels (once the router has read their endpoints
+    from Redis); proxy mode keeps Generate on the Serve handles."""
+    base = stack.endpoints()["http"].removesuffix("/v1")
+    req = pb.GenerateRequest(prompt="hi", tier="fast", sampling=pb.SamplingParams(max_tokens=2))
+    channel = stack.config.router.engine_channel
+    deadline = time.monotonic() + 30
+    while True:
+        assert list(stub.Generate(req, timeout=60))[-1].finish_reason
+        streams = {}
+        for fam in text_string_to_metric_families(_http(base + "/metrics")[2].decode()):
+            for s in fam.samples:
+                if s.name == "moeray_engine_streams_total" and s.labels["tier"] == "fast":
+                    streams[s.labels["path"]] = s.value
+        if not channel or streams.get("channel", 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if channel:
+        assert streams.get("channel", 0) > 0, streams
+    else:
+        assert streams.get("channel", 0) == 0 and streams["handle"] > 0, streams
 
 
 # ---- bad input -----------------------------------------------------------------------------

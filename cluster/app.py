@@ -1,17 +1,20 @@
 """The moeray Serve application, wired in one place.
 
-    client ─gRPC─▶ Serve gRPC proxy ─┐                    ┌─▶ engine-<tier> (EngineServer) ...
-    client ─HTTP─▶ Serve HTTP proxy ─┴─▶ router (RouterIngress) ─┤
-                                                          └─▶ engine-<tier> ...
+    client ─gRPC/HTTP─▶ router (RouterIngress) ─┬─ Generate: engine channel (TCP) ─▶ engine-<tier>
+      (direct ingress, or Serve's proxies)      └─ stats/health/fallback: handle ──▶ (EngineServer)
 
-- `build_app(config)`: one engine deployment per tier (workers/engine_deployment.py) and the
-  router ingress (router/ingress.py + router/http_app.py) holding their handles.
-- `serve_options(config)`: the proxies' options. The gRPC proxy registers moeray.v1.Inference
-  and grpc.health.v1.Health (both answered by the router deployment) and serves reflection
-  itself (Serve's gRPCOptions.enable_reflection, a passthrough service on the proxy), so one
-  port (--grpc-port) serves all three; see docs/SERVING.md.
+- `build_app(config)`: one engine deployment per tier (workers/engine_deployment.py, given an
+  `EngineRegistry` so its direct channel is announced in Redis) and the router ingress
+  (router/ingress.py + router/http_app.py) holding their handles.
+- `serve_env(config)`: the Ray Serve environment of every process; serve.ingress "direct" (the
+  default) makes the router replica listen on the configured ports itself (Serve's direct
+  ingress), "proxy" leaves them to Serve's proxies (docs/SERVING.md).
+- `serve_options(config)`: the proxies' options. gRPC registers moeray.v1.Inference and
+  grpc.health.v1.Health (both answered by the router deployment) and serves reflection
+  (gRPCOptions.enable_reflection), so one port (--grpc-port) serves all three.
 - `LocalStack`: the laptop stack (`moeray serve`, tests): a private redis-server when no
-  state.redis_url is given, a local Ray instance, Serve with the app; `close()` stops all three.
+  state.redis_url is given, a local Ray instance with serve_env, Serve with the app; `close()`
+  stops all three.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ _CONTROL_SLACK = 32
 _LOGGING = {"enable_access_log": False}
 #: Serve runs user code and the handle's router on event loops of their own threads, so a
 #: streamed item crosses threads inside each replica. These flags put everything on one loop
-#: (part of what RAY_SERVE_THROUGHPUT_OPTIMIZED does). `bench/frontdoor.py --compare` measures
-#: them against Serve's defaults (docs/BENCHMARKS.md).
+#: (part of what RAY_SERVE_THROUGHPUT_OPTIMIZED does). Not set: with the engine channel they
+#: measured no better (`bench/frontdoor.py --compare`, docs/BENCHMARKS.md).
 SINGLE_LOOP_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",

@@ -30,6 +30,10 @@ def register(sub: Any) -> None:
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--host", default=None)
+    p.add_argument(
+        "--ingress", choices=["direct", "proxy"], default=None,
+        help="direct: the router replica serves the ports (default); proxy: Serve's proxies",
+    )  # fmt: skip
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     p.add_argument(
         "--exit-after-demo",
@@ -82,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = demo_config() if args.demo else load_config(args.config)
     overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("http_port", args.http_port),
-                                   ("host", args.host)) if v is not None}  # fmt: skip
+                                   ("host", args.host), ("ingress", args.ingress))
+                 if v is not None}  # fmt: skip
     if overrides:
         config = config.model_copy(update={"serve": config.serve.model_copy(update=overrides)})
         config = type(config).model_validate(config.model_dump())  # re-validate the ports

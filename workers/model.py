@@ -17,6 +17,7 @@ import torch
 from moeray.kernels import add_rms_norm, rms_norm
 from moeray.workers.attention import paged_attention
 from moeray.workers.forward_context import ForwardContext
+from moeray.workers.gemv import linear
 from moeray.workers.hf_config import ModelArgs
 from moeray.workers.moe import DenseMLP, ExpertBackend, MoEBlock
 from torch import nn
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         """x [T, D] -> [T, D]."""
         T = x.shape[0]
         H, G, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.wqkv(x)  # [T, (H+2G)*Dh]
+        qkv = linear(x, self.wqkv.weight, self.wqkv.bias)  # [T, (H+2G)*Dh]
         if self.qk_norm == "none":
             if self.clip_qkv is not None:
                 qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
@@ -107,7 +108,7 @@ class Attention(nn.Module):
             q, k, v = self._normed_qkv(qkv)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, ctx, self.scale)  # [T, H, Dh]
-        return self.wo(out.view(T, H * Dh))
+        return linear(out.view(T, H * Dh), self.wo.weight, self.wo.bias)
 
     def _normed_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, (H+2G)*Dh] -> q [T, H, Dh], k, v [T, G, Dh] with the q/k norms (and clipping)."""
@@ -208,7 +209,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> logits [B, V] float32."""
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()
 
     # --- KV cache --------------------------------------------------------------------------
     def make_kv_cache(

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from moeray.kernels import fused_moe, silu_and_mul, topk_gating
+from moeray.workers.gemv import linear
 from torch import nn
 
 
@@ -97,8 +97,8 @@ def _one_token_moe(
     out = torch.zeros_like(hidden)
     for e, w in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
         if 0 <= e < E:
-            h = silu_and_mul(F.linear(hidden, w1[e]))  # [1, F]
-            out += F.linear(h, w2[e]) * w  # [1, D]
+            h = silu_and_mul(linear(hidden, w1[e]))  # [1, F]
+            out += linear(h, w2[e]) * w  # [1, D]
     return out
 
 
@@ -111,7 +111,8 @@ class DenseMLP(nn.Module):
         self.w2 = nn.Linear(width, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu_and_mul(self.w13(x)))  # [T, 2F] -> [T, F] -> [T, D]
+        h = silu_and_mul(linear(x, self.w13.weight, self.w13.bias))  # [T, 2F] -> [T, F]
+        return linear(h, self.w2.weight, self.w2.bias)  # [T, D]
 
 
 class MoEBlock(nn.Module):
@@ -140,7 +141,9 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         # HF routers: softmax in fp32 over all E, top-k, optional renormalisation.
-        weights, ids = topk_gating(self.gate(x), self.top_k, "softmax", self.renormalize)  # [T, K]
+        weights, ids = topk_gating(
+            linear(x, self.gate.weight), self.top_k, "softmax", self.renormalize
+        )  # [T, K]
         if self.counts is not None:
             self.counts += torch.bincount(ids.view(-1), minlength=self.num_experts)
         assert self.backend is not None, "set_expert_backend was not called"

@@ -91,8 +91,10 @@ def _one_token_moe(
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
     """fused_moe for a single fp32 token on CPU (batch-1 decode), without the sort/permute
-    bookkeeping that costs more than the K small GEMVs. Same numbers as the reference: fp32
-    products, summed in ascending expert order. hidden [1, D] -> [1, D]."""
+    bookkeeping that costs more than the K small GEMVs: fp32 products, summed in ascending
+    expert order. With row-major weights the numbers equal the reference bit for bit; with the
+    CPU loader's column-major weights the GEMVs go through numpy's BLAS (workers/gemv.py), the
+    same math in another summation order. hidden [1, D] -> [1, D]."""
     E = w1.shape[0]
     out = torch.zeros_like(hidden)
     for e, w in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):

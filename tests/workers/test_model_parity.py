@@ -210,3 +210,29 @@ def test_one_token_path_equals_fused_moe() -> None:
     shard = LocalExperts({0: (w1[[2, 4]], w2[[2, 4]])}, {0: [2, 4]}, num_experts=E)  # holds 2 of 6
     partial = fused_moe(x, w1, w2, weights, torch.tensor([[4, -1, 2]], dtype=torch.int32))
     torch.testing.assert_close(shard.forward_layer(0, x, weights, ids), partial, atol=0, rtol=0)
+
+
+def test_one_token_path_with_column_major_weights_goes_through_numpy_blas() -> None:
+    """The CPU loader's layout: the batch-1 GEMVs run in numpy's BLAS (workers/gemv.py), which
+    sums in another order than torch, so the result equals fused_moe to fp32 rounding (a few
+    ulps of the outputs' scale), not bit for bit; multi-row inputs keep torch's exact numbers."""
+    from moeray.kernels import fused_moe
+    from moeray.workers.gemv import linear, numpy_blas_ready
+    from moeray.workers.moe import column_major
+
+    torch.manual_seed(0)
+    E, D, F, K = 6, 64, 96, 3
+    w1, w2 = column_major(torch.randn(E, 2 * F, D)), column_major(torch.randn(E, D, F))
+    x, weights = torch.randn(1, D), torch.rand(1, K)
+    ids = torch.tensor([[4, 0, 2]], dtype=torch.int32)
+    got = LocalExperts({0: (w1, w2)}).forward_layer(0, x, weights, ids)
+    want = fused_moe(x, w1, w2, weights, ids)
+    assert numpy_blas_ready()
+    assert not torch.equal(got, want)  # really the other BLAS (a different summation order)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=8 * torch.finfo(torch.float32).eps * scale)
+    w = column_major(torch.randn(300, D))
+    one = linear(x, w)
+    torch.testing.assert_close(one, torch.nn.functional.linear(x, w), rtol=1e-6, atol=1e-5)
+    xs = torch.randn(3, D)
+    assert torch.equal(linear(xs, w), torch.nn.functional.linear(xs, w))  # torch for > 1 row

@@ -85,6 +85,11 @@ def best(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: (min if k in ("ttft_s", "wall_s") else max)(r[k] for r in runs) for k in runs[0]}
 
 
+#: Idle time before each measured run: BLAS and OpenMP worker threads busy-wait for a while
+#: after their last call (OpenBLAS ~0.1 s), which must not overlap the other engine's run.
+SETTLE_S = 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -130,8 +135,10 @@ def main() -> None:
             ours: list[dict[str, float]] = []
             theirs: list[dict[str, float]] = []
             for _ in range(args.repeats):  # interleaved, so both see the same machine load
+                time.sleep(SETTLE_S)
                 ours.append(run_moeray(engine, prompts, args.output_len))
                 if hf is not None:
+                    time.sleep(SETTLE_S)
                     theirs.append(run_transformers(hf, prompts, args.output_len))
             print(json.dumps({"engine": "moeray", **common, **best(ours)}), flush=True)
             if hf is None:

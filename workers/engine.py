@@ -12,11 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from moeray.cluster.config import EngineConfig
 from moeray.workers.block_manager import BlockManager
 from moeray.workers.detokenizer import IncrementalDetokenizer
+from moeray.workers.gemv import cpu_blas_step
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, Usage
 from moeray.workers.model_runner import ModelRunner
+from moeray.workers.moe import LocalExperts
 from moeray.workers.sampler import Sampler
 from moeray.workers.scheduler import Scheduler
 from moeray.workers.sequence import Sequence
@@ -71,6 +74,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.sampler = Sampler()
         self._requests: dict[str, Sequence] = {}
+        # fp32 on CPU with several torch threads: each step's GEMMs run in numpy's OpenBLAS on
+        # those threads instead (workers/gemv.py), while the experts are in-process.
+        cpu_fp32 = (
+            args.dtype == torch.float32 and self.model.embed_tokens.weight.device.type == "cpu"
+        )
+        self.blas_threads = torch.get_num_threads() if cpu_fp32 else 0
 
     @staticmethod
     def _max_model_len(config: EngineConfig, model_limit: int) -> int:
@@ -164,6 +173,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedules, runs and postprocesses one step -> outputs of requests that advanced
         (streaming ones) or finished."""
+        backend = self.model.expert_backend
+        local = backend is None or isinstance(backend, LocalExperts)
+        # The whole step (sampling too) under one thread pool: see gemv.cpu_blas_step.
+        with cpu_blas_step(self.blas_threads if local else 0):
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         outputs = [self._finished_output(seq) for seq in plan.finished]
         if not plan:

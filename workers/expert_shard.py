@@ -28,11 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from moeray import kernels
-from moeray.kernels import reference
 from moeray.kernels.dispatch import resolve
-from moeray.workers.moe import column_major
+from moeray.workers.moe import column_major, cpu_fused_moe
 
 # dtype <-> header code; bf16 has no numpy twin, so tensors cross as raw bytes and are re-viewed.
 _DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -255,7 +253,7 @@ class ExpertShard:
             # sum over shards as exact as the in-process sum
             x = batch.hidden.float()
             if resolve(x) == "torch":
-                return _cpu_moe(x, w1, w2, batch.topk_weights, batch.local_ids)
+                return cpu_fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids)
             return kernels.fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids).float()
         # CUDA kernels take the model dtype
         out = kernels.fused_moe(
@@ -266,38 +264,3 @@ class ExpertShard:
             batch.local_ids.to(self.device),
         )  # [t, D]
         return out.float().cpu().contiguous()
-
-
-def _cpu_moe(
-    hidden: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    local_ids: torch.Tensor,
-) -> torch.Tensor:
-    """kernels.reference.fused_moe for fp32 CPU tensors, the same torch ops on the same rows in
-    the same order (so the same numbers), with its bookkeeping (grouping the [t, K] slots by
-    expert) done in numpy: on a few dozen ids a numpy op costs ~1 us and a torch op ~5-10 us.
-    hidden [t, D] f32, w1 [e, 2F, D], w2 [e, D, F], topk_weights [t, K] f32, local_ids [t, K]
-    -> [t, D] float32 (ids outside [0, e) contribute nothing)."""
-    t, D = hidden.shape
-    E = w1.shape[0]
-    K = local_ids.shape[1]
-    out = torch.zeros(t, D, dtype=torch.float32)
-    flat = local_ids.numpy().reshape(-1)  # [t*K]
-    key = np.where((flat >= 0) & (flat < E), flat, E)  # [t*K]; foreign ids sort last, unvisited
-    order = np.argsort(key, kind="stable")  # [t*K]
-    counts = np.bincount(key, minlength=E + 1)[:E].tolist()
-    flat_w = topk_weights.reshape(-1).float()  # [t*K]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        slots = torch.from_numpy(order[start : start + n])  # [n] positions in the flat [t*K]
-        start += n
-        tok = slots // K  # [n]
-        x = hidden.index_select(0, tok).to(w1.dtype)  # [n, D]
-        h = reference.silu_and_mul(F.linear(x, w1[e]))  # [n, 2F] -> [n, F], SwiGLU in fp32
-        y = F.linear(h, w2[e]).float()  # [n, D]
-        out.index_add_(0, tok, y.mul_(flat_w[slots].unsqueeze(-1)))
-    return out

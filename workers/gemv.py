@@ -1,20 +1,26 @@
-"""Batch-1 fp32 linear layers on CPU through numpy's BLAS: the decode GEMV at one request.
+"""fp32 linear layers on CPU through numpy's BLAS: the batch-1 decode GEMV, and whole model
+steps inside `cpu_blas_step`.
 
 A decode step of one sequence multiplies one row by every weight matrix of the model, so the step
 is bound by how fast those matrices stream from DRAM. With the column-major weights the CPU loader
 stores (moe.column_major), torch's BLAS call for x[1, in] @ W^T streams at about 22 GB/s on the
 2-core dev VM, while OpenBLAS (the BLAS numpy ships) streams the same contiguous [in, out] matrix
 at 30-39 GB/s on one thread (measured, cold weights, 2026-11-23: expert w1 [2048, 512]
-188 -> 140 us, w2 [512, 1024] 116 -> 84 us, the [32000, 512] LM head 2.35 -> 1.69 ms). Batches of more than one row keep torch's GEMM, which is
-the faster one there. The numpy calls share memory with the tensors (no copies); outputs are new
+188 -> 140 us, w2 [512, 1024] 116 -> 84 us, the [32000, 512] LM head 2.35 -> 1.69 ms).
+Outside cpu_blas_step, inputs of more than one row keep torch's GEMM (OpenBLAS on one thread is
+slower there). The numpy calls share memory with the tensors (no copies); outputs are new
 tensors. Same math (fp32 products and sums), different summation order than torch's kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +30,31 @@ log = logging.getLogger(__name__)
 #: OpenBLAS's thread-count setters, by the symbol names of its builds (numpy ships scipy-openblas).
 _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
             "openblas_set_num_threads64_", "openblas_set_num_threads")  # fmt: skip
+
+
+_step = threading.local()  # .threads: OpenBLAS threads of the model step running on this thread
+
+
+@functools.cache
+def _openblas_setter() -> Any:
+    """OpenBLAS's set_num_threads of the library numpy loaded, or None."""
+    np.zeros(1) @ np.zeros(1)  # make sure numpy's BLAS is loaded
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _SETTERS:
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter.argtypes = [ctypes.c_int]
+                return setter
+    return None
 
 
 @functools.cache
@@ -36,33 +67,54 @@ def numpy_blas_ready() -> bool:
     streams at 30-39 GB/s, still faster than torch's call. Without a setter to call (another BLAS
     under numpy), the torch path is kept.
     """
-    np.zeros(1) @ np.zeros(1)  # make sure numpy's BLAS is loaded
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return False
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _SETTERS:
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter(1)
-                return True
+    setter = _openblas_setter()
+    if setter is not None:
+        setter(1)
+        return True
     log.info("numpy's BLAS is not OpenBLAS: batch-1 linears stay on torch")
     return False
 
 
+def blas_step_active() -> bool:
+    """True inside cpu_blas_step on this thread: every fp32 CPU GEMM goes through numpy."""
+    return getattr(_step, "threads", 0) > 0
+
+
+@contextlib.contextmanager
+def cpu_blas_step(threads: int) -> Iterator[None]:
+    """One fp32 CPU model step with its GEMMs in numpy's OpenBLAS on `threads` threads, and
+    torch's intra-op pool down to one thread meanwhile (restored after).
+
+    Why: on the 2-core dev VM the step's GEMMs stream and compute faster in OpenBLAS than in
+    torch's BLAS at every batch size measured, but the two libraries' worker threads busy-wait
+    after each call and starve each other when both pools are up; one pool at a time is what
+    pays (bench-model step, measured 2026-11-23: batch 1 10.7 -> 7.0 ms, batch 32 66.6 -> 56.2
+    ms). The engine uses it only when its experts are in-process (expert shards need the
+    cores the spinning workers would take). threads < 2, or no OpenBLAS: a plain step.
+    """
+    if threads < 2 or not numpy_blas_ready():
+        yield
+        return
+    setter = _openblas_setter()
+    assert setter is not None
+    torch.set_num_threads(1)
+    setter(threads)
+    _step.threads = threads
+    try:
+        yield
+    finally:
+        _step.threads = 0
+        setter(1)
+        torch.set_num_threads(threads)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); x [1, in] fp32 on CPU with a column-major weight [out, in] (the
-    CPU loader's layout) goes through numpy's BLAS, anything else through torch (row-major
-    weights keep torch's exact numbers: measured no faster through numpy in the model)."""
+    """F.linear(x, weight, bias); x [1, in] (or, inside cpu_blas_step, x [T, in]) fp32 on CPU
+    with a column-major weight [out, in] (the CPU loader's layout) goes through numpy's BLAS,
+    anything else through torch (row-major weights keep torch's exact numbers)."""
     if (
-        x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+        x.dim() == 2 and (x.shape[0] == 1 or blas_step_active())
+        and x.dtype == torch.float32 and x.device.type == "cpu"
         and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(0) == 1
         and not x.requires_grad and not weight.requires_grad and numpy_blas_ready()
     ):  # fmt: skip

@@ -9,11 +9,14 @@ Shape letters: docs/SHAPES.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from moeray.kernels import fused_moe, silu_and_mul, topk_gating
-from moeray.workers.gemv import linear
+from moeray.workers.gemv import blas_step_active, linear
 from torch import nn
 
 
@@ -78,8 +81,11 @@ class LocalExperts:
         table = self._to_local.get(layer)
         if table is not None:
             topk_ids = table.to(topk_ids.device)[topk_ids.long()]  # [T, K] local ids or -1
-        if hidden.shape[0] == 1 and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
-            return _one_token_moe(hidden, w1, w2, topk_weights, topk_ids)
+        if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            if hidden.shape[0] == 1:
+                return _one_token_moe(hidden, w1, w2, topk_weights, topk_ids)
+            if blas_step_active():  # the model step runs its GEMMs in numpy's BLAS
+                return cpu_fused_moe(hidden, w1, w2, topk_weights, topk_ids, linear)
         return fused_moe(hidden, w1, w2, topk_weights, topk_ids)
 
 
@@ -101,6 +107,43 @@ def _one_token_moe(
         if 0 <= e < E:
             h = silu_and_mul(linear(hidden, w1[e]))  # [1, F]
             out += linear(h, w2[e]) * w  # [1, D]
+    return out
+
+
+def cpu_fused_moe(
+    hidden: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_ids: torch.Tensor,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+) -> torch.Tensor:
+    """kernels.reference.fused_moe for fp32 CPU tensors, the same torch ops on the same rows in
+    the same order (so the same numbers), with its bookkeeping (grouping the [t, K] slots by
+    expert) done in numpy: on a few dozen ids a numpy op costs ~1 us and a torch op ~5-10 us.
+    hidden [t, D] f32, w1 [e, 2F, D], w2 [e, D, F], topk_weights [t, K] f32, local_ids [t, K]
+    -> [t, D] float32 (ids outside [0, e) contribute nothing). `linear` runs the GEMMs (the
+    engine passes workers/gemv.linear during a CPU BLAS step)."""
+    t, D = hidden.shape
+    E = w1.shape[0]
+    K = local_ids.shape[1]
+    out = torch.zeros(t, D, dtype=torch.float32)
+    flat = local_ids.numpy().reshape(-1)  # [t*K]
+    key = np.where((flat >= 0) & (flat < E), flat, E)  # [t*K]; foreign ids sort last, unvisited
+    order = np.argsort(key, kind="stable")  # [t*K]
+    counts = np.bincount(key, minlength=E + 1)[:E].tolist()
+    flat_w = topk_weights.reshape(-1).float()  # [t*K]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = torch.from_numpy(order[start : start + n])  # [n] positions in the flat [t*K]
+        start += n
+        tok = slots // K  # [n]
+        x = hidden.index_select(0, tok).to(w1.dtype)  # [n, D]
+        h = silu_and_mul(linear(x, w1[e]))  # [n, 2F] -> [n, F], SwiGLU in fp32
+        y = linear(h, w2[e]).float()  # [n, D]
+        out.index_add_(0, tok, y.mul_(flat_w[slots].unsqueeze(-1)))
     return out
 
 

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from moeray.workers.expert_shard import ExpertShard, ShardBatch, recv_frame, send_frame
 from moeray.workers.ray_experts import OmpParking, RayExperts
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_parked_wait_returns_the_result_and_raises_the_error(two_threads: None) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from moeray import kernels
 from moeray.kernels.dispatch import resolve
+from moeray.workers.gemv import expert_linear
 from moeray.workers.moe import column_major, cpu_fused_moe
 
 # dtype <-> header code; bf16 has no numpy twin, so tensors cross as raw bytes and are re-viewed.
@@ -253,7 +254,7 @@ class ExpertShard:
             # sum over shards as exact as the in-process sum
             x = batch.hidden.float()
             if resolve(x) == "torch":
-                return cpu_fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids)
+                return cpu_fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids, expert_linear)
             return kernels.fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids).float()
         # CUDA kernels take the model dtype
         out = kernels.fused_moe(

@@ -108,6 +108,16 @@ def cpu_blas_step(threads: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def expert_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The routed experts' GEMM on fp32 CPU (`moe.cpu_fused_moe`, in-process and in the expert
+    shards alike, so both give the same numbers): numpy's BLAS for column-major weights at any
+    row count (OpenBLAS splits its GEMMs over output blocks, so its thread count does not change
+    the bits), torch otherwise."""
+    if weight.stride(0) == 1 and weight.dim() == 2 and numpy_blas_ready():
+        return torch.from_numpy(x.numpy() @ weight.t().numpy())
+    return F.linear(x, weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); x [1, in] (or, inside cpu_blas_step, x [T, in]) fp32 on CPU
     with a column-major weight [out, in] (the CPU loader's layout) goes through numpy's BLAS,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from moeray.kernels import fused_moe, silu_and_mul, topk_gating
-from moeray.workers.gemv import blas_step_active, linear
+from moeray.workers.gemv import expert_linear, linear
 from torch import nn
 
 
@@ -84,8 +84,7 @@ class LocalExperts:
         if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
             if hidden.shape[0] == 1:
                 return _one_token_moe(hidden, w1, w2, topk_weights, topk_ids)
-            if blas_step_active():  # the model step runs its GEMMs in numpy's BLAS
-                return cpu_fused_moe(hidden, w1, w2, topk_weights, topk_ids, linear)
+            return cpu_fused_moe(hidden, w1, w2, topk_weights, topk_ids, expert_linear)
         return fused_moe(hidden, w1, w2, topk_weights, topk_ids)
 
 
@@ -105,8 +104,8 @@ def _one_token_moe(
     out = torch.zeros_like(hidden)
     for e, w in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
         if 0 <= e < E:
-            h = silu_and_mul(linear(hidden, w1[e]))  # [1, F]
-            out += linear(h, w2[e]) * w  # [1, D]
+            h = silu_and_mul(expert_linear(hidden, w1[e]))  # [1, F]
+            out += expert_linear(h, w2[e]) * w  # [1, D]
     return out
 
 

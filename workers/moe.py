@@ -117,12 +117,14 @@ def cpu_fused_moe(
     local_ids: torch.Tensor,
     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
 ) -> torch.Tensor:
-    """kernels.reference.fused_moe for fp32 CPU tensors, the same torch ops on the same rows in
-    the same order (so the same numbers), with its bookkeeping (grouping the [t, K] slots by
-    expert) done in numpy: on a few dozen ids a numpy op costs ~1 us and a torch op ~5-10 us.
+    """kernels.reference.fused_moe's algorithm for fp32 CPU tensors: the same rows in the same
+    order, with its bookkeeping (grouping the [t, K] slots by expert) done in numpy (on a few
+    dozen ids a numpy op costs ~1 us and a torch op ~5-10 us). `linear` runs the GEMMs: with
+    F.linear the numbers equal the reference's; LocalExperts and the expert shards both pass
+    workers/gemv.expert_linear (numpy's BLAS for column-major weights), so in-process and
+    sharded experts give the same numbers as each other.
     hidden [t, D] f32, w1 [e, 2F, D], w2 [e, D, F], topk_weights [t, K] f32, local_ids [t, K]
-    -> [t, D] float32 (ids outside [0, e) contribute nothing). `linear` runs the GEMMs (the
-    engine passes workers/gemv.linear during a CPU BLAS step)."""
+    -> [t, D] float32 (ids outside [0, e) contribute nothing)."""
     t, D = hidden.shape
     E = w1.shape[0]
     K = local_ids.shape[1]

@@ -2,7 +2,8 @@
 
 Measures one decode step (forward + logits + argmax) at a given batch and context length through
 moeray's paged KV cache, and the same step of transformers' model with its DynamicCache, runs
-interleaved so both see the same machine load. Prints one JSON line per (impl, batch).
+alternating in blocks so both see the same machine load. moeray's step runs inside
+`cpu_blas_step`, as the engine runs it. Prints one JSON line per (impl, batch).
 
     python bench/model_step.py --batch 1 32 --context 128 --threads 2
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.workers.forward_context import ForwardContext
+from moeray.workers.gemv import cpu_blas_step
 from moeray.workers.loader import load_model
 from moeray.workers.model import CausalLM
 
@@ -35,9 +37,12 @@ def moeray_step(model: CausalLM, batch: int, context: int) -> Callable[[], None]
     ids = torch.randint(0, model.args.vocab_size, (batch,))
     positions = torch.full((batch,), pos)
 
+    threads = torch.get_num_threads()
+
     def step() -> None:
         ctx = ForwardContext(kv, slots, tables, list(range(batch + 1)), [context] * batch, True)
-        model.compute_logits(model(ids, positions, ctx)).argmax(-1)
+        with cpu_blas_step(threads):  # as LLMEngine.step runs it (workers/gemv.py)
+            model.compute_logits(model(ids, positions, ctx)).argmax(-1)
 
     return step
 
@@ -58,16 +63,25 @@ def hf_step(path: Path, batch: int, context: int) -> Callable[[], None]:
     return step
 
 
+#: Idle time before each block of steps: BLAS and OpenMP worker threads busy-wait for a while
+#: after their last call, which must not overlap the other implementation's block.
+SETTLE_S = 0.3
+ROUNDS = 4
+
+
 def measure(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Blocks of repeats/ROUNDS steps per implementation, alternating for ROUNDS rounds."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(3):
-        for step in steps.values():
+    for step in steps.values():
+        for _ in range(3):
             step()
-    for _ in range(repeats):
+    for _ in range(ROUNDS):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            time.sleep(SETTLE_S)
+            for _ in range(max(1, repeats // ROUNDS)):
+                start = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 

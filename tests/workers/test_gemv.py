@@ -41,3 +41,27 @@ def test_engine_uses_the_policy_for_fp32_cpu_only(
     fp32 = LLMEngine(tiny_checkpoint("mixtral"))
     bf16 = LLMEngine(tiny_checkpoint("mixtral", dtype="bfloat16"))
     assert fp32.blas_threads == 2 and bf16.blas_threads == 0
+
+
+def test_large_gemm_outside_a_step_splits_over_two_threads(two_threads: None) -> None:
+    """The sharded engine's LM head: two single-threaded OpenBLAS halves, same numbers as one
+    OpenBLAS call over the whole matrix would give to fp32 rounding; threads called at once."""
+    import threading
+
+    from moeray.workers.gemv import SPLIT_MIN_BYTES
+
+    torch.manual_seed(0)
+    out_features = SPLIT_MIN_BYTES // (4 * 256) + 7  # odd: the halves differ by one column
+    w = column_major(torch.randn(out_features, 256))
+    xs = torch.randn(6, 256)
+    want = F.linear(xs, w)
+    got = linear(xs, w)
+    assert got.shape == want.shape and not torch.equal(got, want)  # numpy's BLAS ran
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    results: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: results.append(linear(xs, w))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 3 and all(torch.equal(r, got) for r in results)

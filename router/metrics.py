@@ -59,8 +59,9 @@ class FrontDoorMetrics:
         )  # fmt: skip
 
         self.engine_streams = Counter(
-            "moeray_engine_streams", "Generate streams by tier and path (channel = the engine's "
-            "direct channel, handle = the Serve handle)", ["tier", "path"], registry=r,
+            "moeray_engine_streams", "Generate streams by tier and path (channel = opened on the "
+            "engine's direct channel, handle = through the Serve handle, including fallbacks "
+            "from a channel that failed before its first message)", ["tier", "path"], registry=r,
         )  # fmt: skip
 
     def render(self) -> bytes:

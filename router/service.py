@@ -7,8 +7,9 @@ returns dataclasses; it knows neither protobuf nor JSON. Per Generate, a numbere
 2. admission: a tier with max_inflight_per_tier requests in flight refuses with `Overloaded`;
 3. open a stream to the tier's engine: over an engine replica's direct channel
    (router/engine_links.py) when one is registered and reachable, else through the deployment's
-   Serve handle (`handle.options(stream=True).generate`); then wait for its first message: a `RequestRejected` becomes `RequestError` or `Overloaded`
-   before the client has seen anything, so refusals get a status code, not a broken stream;
+   Serve handle (`handle.options(stream=True).generate`); then wait for its first message: a
+   `RequestRejected` becomes `RequestError` or `Overloaded` before the client has seen
+   anything, so refusals get a status code, not a broken stream;
 4. forward the deltas; whenever the consumer stops early (client cancel, deadline, Abort),
    cancel the engine stream, which aborts the request and frees its KV blocks.
 """

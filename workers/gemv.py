@@ -99,6 +99,7 @@ def cpu_blas_step(threads: int) -> Iterator[None]:
         return
     setter = _openblas_setter()
     assert setter is not None
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     setter(threads)
     _step.threads = threads
@@ -107,7 +108,7 @@ def cpu_blas_step(threads: int) -> Iterator[None]:
     finally:
         _step.threads = 0
         setter(1)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     shards alike, so both give the same numbers): numpy's BLAS for column-major weights at any
     row count (OpenBLAS splits its GEMMs over output blocks, so its thread count does not change
     the bits), torch otherwise."""
-    if weight.stride(0) == 1 and weight.dim() == 2 and numpy_blas_ready():
+    if _numpy_operands(x, weight):
         return torch.from_numpy(x.numpy() @ weight.t().numpy())
     return F.linear(x, weight)
 
@@ -179,22 +180,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias); x [1, in] (or, inside cpu_blas_step, x [T, in]) fp32 on CPU
     with a column-major weight [out, in] (the CPU loader's layout) goes through numpy's BLAS,
     anything else through torch (row-major weights keep torch's exact numbers)."""
-    if (
-        x.dim() == 2 and (x.shape[0] == 1 or blas_step_active())
-        and x.dtype == torch.float32 and x.device.type == "cpu"
-        and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(0) == 1
-        and not x.requires_grad and not weight.requires_grad and numpy_blas_ready()
-    ):  # fmt: skip
-        out = torch.from_numpy(x.numpy() @ weight.t().numpy())  # [1, in] @ contiguous [in, out]
-        return out if bias is None else out.add_(bias)
-    if (
-        x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
-        and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(0) == 1
-        and weight.numel() * 4 >= SPLIT_MIN_BYTES and torch.get_num_threads() >= 2
-        and not x.requires_grad and not weight.requires_grad and numpy_blas_ready()
-    ):  # fmt: skip
+    if not _numpy_operands(x, weight):
+        return F.linear(x, weight, bias)
+    if x.shape[0] == 1 or blas_step_active():
+        out = torch.from_numpy(x.numpy() @ weight.t().numpy())  # [T, in] @ contiguous [in, out]
+    elif weight.numel() * 4 >= SPLIT_MIN_BYTES and torch.get_num_threads() >= 2:
         # A large GEMM outside a BLAS step (experts on shards: torch's pool stays up): two
         # single-threaded OpenBLAS halves (the 32-row LM head: 11.1 ms in torch, see _SplitWorker).
         out = torch.from_numpy(_split_worker().matmul(x.contiguous().numpy(), weight.t().numpy()))
-        return out if bias is None else out.add_(bias)
-    return F.linear(x, weight, bias)
+    else:
+        return F.linear(x, weight, bias)
+    return out if bias is None else out.add_(bias)
+
+
+def _numpy_operands(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 CPU x [T, in] and a column-major fp32 weight [out, in], no autograd, OpenBLAS ready."""
+    return (
+        x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+        and weight.dim() == 2 and weight.dtype == torch.float32 and weight.stride(0) == 1
+        and not x.requires_grad and not weight.requires_grad and numpy_blas_ready()
+    )  # fmt: skip

@@ -89,22 +89,22 @@ def _register_generate(sub: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from moeray.workers.io_struct import SamplingParams
+    from moeray.workers.io_struct import InvalidRequest, SamplingParams
 
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos,
+    )
     try:
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            stop=args.stop,
-            stop_token_ids=args.stop_token_ids,
-            ignore_eos=args.ignore_eos,
-        )
-    except ValueError as e:  # messages start with the field name: show it as the flag
-        field = str(e).split(" ", 1)[0]
-        raise ValueError(f"argument --{field.replace('_', '-')}: {e}") from None
+        params.validate()
+    except InvalidRequest as e:  # shown as the flag that set the field
+        raise ValueError(f"argument --{e.field.replace('_', '-')}: {e}") from None
     if not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model} is not a checkpoint directory")
     from moeray.workers.llm import LLM  # torch and the model: only once the flags are valid

@@ -1,7 +1,8 @@
 """`moeray serve`, `moeray chat` and `moeray route`: the front door from the command line.
 
-- `serve --config FILE | --demo [--grpc-port N] [--http-port N] [--host H]`: runs the whole stack
-  (private redis-server unless state.redis_url is set, local Ray, Serve with the moeray app),
+- `serve --config FILE | --demo [--grpc-port N] [--http-port N] [--host H] [--ray-address A]`:
+  runs the whole stack (private redis-server unless state.redis_url is set, a local Ray instance
+  unless --ray-address names a cluster to join, Serve with the moeray app),
   prints the endpoints and blocks until Ctrl-C / SIGTERM, then shuts everything down.
   `--demo` builds two small Mixtral-style checkpoints in HF format into ./.demo/ on first run
   (2 layers for the fast tier, 4 for the reasoning tier).
@@ -31,10 +32,23 @@ def register(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--host", default=None)
     p.add_argument(
-        "--ingress", choices=["direct", "proxy"], default=None,
-        help="direct: the router replica serves the ports (default); proxy: Serve's proxies",
-    )  # fmt: skip
+        "--router-replicas",
+        type=int,
+        default=None,
+        help="serve.router_replicas: router replicas, one per node at most",
+    )
+    p.add_argument(
+        "--router-resource",
+        default=None,
+        help="serve.router_resource: custom Ray resource a router's node advertises",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this existing Ray cluster (e.g. auto or HOST:6379) instead of "
+        "starting a local instance",
+    )
     p.add_argument(
         "--exit-after-demo",
         action="store_true",
@@ -82,19 +96,19 @@ def demo_config(root: Path = DEMO_DIR) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from moeray.cluster.app import LocalStack
-    from moeray.cluster.config import load_config
+    from moeray.cluster.config import config_with, load_config
 
     config = demo_config() if args.demo else load_config(args.config)
     overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("http_port", args.http_port),
-                                   ("host", args.host), ("ingress", args.ingress))
+                                   ("host", args.host), ("router_replicas", args.router_replicas),
+                                   ("router_resource", args.router_resource))
                  if v is not None}  # fmt: skip
     if overrides:
-        config = config.model_copy(update={"serve": config.serve.model_copy(update=overrides)})
-        config = type(config).model_validate(config.model_dump())  # re-validate the ports
+        config = config_with(config, "serve", overrides)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = LocalStack(config, num_cpus=args.num_cpus)
+    stack = LocalStack(config, num_cpus=args.num_cpus, ray_address=args.ray_address)
     try:
         stack.start()
         ends = stack.endpoints()

@@ -108,11 +108,6 @@ class RouterConfig(_Strict):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="largest request message accepted"
     )
-    engine_channel: bool = Field(
-        True,
-        description="stream Generate over the engines' direct channels (found through Redis); "
-        "false = always through the engine deployments' Serve handles",
-    )
 
 
 class StateConfig(_Strict):
@@ -130,18 +125,26 @@ class StateConfig(_Strict):
 class ServeConfig(_Strict):
     """Where clients reach the front door (docs/SERVING.md).
 
-    ingress "direct": the router replica itself listens on grpc_port and http_port (Ray Serve's
-    direct ingress; Serve's proxies move to free internal ports), one network hop fewer.
-    "proxy": Serve's gRPC and HTTP proxies listen on the ports and forward to the router.
-    Port 0 = a free port chosen at start.
+    Every router replica listens on host:grpc_port and host:http_port of its node itself, so
+    there is at most one per node. Port 0 = a free port chosen at start (one node only).
     """
 
-    host: str = "127.0.0.1"
-    grpc_port: int = Field(50051, ge=0, le=65535)
-    http_port: int = Field(8000, ge=0, le=65535)
-    ingress: Literal["direct", "proxy"] = Field(
-        "direct", description="direct: the router replica serves the ports; proxy: Serve's proxies"
+    host: str = Field("127.0.0.1", min_length=1, description="address the front door binds")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (moeray.v1.Inference)")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (OpenAI API, /metrics)")
+    router_replicas: int = Field(1, ge=1, description="router replicas (one per node at most)")
+    router_resource: str | None = Field(
+        None,
+        min_length=1,
+        description="custom Ray resource a node must advertise to hold a router replica "
+        "(the Helm chart gives it to the nodes its front-door Service selects); None = any node",
     )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServeConfig:
+        if self.grpc_port and self.grpc_port == self.http_port:
+            raise ValueError("serve.grpc_port and serve.http_port must differ")
+        return self
 
 
 class MoerayConfig(_Strict):
@@ -168,8 +171,36 @@ class MoerayConfig(_Strict):
         raise KeyError(name)
 
 
+#: Environment variables the config reads (here and nowhere else), and the fields they fill when
+#: the config leaves them unset: a Redis URL with a password comes from a Kubernetes Secret this
+#: way, never from the (visible) Serve config.
+ENVIRONMENT = {"MOERAY_REDIS_URL": ("state", "redis_url")}
+
+
+def apply_environment(config: MoerayConfig, environ: dict[str, str] | None = None) -> MoerayConfig:
+    """The config with unset fields filled from the environment (ENVIRONMENT)."""
+    env = os.environ if environ is None else environ
+    for var, (section, name) in ENVIRONMENT.items():
+        part = getattr(config, section)
+        if env.get(var) and getattr(part, name) is None:
+            part = part.model_copy(update={name: env[var]})
+            config = config.model_copy(update={section: part})
+    return config
+
+
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the field."""
+
+
+def config_with(config: MoerayConfig, section: str, values: dict[str, Any]) -> MoerayConfig:
+    """The config with `values` set in one section (CLI flags), validated again as a whole;
+    ConfigError naming `section.field` otherwise."""
+    raw = config.model_dump()
+    raw[section] = {**raw[section], **values}
+    try:
+        return MoerayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid option: {describe_validation_error(e)}") from None
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -13,7 +13,6 @@ validates with the same rules.
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,20 +22,16 @@ from moeray.cluster.config import MoerayConfig, RouterConfig
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.policy import resolve_tier
 from moeray.v1 import inference_pb2 as pb
-from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+from moeray.workers.io_struct import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_REQUEST_ID_CHARS = 128
 MAX_MESSAGES = 1024
 
 
-class RequestError(ValueError):
-    """A request field is invalid. str(e) is a sentence that starts with the field's name."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field} {message}")
-        self.field = field
-        self.message = message
+class RequestError(InvalidRequest):
+    """A request field is invalid (found by the front door). `field` is the dotted field name as
+    the client sent it; str(e) is a sentence that starts with it."""
 
 
 @dataclass(frozen=True)
@@ -150,24 +145,14 @@ def build_route_input(
     return RouteInput(prompt_token_ids=ids, tier=tier)
 
 
-def _as_request_error(err: ValueError, prefix: str) -> RequestError:
-    name, _, rest = str(err).partition(" ")  # io_struct messages start with the field name
-    return RequestError(prefix + name, rest)
-
-
 def check_sampling(
     params: SamplingParams, max_tokens_limit: int | None, prefix: str = "sampling."
 ) -> SamplingParams:
     """Validates params (and max_tokens against the tier's limit), re-raising as RequestError."""
-    for name in ("temperature", "top_p"):
-        value = getattr(params, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RequestError(prefix + name, f"must be a finite number, got {value}")
     try:
-        params.validate(max_tokens_limit)
-    except ValueError as e:
-        raise _as_request_error(e, prefix) from None
-    return params
+        return params.validate(max_tokens_limit)
+    except InvalidRequest as e:
+        raise RequestError(prefix + e.field, e.message) from None
 
 
 def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) -> SamplingParams:
@@ -177,15 +162,12 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
         if msg.HasField(name)
     }
-    try:
-        params = SamplingParams(
-            **kwargs,
-            stop=list(msg.stop),
-            stop_token_ids=list(msg.stop_token_ids),
-            ignore_eos=msg.ignore_eos,
-        )
-    except ValueError as e:
-        raise _as_request_error(e, "sampling.") from None
+    params = SamplingParams(
+        **kwargs,
+        stop=list(msg.stop),
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
     return check_sampling(params, max_tokens_limit)
 
 

@@ -1,10 +1,11 @@
-"""The router's direct links to engine replicas (workers/engine_channel.py), found through Redis.
+"""The router's side of the one router <-> engine transport: gRPC clients of the engine replicas.
 
-Each engine replica registers its channel endpoint in Redis (`ClusterState.register_engine`,
-kept fresh by `EndpointAnnouncer`). `EngineLinks` refreshes the endpoints of every tier on a
-background task of the router's event loop (never on a request's path) and hands out the link with
-the fewest open streams. A link that failed is skipped for RETRY_AFTER_S; with no usable link the
-caller falls back to the Serve handle, so Redis being down only costs speed, never requests.
+Each engine replica serves workers/engine_service.py on its node and registers the endpoint
+(address, token) in Redis (`ClusterState.register_engine`, kept fresh by `EndpointAnnouncer`).
+`EngineLinks` refreshes every tier's endpoints on a background task of the router's event loop
+(never on a request's path) and hands out the replica with the fewest open streams. A replica
+whose call failed with UNAVAILABLE is skipped for RETRY_AFTER_S; a replica whose endpoint left
+Redis is closed once its open streams have ended. Redis down: the known replicas keep serving.
 """
 
 from __future__ import annotations
@@ -14,26 +15,105 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from moeray.workers.engine_channel import EngineLink
+import grpc
+from moeray.workers.engine_service import (
+    CHANNEL_OPTIONS,
+    GENERATE,
+    STATS,
+    client_metadata,
+    decode_event,
+    decode_stats,
+    encode,
+)
+from moeray.workers.io_struct import EngineStats, GenerateEvent, GenerateRequest, StatsRequest
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
-RETRY_AFTER_S = 5.0
+RETRY_AFTER_S = 2.0
+STATS_TIMEOUT_S = 1.0
+
+
+class EngineClient:
+    """One gRPC channel from this router replica to one engine replica (on the router's loop).
+
+    `inflight` counts its open Generate streams (least-loaded picking).
+    """
+
+    def __init__(self, replica_id: str, address: str, token: str) -> None:
+        self.replica_id, self.address, self.token = replica_id, address, token
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._generate = self.channel.unary_stream(
+            GENERATE, request_serializer=encode, response_deserializer=decode_event
+        )
+        self._stats = self.channel.unary_unary(
+            STATS, request_serializer=encode, response_deserializer=decode_stats
+        )
+        self._metadata = client_metadata(token)
+        self.inflight = 0
+        self.failed_at = 0.0  # monotonic time of the last UNAVAILABLE (0 = none)
+
+    def generate(self, request: GenerateRequest, timeout_s: float | None) -> GenerateStream:
+        """A stream of GenerateEvents for one request; cancel() aborts it on the engine."""
+        call = self._generate(request, timeout=timeout_s, metadata=self._metadata)
+        return GenerateStream(self, call)
+
+    async def stats(self, timeout_s: float = STATS_TIMEOUT_S) -> EngineStats:
+        """This replica's EngineStats; grpc.aio.AioRpcError when it does not answer in time."""
+        result: EngineStats = await self._stats(
+            StatsRequest(), timeout=timeout_s, metadata=self._metadata
+        )
+        return result
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+class GenerateStream:
+    """One Generate call: iterate it for GenerateEvents; counts as in flight until it ends."""
+
+    def __init__(self, client: EngineClient, call: Any) -> None:
+        self.client, self.call = client, call
+        self.received = 0  # events received so far (0: the engine may not have started it)
+        client.inflight += 1
+        self._open = True
+
+    async def __aiter__(self) -> AsyncIterator[GenerateEvent]:
+        try:
+            async for event in self.call:
+                self.received += 1
+                yield event
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.client.failed_at = time.monotonic()
+            raise
+        finally:
+            self._end()
+
+    def cancel(self) -> None:
+        """Stops the call: the engine aborts the request and frees its KV blocks."""
+        self.call.cancel()
+        self._end()
+
+    def _end(self) -> None:
+        if self._open:
+            self._open = False
+            self.client.inflight -= 1
 
 
 class EngineLinks:
-    """Per tier: replica id -> EngineLink, refreshed from `state.engine_endpoints(tier)`.
+    """Per tier: replica id -> EngineClient, refreshed from `state.engine_endpoints(tier)`.
 
     state: a `cluster.state.ClusterState`. Lives on one event loop (the router replica's).
     """
 
     def __init__(self, state: Any, tiers: list[str], refresh_s: float = REFRESH_S) -> None:
         self.state, self.tiers, self.refresh_s = state, list(tiers), refresh_s
-        self._links: dict[str, dict[str, EngineLink]] = {t: {} for t in self.tiers}
-        self._retired: list[EngineLink] = []
+        self._clients: dict[str, dict[str, EngineClient]] = {t: {} for t in self.tiers}
+        self._retired: list[EngineClient] = []
         self._task: asyncio.Task[None] | None = None
         self.refreshes = 0
 
@@ -48,7 +128,7 @@ class EngineLinks:
             try:
                 await self.refresh()
                 backoff = self.refresh_s
-            except Exception as e:  # Redis down: keep the links we have, retry with backoff
+            except Exception as e:  # Redis down: keep the replicas we know, retry with backoff
                 log.debug("engine endpoints unavailable: %s", e)
                 backoff = min(backoff * 2, 10.0)
             await asyncio.sleep(backoff)
@@ -58,42 +138,43 @@ class EngineLinks:
         for tier in self.tiers:
             endpoints = await asyncio.to_thread(self.state.engine_endpoints, tier)
             self._update(tier, endpoints)
-        for link in [lk for lk in self._retired if lk.inflight == 0]:
-            self._retired.remove(link)
-            await link.close()
+        for client in [c for c in self._retired if c.inflight == 0]:
+            self._retired.remove(client)
+            await client.close()
         self.refreshes += 1
 
     def _update(self, tier: str, endpoints: list[Any]) -> None:
-        current, fresh = self._links[tier], {}
+        current, fresh = self._clients[tier], {}
         for ep in endpoints:
-            link = current.get(ep.replica_id)
-            if link is None or (link.address, link.token) != (ep.address, ep.token):
-                link = EngineLink(ep.address, ep.token, ep.replica_id)
-            fresh[ep.replica_id] = link
-        for rid, link in current.items():
-            if fresh.get(rid) is not link:
-                self._retired.append(link)  # closed once its open streams have ended
-        self._links[tier] = fresh
+            client = current.get(ep.replica_id)
+            if client is None or (client.address, client.token) != (ep.address, ep.token):
+                client = EngineClient(ep.replica_id, ep.address, ep.token)
+            fresh[ep.replica_id] = client
+        for rid, client in current.items():
+            if fresh.get(rid) is not client:
+                self._retired.append(client)  # closed once its open streams have ended
+        self._clients[tier] = fresh
 
-    def pick(self, tier: str) -> EngineLink | None:
-        """The usable link of `tier` with the fewest open streams (ties broken at random)."""
+    def pick(self, tier: str, exclude: frozenset[str] = frozenset()) -> EngineClient | None:
+        """The usable replica of `tier` with the fewest open streams (ties broken at random)."""
         now = time.monotonic()
         usable = [
-            lk for lk in self._links.get(tier, {}).values()
-            if not lk.closed and (not lk.failed_at or now - lk.failed_at > RETRY_AFTER_S)
+            c for c in self._clients.get(tier, {}).values()
+            if c.replica_id not in exclude
+            and (not c.failed_at or now - c.failed_at > RETRY_AFTER_S)
         ]  # fmt: skip
         if not usable:
             return None
-        least = min(lk.inflight for lk in usable)
-        return random.choice([lk for lk in usable if lk.inflight == least])
+        least = min(c.inflight for c in usable)
+        return random.choice([c for c in usable if c.inflight == least])
 
-    def links(self, tier: str) -> list[EngineLink]:
-        return list(self._links.get(tier, {}).values())
+    def clients(self, tier: str) -> list[EngineClient]:
+        return list(self._clients.get(tier, {}).values())
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for link in [lk for t in self._links.values() for lk in t.values()] + self._retired:
-            await link.close()
+        for client in [c for t in self._clients.values() for c in t.values()] + self._retired:
+            await client.close()

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API of the front door (FastAPI, served by Serve's HTTP proxy).
+"""The OpenAI-compatible HTTP API of the front door (FastAPI, served by the router replica's
+uvicorn, router/front_door.py).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming as server-sent events
 ending in `data: [DONE]`, or one JSON body), GET /v1/models (the tiers, their checkpoint names and
@@ -8,7 +9,8 @@ name, a role ("fast", "reasoning") or a tier's checkpoint folder name.
 JSON is converted to the same dataclasses the gRPC path uses, with the same validation
 (router/convert.py: build_route_input, check_sampling); errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}} with the field in `param` and in the message:
-400 invalid_request_error, 429 rate_limit_exceeded, 500 server_error. A stream is opened only
+400 invalid_request_error, 429 rate_limit_exceeded and 503 (both with Retry-After),
+500 server_error. A stream is opened only
 after the engine accepted the request, so refusals always get a status code.
 The route decision is returned in the headers x-moeray-tier, x-moeray-route-score and
 x-moeray-route-fallback; non-streamed responses also carry x-moeray-engine-time-ms.
@@ -29,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from moeray.router.convert import RequestError, build_route_input, check_sampling
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.metrics import CONTENT_TYPE
-from moeray.router.service import InferenceService, Overloaded
+from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -84,7 +86,8 @@ class HttpError(Exception):
 def error_response(status: int, message: str, param: str | None, code: str) -> JSONResponse:
     kind = {400: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    headers = {"retry-after": "1"} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _invalid(field: str, message: str) -> HttpError:
@@ -92,11 +95,15 @@ def _invalid(field: str, message: str) -> HttpError:
 
 
 def _from_service_error(e: Exception, input_field: str) -> HttpError:
-    """RequestError / Overloaded -> HttpError; internal field names -> OpenAI's."""
+    """RequestError / Overloaded / EngineUnavailable -> HttpError; internal field names ->
+    OpenAI's."""
     if isinstance(e, Overloaded):
         return HttpError(429, str(e), None, "overloaded")
+    if isinstance(e, EngineUnavailable):
+        return HttpError(503, str(e), None, "unavailable")
     assert isinstance(e, RequestError)
-    field = {"tier": "model", "input": input_field, "prompt": input_field}.get(e.field, e.field)
+    field = {"tier": "model", "input": input_field, "prompt": input_field,
+             "prompt_token_ids": input_field}.get(e.field, e.field)  # fmt: skip
     return HttpError(400, f"{field} {e.message}", field, "invalid_value")
 
 
@@ -155,14 +162,10 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
     if max_tokens is None:
         max_tokens = min(default_max, limit) if limit else default_max
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    try:
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
-        )  # fmt: skip
-    except ValueError as e:
-        field, _, rest = str(e).partition(" ")
-        raise _invalid(field, rest) from None
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
+    )  # fmt: skip
     try:
         return check_sampling(params, limit, prefix="")
     except RequestError as e:
@@ -315,7 +318,7 @@ def build_http_app(service: InferenceService) -> FastAPI:
             stream = service.generate(call, "http")
             try:
                 first = await anext(stream)
-            except (RequestError, Overloaded) as e:
+            except (RequestError, Overloaded, EngineUnavailable) as e:
                 raise _from_service_error(e, input_field) from None
         except HttpError as e:
             return error_response(e.status, e.message, e.param, e.code)
@@ -346,8 +349,7 @@ def build_http_app(service: InferenceService) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        stats = [await service.engine_stats(t) for t in service.engines]
-        ok = all(stats)
+        ok = await service.healthy()
         return JSONResponse(
             {"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503
         )

@@ -3,7 +3,8 @@
 `RouteInput` is what the routing policy sees of a request: its input in one of three forms and
 the tier the client asked for. `RouteDecision` is what the policy answers. `GenerateCall` is a
 validated Generate request on its way to an engine deployment. Nothing here imports protobuf or
-Ray, so the policy stays a pure function that tests call directly.
+Ray, so the policy stays a pure function that tests call directly. `ChatMessage` is the engine
+wire's (workers/io_struct.py), so a chat reaches the engine without a conversion.
 """
 
 from __future__ import annotations
@@ -11,18 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from moeray.workers.io_struct import SamplingParams
+from moeray.workers.io_struct import ChatMessage, GenerateRequest, SamplingParams
 
 #: Requested-tier values that mean "the router decides".
 AUTO_TIERS = frozenset({"", "auto"})
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One turn of a chat."""
-
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)
@@ -60,13 +53,15 @@ class RouteInput:
                     return m.content
         return self.text()
 
-    def engine_input(self) -> str | list[int] | list[dict[str, str]]:
-        """What AsyncLLMEngine.generate takes: a prompt, token ids, or chat messages as dicts."""
-        if self.prompt is not None:
-            return self.prompt
-        if self.messages is not None:
-            return [{"role": m.role, "content": m.content} for m in self.messages]
-        return list(self.prompt_token_ids or ())
+    def engine_request(self, request_id: str, sampling: SamplingParams) -> GenerateRequest:
+        """The message an engine replica receives for this input."""
+        return GenerateRequest(
+            request_id=request_id,
+            sampling=sampling,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids) if self.prompt_token_ids else None,
+            messages=list(self.messages) if self.messages is not None else None,
+        )
 
 
 @dataclass(frozen=True)

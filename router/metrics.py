@@ -58,12 +58,6 @@ class FrontDoorMetrics:
             "(tiers with expert shards)", ["tier", "layer", "expert"], registry=r,
         )  # fmt: skip
 
-        self.engine_streams = Counter(
-            "moeray_engine_streams", "Generate streams by tier and path (channel = opened on the "
-            "engine's direct channel, handle = through the Serve handle, including fallbacks "
-            "from a channel that failed before its first message)", ["tier", "path"], registry=r,
-        )  # fmt: skip
-
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""
         return generate_latest(self.registry)

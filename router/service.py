@@ -5,13 +5,14 @@ returns dataclasses; it knows neither protobuf nor JSON. Per Generate, a numbere
 
 1. decide the tier (router/policy.py, a pure function of the request and the in-flight counts);
 2. admission: a tier with max_inflight_per_tier requests in flight refuses with `Overloaded`;
-3. open a stream to the tier's engine: over an engine replica's direct channel
-   (router/engine_links.py) when one is registered and reachable, else through the deployment's
-   Serve handle (`handle.options(stream=True).generate`); then wait for its first message: a
-   `RequestRejected` becomes `RequestError` or `Overloaded` before the client has seen
-   anything, so refusals get a status code, not a broken stream;
-4. forward the deltas; whenever the consumer stops early (client cancel, deadline, Abort),
-   cancel the engine stream, which aborts the request and frees its KV blocks.
+3. open a Generate call on the tier's least-loaded engine replica (router/engine_links.py, the
+   one transport to engines) and wait for its first message: a `GenerateRejected` becomes
+   `RequestError` (its field, as data) or `Overloaded` before the client has seen anything, so
+   refusals get a status code, not a broken stream. A replica that is unreachable before it sent
+   anything is skipped and the request tried on another (it had not started there);
+4. forward the deltas, rebuilt into cumulative RequestOutputs; whenever the consumer stops early
+   (client cancel, deadline, Abort), cancel the engine call, which aborts the request on the
+   engine and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -19,39 +20,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from moeray.cluster.config import MoerayConfig
 from moeray.router.convert import RequestError, RequestLimits
-from moeray.router.engine_links import EngineLinks
+from moeray.router.engine_links import EngineLinks, GenerateStream
 from moeray.router.messages import GenerateCall, RouteDecision, RouteInput, TierLoad
 from moeray.router.metrics import FrontDoorMetrics
 from moeray.router.policy import QueryRouter
-from moeray.workers.engine_channel import ChannelError, StreamCancelled
 from moeray.workers.io_struct import (
     EngineStats,
     FinishReason,
+    GenerateDelta,
+    GenerateRejected,
     RequestOutput,
-    RequestRejected,
     Usage,
 )
-from ray.serve.exceptions import RequestCancelledError
 
 log = logging.getLogger(__name__)
 
-STATS_TIMEOUT_S = 5.0
+#: Replicas tried for one request whose earlier replicas were unreachable before it started.
+MAX_ATTEMPTS = 3
 
 
 class Overloaded(RuntimeError):
     """The tier (router admission) or its engine (queue) is full: RESOURCE_EXHAUSTED / HTTP 429."""
 
 
+class EngineUnavailable(RuntimeError):
+    """No engine replica of the tier could take the request, or the one serving it was lost:
+    UNAVAILABLE / HTTP 503 (retryable)."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed before it finished: DEADLINE_EXCEEDED."""
+
+
+class _Aborted(Exception):
+    """The Abort RPC stopped the request: its stream ends with FinishReason.ABORT."""
+
+
 @dataclass
 class _Running:
     tier: str
-    response: Any  # DeploymentResponseGenerator | EngineStream: cancel() stops the engine stream
+    stream: GenerateStream | None = None
     aborted: bool = False
 
 
@@ -71,42 +86,27 @@ class TierSnapshot:
 
 
 class InferenceService:
-    """Routes, admits and streams requests to the engine deployments of the configured tiers.
+    """Routes, admits and streams requests to the engine replicas of the configured tiers.
 
-    engines: tier name -> DeploymentHandle of that tier's `EngineServer`.
-    state: a ClusterState (Redis) for placement epochs and expert load, or None.
+    state: the ClusterState (Redis) where engine replicas announce themselves, and where placement
+    epochs and expert load are read. links: the engine clients (default: EngineLinks on `state`).
     """
 
     def __init__(
         self,
         config: MoerayConfig,
-        engines: Mapping[str, Any],
-        state: Any = None,
+        state: Any,
         metrics: FrontDoorMetrics | None = None,
         links: EngineLinks | None = None,
     ) -> None:
         self.config = config
-        self.engines = dict(engines)
-        # One streaming view per tier, made once: handle.options() copies the handle per call.
-        # _by_reference=False sends the calls over Serve's gRPC channel between replicas instead
-        # of Ray actor tasks, with plain pickle for the io_struct dataclasses: measured 8.9 ->
-        # 5.1 ms per one-token Generate on the dev machine (docs/BENCHMARKS.md).
-        self._streams = {
-            tier: h.options(
-                stream=True, _by_reference=False,
-                request_serialization="pickle", response_serialization="pickle",
-            )
-            for tier, h in self.engines.items()
-        }  # fmt: skip
+        self.tiers = [t.name for t in config.tiers]
         self.state = state
-        # The engines' direct channels, found through Redis; None = always the Serve handle.
-        if links is None and state is not None and config.router.engine_channel:
-            links = EngineLinks(state, [t.name for t in config.tiers])
-        self.links = links
+        self.links = links or EngineLinks(state, self.tiers)
         self.metrics = metrics or FrontDoorMetrics()
         self.limits = RequestLimits.from_config(config)
         self.router = QueryRouter.from_config(config)
-        self.inflight: dict[str, int] = {t.name: 0 for t in config.tiers}
+        self.inflight: dict[str, int] = {t: 0 for t in self.tiers}
         self._running: dict[str, _Running] = {}
 
     # ---- routing -----------------------------------------------------------------------------
@@ -129,9 +129,10 @@ class InferenceService:
     # ---- generation --------------------------------------------------------------------------
 
     async def generate(
-        self, call: GenerateCall, protocol: str
+        self, call: GenerateCall, protocol: str, timeout_s: float | None = None
     ) -> AsyncIterator[tuple[RouteDecision, RequestOutput]]:
-        """Streams (decision, delta) pairs; raises RequestError / Overloaded before the first."""
+        """Streams (decision, delta) pairs; raises RequestError / Overloaded / EngineUnavailable
+        before the first. timeout_s: the client's deadline, passed on to the engine call."""
         decision = self.decide(call.input)  # 1
         tier = decision.tier
         if call.request_id in self._running:
@@ -142,73 +143,87 @@ class InferenceService:
             raise Overloaded(f"tier {tier!r} is at its limit of {limit} requests in flight")
         self._enter(call.request_id, tier)
         outcome, start = "error", time.perf_counter()
-        items = self._engine_items(tier, call)  # 3
+        last: RequestOutput | None = None
         try:
-            last: RequestOutput | None = None
-            try:
-                async for item in items:
-                    if isinstance(item, RequestRejected):
-                        outcome = "invalid" if item.kind == "invalid" else "overloaded"
-                        raise _rejection_error(item)
-                    if last is None:
-                        self.metrics.ttft.labels(tier).observe(time.perf_counter() - start)
-                    last = item
-                    yield decision, item  # 4
-            except (RequestCancelledError, StreamCancelled):
-                if not self._running[call.request_id].aborted:
-                    raise
-                outcome = "aborted"  # the Abort RPC: end the stream with FinishReason.ABORT
-                yield decision, _aborted_output(call.request_id, last)
-                return
-            outcome = "ok" if last is not None else "error"
+            async for out in self._engine_outputs(tier, call, timeout_s):  # 3
+                if last is None:
+                    self.metrics.ttft.labels(tier).observe(time.perf_counter() - start)
+                last = out
+                yield decision, out  # 4
+            outcome = "ok"
             if last is not None:
                 self._count_tokens(tier, last, time.perf_counter() - start)
+        except _Aborted:
+            outcome = "aborted"
+            yield decision, _aborted_output(call.request_id, last)
+        except RequestError:
+            outcome = "invalid"
+            raise
+        except Overloaded:
+            outcome = "overloaded"
+            raise
+        except EngineUnavailable:
+            outcome = "unavailable"
+            raise
+        except DeadlineExceeded:
+            outcome = "deadline"
+            raise
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
             raise
         finally:
             self._leave(call.request_id, tier, protocol, outcome)
-            await items.aclose()
 
-    async def _engine_items(
-        self, tier: str, call: GenerateCall
-    ) -> AsyncGenerator[RequestOutput | RequestRejected, None]:
-        """The engine's stream for one request: over the engine's direct channel when a link is
-        up, else (or when the link fails before anything came back) over the Serve handle."""
+    async def _engine_outputs(
+        self, tier: str, call: GenerateCall, timeout_s: float | None
+    ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from one engine replica (steps 3 and 4)."""
         running = self._running[call.request_id]
-        link = None
-        if self.links is not None:
-            self.links.start()
-            link = self.links.pick(tier)
-        if link is not None:
-            stream = link.generate(call.request_id, call.input.engine_input(), call.sampling)
-            running.response = stream
+        request = call.input.engine_request(call.request_id, call.sampling)
+        tried: set[str] = set()
+        self.links.start()
+        while True:
+            client = self.links.pick(tier, frozenset(tried))
+            if client is None:
+                raise EngineUnavailable(f"no engine replica of tier {tier!r} is reachable")
+            stream = running.stream = client.generate(request, timeout_s)
+            acc = _Outputs(call.request_id)
             try:
-                self.metrics.engine_streams.labels(tier, "channel").inc()
-                async for item in stream:
-                    yield item
+                async for event in stream:
+                    if isinstance(event, GenerateRejected):
+                        raise _rejection_error(event)
+                    yield acc.add(event)
                 return
-            except ChannelError as e:
-                if stream.started or running.aborted:
-                    raise
-                log.warning("engine channel of tier %r unusable (%s); using the handle", tier, e)
-        self.metrics.engine_streams.labels(tier, "handle").inc()
-        response = self._streams[tier].generate.remote(
-            call.request_id, call.input.engine_input(), call.sampling
-        )
-        running.response = response
-        async for item in response:
-            yield item
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.CANCELLED and running.aborted:
+                    raise _Aborted from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded("the request's deadline passed") from None
+                lost = f"the engine replica of tier {tier!r} at {client.address} was lost"
+                if code == grpc.StatusCode.UNAVAILABLE and not stream.received:
+                    tried.add(client.replica_id)
+                    if len(tried) < MAX_ATTEMPTS:
+                        log.warning("%s before request %s started; trying another replica",
+                                    lost, call.request_id)  # fmt: skip
+                        continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    raise EngineUnavailable(f"{lost}; retry the request") from None
+                raise EngineUnavailable(f"{lost}: {code.name} {e.details()}") from None
+            except asyncio.CancelledError:
+                if running.aborted:
+                    raise _Aborted from None
+                raise
+            finally:
+                stream.cancel()  # no-op for a finished call; else the engine aborts the request
 
     def _enter(self, request_id: str, tier: str) -> None:
         self.inflight[tier] += 1
         self.metrics.inflight.labels(tier).set(self.inflight[tier])
-        self._running[request_id] = _Running(tier, None)
+        self._running[request_id] = _Running(tier)
 
     def _leave(self, request_id: str, tier: str, protocol: str, outcome: str) -> None:
-        running = self._running.pop(request_id, None)
-        if running is not None and running.response is not None and outcome != "ok":
-            running.response.cancel()  # the engine aborts the request, freeing its KV blocks
+        self._running.pop(request_id, None)
         self.inflight[tier] -= 1
         self.metrics.inflight.labels(tier).set(self.inflight[tier])
         self.metrics.requests.labels(tier, protocol, outcome).inc()
@@ -221,36 +236,45 @@ class InferenceService:
     def abort(self, request_id: str) -> bool:
         """Stops a running Generate by id (its engine frees the KV blocks); False if unknown."""
         running = self._running.get(request_id)
-        if running is None or running.response is None:
+        if running is None or running.stream is None:
             return False
         running.aborted = True
-        running.response.cancel()
+        running.stream.cancel()
         return True
 
     # ---- status ------------------------------------------------------------------------------
 
     async def engine_stats(self, tier: str) -> list[EngineStats]:
-        """Stats of one engine replica of the tier (the one the handle picks); [] on failure."""
-        try:
-            stats = await asyncio.wait_for(self.engines[tier].stats.remote(), STATS_TIMEOUT_S)
-        except Exception as e:  # a dead or starting replica: report it as absent
-            log.warning("stats of tier %r unavailable: %s", tier, e)
-            return []
+        """Stats of every engine replica of the tier that answers in time (absent ones left out)."""
+        self.links.start()
+        results = await asyncio.gather(
+            *(c.stats() for c in self.links.clients(tier)), return_exceptions=True
+        )
+        stats = [r for r in results if isinstance(r, EngineStats)]
+        for r in results:
+            if not isinstance(r, EngineStats):
+                log.warning("an engine replica of tier %r did not answer: %s", tier, r)
         self._export_engine(tier, stats)
-        return [stats]
+        return stats
 
-    def _export_engine(self, tier: str, s: EngineStats) -> None:
+    def _export_engine(self, tier: str, stats: list[EngineStats]) -> None:
         for name, value in (
-            ("running", s.running),
-            ("waiting", s.waiting),
-            ("kv_blocks_free", s.free_blocks),
-            ("kv_blocks_total", s.total_blocks),
+            ("replicas", len(stats)),
+            ("running", sum(s.running for s in stats)),
+            ("waiting", sum(s.waiting for s in stats)),
+            ("kv_blocks_free", sum(s.free_blocks for s in stats)),
+            ("kv_blocks_total", sum(s.total_blocks for s in stats)),
         ):
             self.metrics.engine.labels(tier, name).set(value)
 
+    async def healthy(self) -> bool:
+        """True when every tier has at least one engine replica that answers."""
+        stats = await asyncio.gather(*(self.engine_stats(t) for t in self.tiers))
+        return all(stats)
+
     async def snapshot(self, tier_filter: str = "") -> list[TierSnapshot]:
         """Every tier's state (or one tier's); RequestError naming `tier` if unknown."""
-        names = [t.name for t in self.config.tiers]
+        names = list(self.tiers)
         if tier_filter:
             if tier_filter not in names:
                 raise RequestError(
@@ -312,8 +336,34 @@ def _aborted_output(request_id: str, last: RequestOutput | None) -> RequestOutpu
     )
 
 
-def _rejection_error(item: RequestRejected) -> Exception:
+def _rejection_error(item: GenerateRejected) -> Exception:
     if item.kind == "overloaded":
         return Overloaded(item.message)
-    field_name, _, rest = item.message.partition(" ")  # engine messages start with the field
-    return RequestError(field_name, rest)
+    return RequestError(item.field, item.message)
+
+
+class _Outputs:
+    """Rebuilds cumulative RequestOutputs of one request from the engine's deltas."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = []
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def add(self, d: GenerateDelta) -> RequestOutput:
+        if d.prompt_token_ids is not None:
+            self.prompt_token_ids = d.prompt_token_ids
+        self.token_ids.extend(d.delta_token_ids)
+        self.text += d.delta_text
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.token_ids),
+            text=self.text,
+            delta_token_ids=d.delta_token_ids,
+            delta_text=d.delta_text,
+            finish_reason=d.finish_reason,
+            usage=Usage(d.prompt_tokens, d.completion_tokens),
+            engine_time_s=d.engine_time_s,
+        )

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from moeray.cluster.config import EngineConfig
-from moeray.workers.engine import LLMEngine
-from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+from moeray.workers.engine import LLMEngine, StatsSnapshot
+from moeray.workers.io_struct import FinishReason, InvalidRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,17 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queues a request; iterate the result for RequestOutput deltas (last one finished).
 
-        Raises ValueError (bad input, naming the field), EngineOverloaded (queue full) or
-        RuntimeError (engine shut down) right away, before anything is queued.
+        Raises InvalidRequest (bad input, naming the field), EngineOverloaded (queue full) or
+        RuntimeError (engine shut down) right away, before anything is queued. The input is
+        checked and tokenized here, once, on the caller's thread (never the engine's).
         """
         if self._stopping:
             raise RuntimeError("the engine is shut down")
-        params = params or SamplingParams()
-        params.validate(self.engine.config.max_tokens_limit)
-        ids = self.encode(prompt)
+        ids, params = self.engine.process_input(self.render(prompt), params)
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
-                raise ValueError(f"request_id {request_id!r} is already in use")
+                raise InvalidRequest("request_id", f"{request_id!r} is already in use")
             if self._queued() >= self._max_queue:
                 raise EngineOverloaded(
                     f"the engine's waiting queue is full (max_queue={self._max_queue})"
@@ -94,14 +93,14 @@ class AsyncLLMEngine:
         self._wake.set()
         return self._iterate(request_id, stream)
 
-    def encode(self, prompt: str | list[int] | Messages) -> list[int]:
-        """Prompt text, token ids or chat messages -> validated prompt token ids."""
+    def render(self, prompt: str | list[int] | Messages) -> str | list[int]:
+        """Chat messages -> the token ids of the chat template; text and ids pass through."""
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             messages = cast("Messages", prompt)
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             # The template already holds the special tokens, as transformers encodes it.
-            return self.engine.encode_prompt(self.tokenizer.encode(text, add_special_tokens=False))
-        return self.engine.encode_prompt(cast("str | list[int]", prompt))
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return cast("str | list[int]", prompt)
 
     def _queued(self) -> int:
         """Requests that would wait: queued ones beyond the free seats of the running batch."""
@@ -129,11 +128,16 @@ class AsyncLLMEngine:
         self._commands.append(("abort", request_id, None, None))
         self._wake.set()
 
-    def stats(self) -> dict[str, int]:
-        """running / waiting / free_blocks / total_blocks, read without stopping the engine."""
+    def stats(self) -> StatsSnapshot:
+        """The engine's load and prefix-cache counters, read without stopping the engine."""
         s = self.engine.stats()
         s["waiting"] += self._pending_adds
         return s
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine's step thread has stopped (shut down, or crashed)."""
+        return self._thread.is_alive()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stops the loop; every unfinished request ends with FinishReason.ABORT."""
@@ -167,7 +171,7 @@ class AsyncLLMEngine:
             kind, rid, ids, params = self._commands.popleft()
             if kind == "add":
                 try:
-                    self.engine.add_request(rid, ids, params, stream=True)
+                    self.engine.add_processed(rid, ids, params, stream=True)
                 except Exception as e:  # reaches the caller's stream; the loop carries on
                     self._deliver_error(rid, e)
                 with self._lock:  # after the add: counted twice for a moment, never zero times

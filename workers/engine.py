@@ -17,7 +17,13 @@ from moeray.cluster.config import EngineConfig
 from moeray.workers.block_manager import BlockManager
 from moeray.workers.detokenizer import IncrementalDetokenizer
 from moeray.workers.gemv import cpu_blas_step
-from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, Usage
+from moeray.workers.io_struct import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    Usage,
+)
 from moeray.workers.model_runner import ModelRunner
 from moeray.workers.moe import LocalExperts
 from moeray.workers.sampler import Sampler
@@ -95,37 +101,48 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Validated prompt token ids; ValueError naming the field otherwise."""
+        """Validated prompt token ids; InvalidRequest naming the field otherwise."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must not be empty")
+                raise InvalidRequest("prompt", "must not be empty")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError("prompt is not valid UTF-8 text") from None
+                raise InvalidRequest("prompt", "is not valid UTF-8 text") from None
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list):
             ids = prompt
             for t in ids:
                 if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                    raise ValueError(
-                        f"prompt_token_ids must be integers in [0, {self.vocab_size}), got {t!r}"
+                    raise InvalidRequest(
+                        "prompt_token_ids", f"must be integers in [0, {self.vocab_size}), got {t!r}"
                     )
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt)}")
+            raise InvalidRequest(
+                "prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
-            raise ValueError("prompt must not be empty (it has no tokens)")
+            raise InvalidRequest("prompt", "must not be empty (it has no tokens)")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the context limit (max_model_len) is "
-                f"{self.max_model_len}, which must leave room for one generated token"
+            raise InvalidRequest(
+                "prompt",
+                f"has {len(ids)} tokens; the context limit (max_model_len) is "
+                f"{self.max_model_len}, which must leave room for one generated token",
             )
         if self.block_manager.blocks_for(len(ids) + 1) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, more than the KV cache holds "
-                f"(num_kv_blocks={self.block_manager.num_blocks} of {self.config.block_size})"
+            raise InvalidRequest(
+                "prompt",
+                f"has {len(ids)} tokens, more than the KV cache holds "
+                f"(num_kv_blocks={self.block_manager.num_blocks} of {self.config.block_size})",
             )
         return list(ids)
+
+    def process_input(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> tuple[list[int], SamplingParams]:
+        """(prompt token ids, params), both checked once; InvalidRequest naming the field."""
+        params = (params or SamplingParams()).validate(self.config.max_tokens_limit)
+        return self.encode_prompt(prompt), params
 
     def add_request(
         self,
@@ -134,12 +151,16 @@ class LLMEngine:
         params: SamplingParams | None = None,
         stream: bool = True,
     ) -> None:
-        """Queues a request. stream=False reports it once, when it finishes."""
+        """Checks and queues a request. stream=False reports it once, when it finishes."""
+        ids, params = self.process_input(prompt, params)
+        self.add_processed(request_id, ids, params, stream)
+
+    def add_processed(
+        self, request_id: str, ids: list[int], params: SamplingParams, stream: bool = True
+    ) -> None:
+        """Queues a request whose input `process_input` has already checked."""
         if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params = params or SamplingParams()
-        params.validate(self.config.max_tokens_limit)
-        ids = self.encode_prompt(prompt)
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, stream)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         self._requests[request_id] = seq

@@ -1,17 +1,33 @@
-"""Typed messages exchanged between the front door, the engine and its callers.
+"""Typed messages exchanged between the front door, the engine and its callers, defined once.
 
-Every message that crosses a process boundary (router <-> engine deployment, engine <-> caller) is
-one of these dataclasses; nothing travels as a loose dict. Validation errors are `ValueError`s
-whose message names the field, so the front door can turn them into INVALID_ARGUMENT / HTTP 400.
+- The engine's API (offline `LLM`, `LLMEngine`, `AsyncLLMEngine`): `SamplingParams`,
+  `RequestOutput`, `FinishReason`, `Usage`.
+- The wire between a router replica and an engine replica (workers/engine_service.py, gRPC with
+  msgspec-encoded bodies): `GenerateRequest` in, a stream of `GenerateDelta`s (deltas only) or one
+  `GenerateRejected` out; `StatsRequest` in, `EngineStats` out.
+- Refusals: `InvalidRequest(field, message)`, a ValueError that carries the field's name as data,
+  so no caller ever parses it back out of the sentence.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+
+import msgspec
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+
+
+class InvalidRequest(ValueError):
+    """A request field is invalid. `field` is its dotted name; str(e) is "<field> <message>"."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
 
 
 class FinishReason(str, enum.Enum):
@@ -44,40 +60,56 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        self.validate()
 
-    def validate(self, max_tokens_limit: int | None = None) -> None:
-        """Raises ValueError naming the field when a value is out of range."""
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
-            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+    def validate(self, max_tokens_limit: int | None = None) -> SamplingParams:
+        """Returns self; raises InvalidRequest naming the field when a value is out of range.
+
+        Called once per request, where it is admitted: the front door for served requests
+        (router/convert.py), `LLMEngine.process_input` for direct callers of the engine.
+        """
+        if not _is_int(self.max_tokens):
+            raise InvalidRequest("max_tokens", f"must be an integer, got {self.max_tokens!r}")
         if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise InvalidRequest("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
-            raise ValueError(
-                f"max_tokens must be at most {max_tokens_limit}, got {self.max_tokens}"
+            raise InvalidRequest(
+                "max_tokens", f"must be at most {max_tokens_limit}, got {self.max_tokens}"
             )
-        if not (self.temperature >= 0.0):  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequest(name, f"must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise InvalidRequest(name, f"must be a finite number, got {value}")
+        if self.temperature < 0.0:
+            raise InvalidRequest("temperature", f"must be >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(
-                f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k}"
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise InvalidRequest(
+                "top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k}"
             )
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise InvalidRequest(
+                "seed", f"must be an integer in [-2^63, 2^64), got {self.seed!r}"
+            )
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(
-                f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
+            raise InvalidRequest(
+                "stop", f"must have at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"
             )
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError("stop strings must be non-empty strings")
+                raise InvalidRequest("stop", "strings must be non-empty strings")
             if len(s) > MAX_STOP_STRING_CHARS:
-                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
+                raise InvalidRequest(
+                    "stop", f"strings must be at most {MAX_STOP_STRING_CHARS} characters"
+                )
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+            if not _is_int(t) or t < 0:
+                raise InvalidRequest("stop_token_ids", f"must be non-negative integers, got {t!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -120,23 +152,65 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
-@dataclass(frozen=True)
-class RequestRejected:
-    """An engine deployment's answer instead of a first RequestOutput when it refuses a request.
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    Sent as a value, not raised: an exception crossing Ray arrives wrapped in a traceback, and a
-    refusal is an expected outcome the front door maps to a status code.
-    kind: "invalid" (bad input; `message` names the field -> INVALID_ARGUMENT / HTTP 400) or
-    "overloaded" (the waiting queue is full -> RESOURCE_EXHAUSTED / HTTP 429).
+
+# ---- the wire between router and engine replicas (msgspec structs, encoded as msgpack) -------
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, frozen=True):
+    """Router -> engine: one request. Exactly one of prompt / prompt_token_ids / messages."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class GenerateDelta(msgspec.Struct, frozen=True, tag="delta"):
+    """Engine -> router: what one engine step added to a request (deltas only).
+
+    prompt_token_ids rides on the first delta only; finish_reason and engine_time_s (the engine
+    replica's time from receiving the request to this message) on the last.
+    """
+
+    delta_token_ids: list[int]
+    delta_text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    prompt_token_ids: list[int] | None = None
+    engine_time_s: float = 0.0
+
+
+class GenerateRejected(msgspec.Struct, frozen=True, tag="rejected"):
+    """Engine -> router, instead of any delta: the engine refused the request.
+
+    kind: "invalid" (`field` names the bad field -> INVALID_ARGUMENT / HTTP 400) or "overloaded"
+    (the waiting queue is full -> RESOURCE_EXHAUSTED / HTTP 429; field is "").
     """
 
     kind: str
+    field: str
     message: str
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of one engine replica (for GetClusterStatus, /metrics and tests).
+GenerateEvent = GenerateDelta | GenerateRejected
+
+
+class StatsRequest(msgspec.Struct, frozen=True):
+    """Router -> engine: ask for an EngineStats snapshot."""
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    """Engine -> router: a snapshot of one engine replica (GetClusterStatus, /metrics, health).
 
     free_blocks == total_blocks and running == waiting == 0 means no request holds KV memory.
     """
@@ -149,3 +223,8 @@ class EngineStats:
     free_blocks: int
     total_blocks: int
     max_model_len: int
+    # Prefix cache since the engine started (workers/scheduler.py PrefillCounters).
+    prompt_tokens: int = 0  # prompt tokens of the requests admitted
+    prompt_tokens_computed: int = 0  # of the prompts, tokens run through the model
+    prefix_cache_hit_tokens: int = 0  # of the prompts, tokens whose KV was reused
+    prefix_cache_hit_ratio: float = 0.0  # prefix_cache_hit_tokens / prompt_tokens

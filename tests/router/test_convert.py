@@ -22,7 +22,13 @@ from moeray.router.convert import (
 )
 from moeray.router.messages import ChatMessage, RouteDecision, RouteInput
 from moeray.v1 import inference_pb2 as pb
-from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, Usage
+from moeray.workers.io_struct import (
+    FinishReason,
+    GenerateRequest,
+    RequestOutput,
+    SamplingParams,
+    Usage,
+)
 
 CFG = MoerayConfig.model_validate(
     {
@@ -70,7 +76,10 @@ def test_each_input_form() -> None:
     )
     ids = generate_call_from_proto(gen(prompt_token_ids=pb.TokenIds(ids=[5, 6])), LIMITS)
     assert ids.input.prompt_token_ids == (5, 6)
-    assert ids.input.engine_input() == [5, 6]
+    sampling = SamplingParams(max_tokens=3)
+    assert ids.input.engine_request("r", sampling) == GenerateRequest(
+        "r", sampling, prompt_token_ids=[5, 6]
+    )
     raw = generate_call_from_proto(gen(prompt_bytes="héllo".encode()), LIMITS)
     assert raw.input.prompt == "héllo"
     for inp in (
@@ -152,9 +161,9 @@ def test_build_route_input_for_the_http_path() -> None:
         build_route_input(LIMITS, prompt="a", messages=[ChatMessage("user", "b")])
     assert e.value.field == "input"
     inp = build_route_input(LIMITS, messages=[ChatMessage("system", "s"), ChatMessage("user", "u")])
-    assert inp.engine_input() == [
-        {"role": "system", "content": "s"},
-        {"role": "user", "content": "u"},
+    assert inp.engine_request("r", SamplingParams()).messages == [
+        ChatMessage("system", "s"),
+        ChatMessage("user", "u"),
     ]
     assert inp.text() == "u"  # the system turn is not what the user asks
 

@@ -1,5 +1,5 @@
-"""router/engine_links.py against real parts: engine channels on loopback serving a tiny model,
-their endpoints in a real redis-server, the links refreshed from it."""
+"""router/engine_links.py against real parts: engine services (gRPC) on loopback serving a tiny
+model, their endpoints in a real redis-server, the clients refreshed from it."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from moeray.cluster.redis_server import RedisServer
 from moeray.cluster.state import ClusterState, EngineRegistry
 from moeray.cluster.state_messages import EngineEndpoint
-from moeray.router.engine_links import RETRY_AFTER_S, EngineLinks
+from moeray.router.engine_links import RETRY_AFTER_S, EngineClient, EngineLinks
 from moeray.workers import SamplingParams
 from moeray.workers.async_engine import AsyncLLMEngine
 from moeray.workers.engine import LLMEngine
-from moeray.workers.engine_channel import ChannelError, EngineChannelServer
+from moeray.workers.engine_service import EngineService
+from moeray.workers.io_struct import EngineStats, GenerateDelta, GenerateRequest
 
 from tests.checkpoints import make_tiny_checkpoint
 
@@ -25,13 +27,18 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
 
 
+def _no_stats() -> EngineStats:
+    raise AssertionError("not called here")
+
+
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EngineChannelServer]]:
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EngineService]]:
     path: Path = make_tiny_checkpoint(tmp_path_factory.mktemp("links"), "mixtral")
     servers = []
     try:
         for _ in range(2):
-            server = EngineChannelServer(AsyncLLMEngine(LLMEngine(path)), secrets.token_hex(8))
+            engine = AsyncLLMEngine(LLMEngine(path))
+            server = EngineService(engine, _no_stats, secrets.token_hex(8))
             server.start()
             servers.append(server)
         yield servers
@@ -41,40 +48,45 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EngineCha
             server.engine.shutdown()
 
 
-def announce(state: ClusterState, servers: list[EngineChannelServer]) -> None:
+async def generate(client: EngineClient, rid: str, params: SamplingParams) -> list[GenerateDelta]:
+    return [e async for e in client.generate(GenerateRequest(rid, params, prompt="hi"), 30)]  # type: ignore[misc]
+
+
+def announce(state: ClusterState, servers: list[EngineService]) -> None:
     for i, s in enumerate(servers):
         state.register_engine(EngineEndpoint("fast", f"rep-{i}", s.address, s.token))
 
 
 def test_links_follow_redis_and_balance_open_streams(
-    cluster_state: ClusterState, engines: list[EngineChannelServer]
+    cluster_state: ClusterState, engines: list[EngineService]
 ) -> None:
     announce(cluster_state, engines)
 
     async def main() -> None:
         links = EngineLinks(cluster_state, ["fast", "reasoning"])
         try:
-            assert links.pick("fast") is None  # nothing read yet: the caller uses the handle
+            assert links.pick("fast") is None  # nothing read yet
             await links.refresh()
-            assert sorted(lk.replica_id for lk in links.links("fast")) == ["rep-0", "rep-1"]
+            assert sorted(c.replica_id for c in links.clients("fast")) == ["rep-0", "rep-1"]
             assert links.pick("reasoning") is None
             # Two long streams land on different replicas (fewest open streams first).
             a = links.pick("fast")
             assert a is not None
-            it_a = a.generate("a", "hello", LONG).__aiter__()
-            await it_a.__anext__()
+            stream_a = a.generate(GenerateRequest("a", LONG, prompt="hello"), 30)
+            it_a = stream_a.__aiter__()
+            await anext(it_a)
             b = links.pick("fast")
             assert b is not None and b is not a
-            out = [o async for o in b.generate("b", "hi", PARAMS)]
-            assert out[-1].usage.completion_tokens == 4
+            out = await generate(b, "b", PARAMS)
+            assert out[-1].completion_tokens == 4
             # rep-0 leaves Redis: it is retired, closed only once its open stream has ended.
             cluster_state.remove_engine("fast", a.replica_id)
             await links.refresh()
-            assert [lk.replica_id for lk in links.links("fast")] == [b.replica_id]
-            assert not a.closed and a.inflight == 1
-            await it_a.aclose()  # type: ignore[attr-defined]
+            assert [c.replica_id for c in links.clients("fast")] == [b.replica_id]
+            assert a in links._retired and a.inflight == 1
+            stream_a.cancel()
             await links.refresh()
-            assert a.closed
+            assert a not in links._retired and a.inflight == 0
         finally:
             await links.close()
 
@@ -82,7 +94,7 @@ def test_links_follow_redis_and_balance_open_streams(
 
 
 def test_a_failed_link_is_skipped_then_retried(
-    cluster_state: ClusterState, engines: list[EngineChannelServer]
+    cluster_state: ClusterState, engines: list[EngineService]
 ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,10 +108,10 @@ def test_a_failed_link_is_skipped_then_retried(
         links = EngineLinks(cluster_state, ["fast"])
         try:
             await links.refresh()
-            dead = next(lk for lk in links.links("fast") if lk.replica_id == "dead")
-            with pytest.raises(ChannelError, match="cannot reach"):
-                async for _ in dead.generate("x", "hi", PARAMS):
-                    pass
+            dead = next(c for c in links.clients("fast") if c.replica_id == "dead")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await generate(dead, "x", PARAMS)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             for _ in range(10):  # the failed link is not picked again for RETRY_AFTER_S
                 picked = links.pick("fast")
                 assert picked is not None and picked.replica_id == "live"
@@ -113,7 +125,7 @@ def test_a_failed_link_is_skipped_then_retried(
 
 
 def test_refresh_task_survives_redis_going_away(
-    redis_server: RedisServer, engines: list[EngineChannelServer]
+    redis_server: RedisServer, engines: list[EngineService]
 ) -> None:
     """The background task keeps the links it has while Redis is down and picks up new ones
     after it returns (the engine's announcer re-registers within a third of its TTL)."""
@@ -126,19 +138,19 @@ def test_refresh_task_survives_redis_going_away(
         links = EngineLinks(state, ["fast"], refresh_s=0.1)
         links.start()
         try:
-            await wait_for(lambda: len(links.links("fast")) == 1)
+            await wait_for(lambda: len(links.clients("fast")) == 1)
             srv.stop()
             await asyncio.sleep(0.5)
-            assert [lk.replica_id for lk in links.links("fast")] == ["rep-0"]  # kept
-            link = links.pick("fast")
-            assert link is not None
-            out = [o async for o in link.generate("r", "hi", PARAMS)]  # serving goes on
-            assert out[-1].finished
+            assert [c.replica_id for c in links.clients("fast")] == ["rep-0"]  # kept
+            client = links.pick("fast")
+            assert client is not None
+            out = await generate(client, "r", PARAMS)  # serving goes on
+            assert out[-1].finish_reason is not None
             srv.start()
             state.register_engine(
                 EngineEndpoint("fast", "rep-1", engines[1].address, engines[1].token)
             )
-            await wait_for(lambda: len(links.links("fast")) == 2, timeout_s=15)
+            await wait_for(lambda: len(links.clients("fast")) == 2, timeout_s=15)
         finally:
             await links.close()
 

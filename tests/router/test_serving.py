@@ -1,12 +1,11 @@
 """The front door end to end: the moeray Serve app on a local Ray instance, over a real gRPC
 channel and with the official `openai` client.
 
-The app starts once per ingress mode (two tiny Mixtral-style demo checkpoints in HF format, free
-ports, a private redis-server) and is shut down at the end whatever happens. Every test runs in
-both modes: "direct" (the router replica serves the ports, Generate streams over the engines'
-direct channels) and "proxy" (Serve's proxies, and the engines' Serve handles on the data path). Oracle for the text:
-the offline `LLM` on the same checkpoint, greedy. Every refusal is checked for its status code
-and for the field named in its message.
+The app starts once (two tiny Mixtral-style demo checkpoints in HF format, free ports, a private
+redis-server) and is shut down at the end whatever happens. The router replica serves both ports
+and reaches the engines over the one internal transport (gRPC). Oracle for the text: the offline
+`LLM` on the same checkpoint, greedy. Every refusal is checked for its status code and for the
+field it names.
 """
 
 from __future__ import annotations
@@ -49,22 +48,15 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-MODES = {
-    "direct": {"serve": {"ingress": "direct"}, "router": {"engine_channel": True}},
-    "proxy": {"serve": {"ingress": "proxy"}, "router": {"engine_channel": False}},
-}
-
-
-@pytest.fixture(scope="module", params=list(MODES))
-def stack(checkpoints: dict[str, Path], request: pytest.FixtureRequest) -> Iterator[LocalStack]:
-    mode = MODES[request.param]
+@pytest.fixture(scope="module")
+def stack(checkpoints: dict[str, Path]) -> Iterator[LocalStack]:
     config = MoerayConfig(
         tiers=[
             {"name": "fast", "model": str(checkpoints["fast"]), "engine": FAST},
             {"name": "reasoning", "model": str(checkpoints["reasoning"]), "engine": REASONING},
         ],
-        router={"max_inflight_per_tier": 2, "max_message_bytes": 4096, **mode["router"]},
-        serve={"grpc_port": free_port(), "http_port": free_port(), **mode["serve"]},
+        router={"max_inflight_per_tier": 2, "max_message_bytes": 4096},
+        serve={"grpc_port": free_port(), "http_port": free_port()},
     )
     st = LocalStack(config, num_cpus=2)
     try:
@@ -238,29 +230,18 @@ def test_models_health_metrics(stack: LocalStack, client: openai.OpenAI) -> None
     assert "moeray_requests_total" in text and "moeray_route_decision_seconds" in text
 
 
-def test_generate_takes_the_configured_engine_path(
-    stack: LocalStack, stub: pb_grpc.InferenceStub
-) -> None:
-    """direct mode streams over the engines' channels (once the router has read their endpoints
-    from Redis); proxy mode keeps Generate on the Serve handles."""
-    base = stack.endpoints()["http"].removesuffix("/v1")
-    req = pb.GenerateRequest(prompt="hi", tier="fast", sampling=pb.SamplingParams(max_tokens=2))
-    channel = stack.config.router.engine_channel
-    deadline = time.monotonic() + 30
-    while True:
-        assert list(stub.Generate(req, timeout=60))[-1].finish_reason
-        streams = {}
-        for fam in text_string_to_metric_families(_http(base + "/metrics")[2].decode()):
-            for s in fam.samples:
-                if s.name == "moeray_engine_streams_total" and s.labels["tier"] == "fast":
-                    streams[s.labels["path"]] = s.value
-        if not channel or streams.get("channel", 0) > 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if channel:
-        assert streams.get("channel", 0) > 0, streams
-    else:
-        assert streams.get("channel", 0) == 0 and streams["handle"] > 0, streams
+def test_engine_refusal_carries_its_field(stack: LocalStack, client: openai.OpenAI) -> None:
+    """Only the engine knows the vocabulary: its refusal reaches both protocols with the field."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="fast", prompt=[10**6], max_tokens=2)
+    assert info.value.response.json()["error"]["param"] == "prompt"
+    with grpc.insecure_channel(stack.endpoints()["grpc"]) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        ids = pb.TokenIds(ids=[10**6])
+        with pytest.raises(grpc.RpcError) as rpc:
+            list(stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, tier="fast"), timeout=30))
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc.value.details().split(" ")[0] == "prompt_token_ids"
 
 
 # ---- bad input -----------------------------------------------------------------------------

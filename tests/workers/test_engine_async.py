@@ -71,7 +71,7 @@ def test_chat_messages_use_the_chat_template(path: Path) -> None:
     tok = engine.tokenizer
     want = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     try:
-        assert engine.encode(messages) == want
+        assert engine.render(messages) == want
         assert want[0] == tok.encode("<|im_start|>")[0]
     finally:
         engine.shutdown()

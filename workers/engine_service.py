@@ -1,0 +1,221 @@
+"""The one transport between router replicas and engine replicas: an internal gRPC service.
+
+    router replica                                       engine replica
+    router/engine_links.py EngineClient ── grpc.aio ──▶ EngineService (own thread + event loop)
+                                                          └ per call: AsyncLLMEngine.generate()
+
+gRPC carries the calls (HTTP/2 multiplexing, flow control, cancellation, deadlines, keepalive,
+connection loss as UNAVAILABLE); msgspec encodes the bodies, the typed messages of
+workers/io_struct.py, so the engine never parses a protobuf and nothing travels as a loose dict.
+
+    /moeray.internal.Engine/Generate   GenerateRequest -> stream of GenerateDelta (deltas only),
+                                        or one GenerateRejected instead of any delta
+    /moeray.internal.Engine/Stats      StatsRequest -> EngineStats
+
+- Cancel, Abort and deadlines: the router cancels the call (or gRPC does when the call's deadline
+  passes); gRPC then cancels this side's handler, whose engine stream aborts the request, so its
+  KV blocks are freed before the engine's next step. A dropped connection does the same.
+- Auth: every call carries the replica's token (announced in Redis beside its address) in the
+  `x-moeray-engine-token` metadata; a call without it is refused with UNAUTHENTICATED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import msgspec
+from moeray.workers.async_engine import AsyncLLMEngine, EngineOverloaded
+from moeray.workers.io_struct import (
+    EngineStats,
+    GenerateDelta,
+    GenerateEvent,
+    GenerateRejected,
+    GenerateRequest,
+    InvalidRequest,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "moeray.internal.Engine"
+GENERATE = f"/{SERVICE}/Generate"
+STATS = f"/{SERVICE}/Stats"
+TOKEN_KEY = "x-moeray-engine-token"
+#: Largest request accepted (a prompt of token ids or text is far below this).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: gRPC channel options both ends use: large messages, and keepalive pings so that a peer whose
+#: node vanished (no FIN, no RST) is noticed in seconds, not after the OS's TCP timeout.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
+]
+
+encode = msgspec.msgpack.Encoder().encode
+decode_request = msgspec.msgpack.Decoder(GenerateRequest).decode
+decode_event = msgspec.msgpack.Decoder(GenerateEvent).decode  # type: ignore[arg-type]
+decode_stats = msgspec.msgpack.Decoder(EngineStats).decode
+
+
+class EngineService:
+    """Serves one AsyncLLMEngine on host:port (0 = a free port) from a thread of its own.
+
+    stats: builds this replica's EngineStats (the deployment knows its replica id and node).
+    start() returns the address clients connect to; close() stops serving (open calls abort).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        stats: Callable[[], EngineStats],
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        if not token:
+            raise ValueError("token must be a non-empty string")
+        self.engine, self._stats, self.token = engine, stats, token
+        self.host, self.port = host, port
+        self._loop = asyncio.new_event_loop()
+        self._server: grpc.aio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="moeray-engine-service",
+                                        daemon=True)  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        try:
+            future.result(timeout_s)
+        except Exception as e:
+            self.close()
+            raise RuntimeError(f"the engine service could not listen on {self.address}: {e}") from e
+        return self.address
+
+    async def _start(self) -> None:
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server.add_generic_rpc_handlers((self._handlers(),))
+        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        self._server = server
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self._generate, response_serializer=encode
+                ),
+                "Stats": grpc.unary_unary_rpc_method_handler(
+                    self._stats_call, response_serializer=encode
+                ),
+            },
+        )
+
+    def close(self, grace_s: float = 0.5, timeout_s: float = 5.0) -> None:
+        """Stops serving: open calls end (their requests abort, freeing KV), then the thread."""
+        if not self._thread.is_alive():
+            return
+        if self._server is not None:
+            stop = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop)
+            try:
+                stop.result(timeout_s)
+            except Exception as e:  # the loop is going away either way
+                log.debug("engine service stop: %s", e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+
+    # ---- calls (on this service's event loop) ------------------------------------------------
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        token = dict(context.invocation_metadata() or ()).get(TOKEN_KEY, "")
+        if not (isinstance(token, str) and hmac.compare_digest(token, self.token)):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing engine token")
+
+    async def _generate(
+        self, body: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerateEvent]:
+        """Receives a GenerateRequest; sends GenerateDeltas (last one finished) or one
+        GenerateRejected. Cancelling the call aborts the request on the engine."""
+        start = time.perf_counter()
+        await self._authorize(context)
+        try:
+            req = decode_request(body)
+            stream = self.engine.generate(req.request_id, _prompt(req), req.sampling)
+        except msgspec.DecodeError as e:  # undecodable, or a field of the wrong type
+            yield GenerateRejected("invalid", _path_field(e), str(e))
+            return
+        except InvalidRequest as e:
+            yield GenerateRejected("invalid", e.field, e.message)
+            return
+        except EngineOverloaded as e:
+            yield GenerateRejected("overloaded", "", str(e))
+            return
+        first = True
+        try:
+            async for out in stream:
+                finished = out.finish_reason is not None
+                yield GenerateDelta(
+                    delta_token_ids=out.delta_token_ids,
+                    delta_text=out.delta_text,
+                    prompt_tokens=out.usage.prompt_tokens,
+                    completion_tokens=out.usage.completion_tokens,
+                    finish_reason=out.finish_reason,
+                    prompt_token_ids=out.prompt_token_ids if first else None,
+                    engine_time_s=time.perf_counter() - start if finished else 0.0,
+                )
+                first = False
+        except InvalidRequest as e:  # refused on the engine thread (a duplicate request id)
+            if not first:
+                raise
+            yield GenerateRejected("invalid", e.field, e.message)
+
+    async def _stats_call(self, body: bytes, context: grpc.aio.ServicerContext) -> EngineStats:
+        """Receives a StatsRequest (empty); sends this replica's EngineStats."""
+        await self._authorize(context)
+        return self._stats()
+
+
+def _prompt(req: GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+    given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
+    if sum(given) != 1:
+        raise InvalidRequest("input", "must be exactly one of prompt, prompt_token_ids, messages")
+    if req.messages is not None:
+        return [{"role": m.role, "content": m.content} for m in req.messages]
+    if req.prompt is not None:
+        return req.prompt
+    return list(req.prompt_token_ids or ())
+
+
+def _path_field(err: msgspec.DecodeError) -> str:
+    """msgspec's "... - at `$.sampling.top_k`" -> "sampling.top_k" ("request" without a path)."""
+    _, _, path = str(err).rpartition("at `$")
+    return path.rstrip("`").lstrip(".") or "request"
+
+
+def client_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The metadata every call to an engine replica carries."""
+    return ((TOKEN_KEY, token),)
+
+
+__all__ = [
+    "GENERATE",
+    "STATS",
+    "EngineService",
+    "client_metadata",
+    "decode_event",
+    "decode_stats",
+    "encode",
+]

@@ -1,20 +1,15 @@
-"""Front-door overhead: per request, end-to-end latency through Serve minus the engine's own time.
+"""Front-door overhead: per request, end-to-end latency through the app minus the engine's time.
 
 Runs the moeray app (LocalStack) on one tiny demo checkpoint and sends N sequential one-token
 requests (max_tokens=1, greedy) over gRPC and over OpenAI HTTP (non-streamed). The engine
-deployment reports its own time for each request (entry of `EngineServer.generate` to the last
-delta): gRPC in the trailing metadata `moeray-engine-time-ms`, HTTP in the header
-`x-moeray-engine-time-ms`. overhead = e2e - engine time of the SAME request; its p50 / p99 are
-reported (not p50(e2e) - p50(engine), which mixes two distributions). Also times an in-process
-AsyncLLMEngine (no Ray, no network) and the routing decision (QueryRouter.decide) alone.
+replica reports its own time for each request (receipt of the Generate call to the last delta,
+workers/engine_service.py): gRPC in the trailing metadata `moeray-engine-time-ms`, HTTP in the
+header `x-moeray-engine-time-ms`. overhead = e2e - engine time of the SAME request; its p50 / p99
+are reported (not p50(e2e) - p50(engine), which mixes two distributions). Also times an
+in-process AsyncLLMEngine (no Ray, no network) and the routing decision (QueryRouter.decide).
+`--rounds N` repeats the served measurement on N fresh stacks. Prints one JSON object per line.
 
-`--compare` runs the app twice per round, with the replicas' default settings (cluster/app.py
-REPLICA_ENV) and with Serve's one-loop-per-replica flags (SINGLE_LOOP_ENV), alternating, so both
-see the same machine load.
-Prints one JSON object per line.
-
-    python bench/frontdoor.py --requests 200
-    python bench/frontdoor.py --requests 200 --compare --rounds 2
+    python bench/frontdoor.py --requests 200 --rounds 2
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from moeray.cluster import app as app_module
 from moeray.cluster.app import LocalStack
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
@@ -133,9 +127,8 @@ def transport_rows(name: str, samples: list[Sample], **extra: object) -> list[di
             summary(f"{name}_overhead", overhead, **extra)]  # fmt: skip
 
 
-def run_stack(config: MoerayConfig, n: int, replica_env: dict[str, str]) -> dict[str, list[Sample]]:
-    """Serves the app with the given replica environment and samples both transports."""
-    app_module.REPLICA_ENV = replica_env
+def run_stack(config: MoerayConfig, n: int) -> dict[str, list[Sample]]:
+    """Serves the app and samples both protocols."""
     ports = {"grpc_port": free_port(), "http_port": free_port()}  # fresh ones per stack
     config = config.model_copy(update={"serve": config.serve.model_copy(update=ports)})
     with LocalStack(config, num_cpus=2) as stack:
@@ -146,14 +139,10 @@ def run_stack(config: MoerayConfig, n: int, replica_env: dict[str, str]) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--compare", action="store_true", help="Serve defaults vs moeray settings")
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     machine: dict[str, Any] = {"machine": platform.processor() or platform.machine(),
                                "date": time.strftime("%F")}  # fmt: skip
-    variants = {"default": dict(app_module.REPLICA_ENV)}
-    if args.compare:
-        variants["single_loop"] = dict(app_module.SINGLE_LOOP_ENV)
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = build_demo_checkpoint(Path(tmp) / "tiny", preset="tiny")
@@ -164,12 +153,11 @@ def main() -> None:
         engine = asyncio.run(engine_latencies(path, args.requests))
         rows.append(summary("engine_only_in_process_1_token", engine, **machine))
         for rnd in range(args.rounds):
-            for variant, env in variants.items():
-                load = round(os.getloadavg()[0], 1)
-                got = run_stack(config, args.requests, env)
-                extra = {"variant": variant, "round": rnd, "load_avg_1m": load, **machine}
-                for transport, samples in got.items():
-                    rows += transport_rows(transport, samples, **extra)
+            load = round(os.getloadavg()[0], 1)
+            got = run_stack(config, args.requests)
+            extra = {"round": rnd, "load_avg_1m": load, **machine}
+            for transport, samples in got.items():
+                rows += transport_rows(transport, samples, **extra)
         rows.append(summary("route_decision", decision_latencies(config, 2000), **machine))
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -51,6 +51,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="turn the engine's automatic prefix caching off",
+    )
+    p.add_argument(
         "--expert-shards", type=int, default=0, help="expert-shard Ray actors; 0 = in-process"
     )
     p.add_argument("--expert-replicas", type=int, default=1, help="replicas of every expert")
@@ -59,7 +65,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_model_len", "num_kv_blocks", "block_size", "max_num_seqs")
-    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options["enable_prefix_caching"] = args.enable_prefix_caching
     if args.expert_shards:  # LLM arguments, not EngineConfig fields
         options.update(
             expert_shards=args.expert_shards,

@@ -45,6 +45,9 @@ class EngineConfig(_Strict):
     max_queue: int = Field(
         256, ge=0, description="waiting requests at most before new ones are refused"
     )
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes seen before (vLLM's APC)"
+    )
 
 
 class ExpertsConfig(_Strict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from moeray.cluster.config import EngineConfig
@@ -32,6 +32,20 @@ from moeray.workers.sequence import Sequence
 from moeray.workers.tokenizer import Tokenizer
 
 Prompt = str | list[int]
+
+
+class StatsSnapshot(TypedDict):
+    """`LLMEngine.stats()`: the load now, and prompt-token counters since start (prefix cache:
+    workers/scheduler.py PrefillCounters; the hit ratio is hit tokens / prompt tokens)."""
+
+    running: int
+    waiting: int
+    free_blocks: int  # blocks no request holds, cached ones included (evicted on demand)
+    total_blocks: int
+    prompt_tokens: int
+    prompt_tokens_computed: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_hit_ratio: float
 
 
 def kv_cache_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int) -> int:
@@ -70,7 +84,9 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(config, args.max_position_embeddings)
         self.eos_token_ids = frozenset(args.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         num_blocks = kv_cache_blocks(config, self.model.kv_bytes_per_token(), self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -181,12 +197,17 @@ class LLMEngine:
     def num_requests(self) -> int:
         return len(self._requests)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> StatsSnapshot:
+        counters = self.scheduler.counters
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "free_blocks": self.block_manager.num_free_blocks,
             "total_blocks": self.block_manager.num_blocks,
+            "prompt_tokens": counters.prompt_tokens,
+            "prompt_tokens_computed": counters.prompt_tokens_computed,
+            "prefix_cache_hit_tokens": counters.prefix_cache_hit_tokens,
+            "prefix_cache_hit_ratio": counters.hit_ratio,
         }
 
     # ---- the step ----------------------------------------------------------------------------
@@ -206,11 +227,7 @@ class LLMEngine:
         if not plan:
             return outputs
         logits = self.runner.run(plan.seqs, plan.num_new_tokens)
-        sampling: list[Sequence] = []
-        for seq, n in zip(plan.seqs, plan.num_new_tokens):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
-                sampling.append(seq)
+        sampling = self.scheduler.finish_step(plan)
         if logits is None:
             return outputs
         tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])

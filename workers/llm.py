@@ -46,14 +46,16 @@ class LLM:
         expert_shards: int = 0,
         expert_replicas: int = 1,
         redis_url: str | None = None,
+        enable_prefix_caching: bool = True,
         **engine_options: Any,
     ) -> None:
         """model: a local Hugging Face checkpoint; engine_options: EngineConfig fields.
+        enable_prefix_caching=False turns the engine's automatic prefix caching off.
         expert_shards > 0 serves the routed experts from that many Ray actors (a local Ray is
         started if none runs), each expert on expert_replicas of them, with Redis at redis_url
         as the control plane (None = a private redis-server); `close()` stops what was started."""
         try:
-            config = EngineConfig(**engine_options)
+            config = EngineConfig(enable_prefix_caching=enable_prefix_caching, **engine_options)
             experts = ExpertsConfig(shards=expert_shards, replicas=expert_replicas)
             state = StateConfig(redis_url=redis_url)
         except ValidationError as e:

@@ -9,10 +9,16 @@ token budget (max_num_batched_tokens):
 3. Waiting sequences are admitted in arrival order while the budget, max_num_seqs and free KV
    blocks allow, each with its first chunk.
 
+A waiting sequence starts at the longest prefix of its tokens already in the prefix cache
+(workers/block_manager.py): it holds those blocks and computes only the rest, in chunks as usual.
+
 When the KV pool runs out, the newest running sequence is preempted (recompute): its blocks are
-freed and it goes back to the front of the waiting queue with its generated tokens kept. A
+released and it goes back to the front of the waiting queue with its generated tokens kept. A
 sequence that cannot fit even alone is finished with FinishReason.LENGTH (its context reached the
 cache's capacity).
+
+The engine's step is `schedule()`, the model run, then `finish_step(plan)`, which advances the
+sequences and tells the block manager their KV is written.
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ from dataclasses import dataclass, field
 from moeray.workers.block_manager import BlockManager
 from moeray.workers.io_struct import FinishReason
 from moeray.workers.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class PrefillCounters:
+    """Prompt tokens since start, for the prefix-cache hit ratio.
+
+    prompt_tokens: prompt tokens of the requests admitted (each counted at its first admission).
+    prefix_cache_hit_tokens: of those, the tokens whose KV was reused from the prefix cache.
+    prompt_tokens_computed: prompt tokens run through the model (again after a preemption).
+    Without preemption, prompt_tokens == prefix_cache_hit_tokens + prompt_tokens_computed once
+    every admitted prompt is prefilled.
+    """
+
+    prompt_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens_computed: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.prefix_cache_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 @dataclass
@@ -59,6 +85,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start, for stats and tests
+        self.counters = PrefillCounters()
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -78,6 +105,7 @@ class Scheduler:
         seq.finish_reason = reason
 
     def schedule(self) -> SchedulerOutput:
+        self.block_manager.rollback()  # a no-op unless the last plan never ran
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         # Decodes first, then unfinished prefills; preemption victims come from the tail.
@@ -104,6 +132,21 @@ class Scheduler:
         if out.num_preempted == 0:
             budget = self._admit(budget, out)
         return out
+
+    def finish_step(self, plan: SchedulerOutput) -> list[Sequence]:
+        """Records that plan ran: advances each sequence by its tokens, counts prefill work and
+        commits the blocks it filled to the prefix cache. Returns the sequences that sample."""
+        sampling: list[Sequence] = []
+        for seq, n in zip(plan.seqs, plan.num_new_tokens):
+            start = seq.num_computed_tokens
+            self.counters.prompt_tokens_computed += max(
+                0, min(start + n, seq.num_prompt_tokens) - start
+            )
+            seq.num_computed_tokens = start + n
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+        self.block_manager.commit()
+        return sampling
 
     def _make_room(
         self, seq: Sequence, n: int, candidates: deque[Sequence], out: SchedulerOutput
@@ -132,21 +175,26 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
-        """Moves waiting sequences into the running batch while budget, seats and blocks allow."""
+        """Moves waiting sequences into the running batch while budget, seats and blocks allow;
+        each starts after its cached prefix."""
+        bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, self.prefill_chunk_size, budget)
-            if not self.block_manager.can_allocate(seq, n):
-                if not self.running and self.block_manager.num_free_blocks == (
-                    self.block_manager.num_blocks
-                ):
+            hits = bm.lookup(seq)
+            n = min(seq.num_tokens - len(hits) * bm.block_size, self.prefill_chunk_size, budget)
+            if not bm.can_admit(seq, hits, n):
+                if not self.running and bm.num_free_blocks == bm.num_blocks:
                     # Even an empty cache cannot hold this chunk (block pool tiny): give up on it.
                     self.finish(seq, FinishReason.LENGTH)
                     out.finished.append(seq)
                     continue
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, n)
+            bm.admit(seq, hits, n)
+            if seq.num_cached_tokens < 0:  # first admission
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self.counters.prompt_tokens += seq.num_prompt_tokens
+                self.counters.prefix_cache_hit_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)

@@ -4,7 +4,12 @@ A Sequence is the scheduler's unit. `token_ids` holds prompt + generated tokens;
 `num_computed_tokens` of them have their keys/values in the paged cache (blocks listed in
 `block_table`). A step feeds the next tokens; when, after a step, every token is computed, the
 model's last hidden state is sampled and one token is appended. Preemption (recompute) only resets
-`num_computed_tokens` and the block table: generated tokens are kept and prefilled again.
+`num_computed_tokens` and the block table: generated tokens are kept and prefilled again (from the
+prefix cache where its blocks are still there).
+
+For the prefix cache (workers/block_manager.py) a sequence also carries `block_hashes`, the chained
+keys of its full blocks of tokens (they depend only on `token_ids`, which only grow, so they stay
+valid across preemption), and `num_keyed_blocks`, how many of its blocks were offered to the cache.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     __slots__ = (
+        "block_hashes",
         "block_table",
         "detokenizer",
         "finish_reason",
         "generator",
+        "num_cached_tokens",
         "num_computed_tokens",
+        "num_keyed_blocks",
         "num_prompt_tokens",
         "num_sent_chars",
         "num_sent_tokens",
@@ -57,6 +65,10 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # key of full block i of token_ids (chained)
+        self.num_keyed_blocks = 0  # blocks of block_table already offered to the prefix cache
+        # Prompt tokens whose KV came from the prefix cache at the first admission; -1 before it.
+        self.num_cached_tokens = -1
         self.status = SequenceStatus.WAITING
         self.params = params
         self.stream = stream

@@ -7,9 +7,11 @@ to its whole context. Two paths, chosen per step:
   in ONE indexing op into [B, Lmax, G, Dh] and run ONE scaled_dot_product_attention with a padding
   mask. GQA costs no copy: with one query per sequence, the R = H/G query heads sharing a kv head
   are laid out as R "query positions" of that kv head ([B, G, R, Dh]).
-- prefill / mixed: per sequence SDPA with the causal offset (its queries are the last q_len
-  positions of its context). A sequence whose whole context is new attends to the new k/v
-  directly, without reading the cache back.
+- prefill / mixed: the sequences with one new token (decodes, which are most of a served step:
+  requests keep arriving while others decode) take the batched decode path above together; every
+  sequence with several new tokens gets its own SDPA with the causal offset (its queries are the
+  last q_len positions of its context). A sequence whose whole context is new attends to the new
+  k/v directly, without reading the cache back.
 
 The gather indices and masks depend only on the step, not the layer, so they are computed once
 per ForwardContext (cached on it) and reused by every layer.
@@ -30,10 +32,18 @@ _META_ATTR = "_paged_attention_meta"  # where the per-step metadata is cached on
 class _StepMeta:
     """Per-step gather metadata shared by all layers."""
 
-    decode_index: torch.Tensor | None  # [B, Lmax] flat slot of every context position (decode)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend; None if all equal
-    seq_index: list[torch.Tensor | None]  # per sequence [L_b] flat slots; None = all-new context
-    seq_mask: list[torch.Tensor | None]  # per sequence [q_len, L_b] causal-with-offset mask
+    decode_index: torch.Tensor | None  # [Bd, Lmax] flat slots of the one-new-token sequences
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, True = attend; None if all equal
+    decode_rows: torch.Tensor | None  # [Bd] their token rows (mixed steps; None otherwise)
+    prefill: list[_Prefill]  # the sequences with several new tokens
+
+
+@dataclass
+class _Prefill:
+    start: int  # token rows start:end of the step are this sequence's new tokens
+    end: int
+    index: torch.Tensor | None  # [L_b] flat slots of its context; None = all-new context
+    mask: torch.Tensor | None  # [q_len, L_b] causal-with-offset mask; None = plain causal
 
 
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -43,29 +53,42 @@ def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> 
     return blocks * block_size + pos % block_size  # [B, L]
 
 
+def _decode_meta(
+    tables: torch.Tensor, lens: list[int], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block tables [Bd, M] and context lengths of one-new-token sequences -> gather index
+    [Bd, Lmax] and padding mask [Bd, 1, 1, Lmax] (None when all lengths are equal)."""
+    lmax = max(lens)
+    index = _context_slots(tables, lmax, block_size)  # [Bd, Lmax]
+    if min(lens) == lmax:
+        return index, None
+    t = torch.tensor(lens, device=tables.device)  # [Bd]
+    pos = torch.arange(lmax, device=tables.device)
+    return index, (pos[None, :] < t[:, None])[:, None, None, :]
+
+
 def _build_meta(ctx: ForwardContext, block_size: int) -> _StepMeta:
-    tables = ctx.block_tables
+    tables, starts, lens = ctx.block_tables, ctx.query_start_loc, ctx.context_lens
     if ctx.is_decode:
-        lmax = max(ctx.context_lens)
-        index = _context_slots(tables, lmax, block_size)  # [B, Lmax]
-        mask = None
-        if min(ctx.context_lens) != lmax:
-            lens = torch.tensor(ctx.context_lens, device=tables.device)  # [B]
-            pos = torch.arange(lmax, device=tables.device)
-            mask = (pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, Lmax]
-        return _StepMeta(index, mask, [], [])
-    seq_index: list[torch.Tensor | None] = []
-    seq_mask: list[torch.Tensor | None] = []
-    for b, length in enumerate(ctx.context_lens):
-        q_len = ctx.query_start_loc[b + 1] - ctx.query_start_loc[b]
+        index, mask = _decode_meta(tables, lens, block_size)
+        return _StepMeta(index, mask, None, [])
+    single = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
+    index = mask = rows = None
+    if single:
+        picked = torch.tensor(single, device=tables.device)
+        index, mask = _decode_meta(tables[picked], [lens[b] for b in single], block_size)
+        rows = torch.tensor([starts[b] for b in single], device=tables.device)  # [Bd]
+    prefill = []
+    for b in sorted(set(range(len(lens))) - set(single)):
+        q_len, length = starts[b + 1] - starts[b], lens[b]
         if q_len == length:  # whole context is new: plain causal attention on the new k/v
-            seq_index.append(None)
-            seq_mask.append(None)
+            prefill.append(_Prefill(starts[b], starts[b + 1], None, None))
             continue
-        seq_index.append(_context_slots(tables[b : b + 1], length, block_size)[0])  # [L_b]
         ones = torch.ones(q_len, length, dtype=torch.bool, device=tables.device)
-        seq_mask.append(ones.tril(diagonal=length - q_len))  # [q_len, L_b]
-    return _StepMeta(None, None, seq_index, seq_mask)
+        prefill.append(_Prefill(starts[b], starts[b + 1],
+                                _context_slots(tables[b : b + 1], length, block_size)[0],
+                                ones.tril(diagonal=length - q_len)))  # fmt: skip
+    return _StepMeta(index, mask, rows, prefill)
 
 
 def step_meta(ctx: ForwardContext, block_size: int) -> _StepMeta:
@@ -102,16 +125,16 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: _StepMeta, scale: float
 ) -> torch.Tensor:
-    """q [B, H, Dh] -> [B, H, Dh]; one SDPA over all sequences."""
+    """q [Bd, H, Dh] (one query per sequence) -> [Bd, H, Dh]; one SDPA over all of them."""
     B, H, Dh = q.shape
     G = k_cache.shape[2]
     assert meta.decode_index is not None
-    keys = _gather(k_cache, meta.decode_index).transpose(1, 2)  # [B, G, Lmax, Dh]
-    values = _gather(v_cache, meta.decode_index).transpose(1, 2)  # [B, G, Lmax, Dh]
+    keys = _gather(k_cache, meta.decode_index).transpose(1, 2)  # [Bd, G, Lmax, Dh]
+    values = _gather(v_cache, meta.decode_index).transpose(1, 2)  # [Bd, G, Lmax, Dh]
     queries = q.view(B, G, H // G, Dh)  # the R heads of a kv group act as R query rows
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=meta.decode_mask, scale=scale
-    )  # [B, G, R, Dh]
+    )  # [Bd, G, R, Dh]
     return out.reshape(B, H, Dh)
 
 
@@ -121,33 +144,26 @@ def _prefill(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    ctx: ForwardContext,
-    meta: _StepMeta,
+    p: _Prefill,
     scale: float,
 ) -> torch.Tensor:
-    """q [T, H, Dh], new k/v [T, G, Dh] -> [T, H, Dh]; one SDPA per sequence."""
-    G = k_cache.shape[2]
-    gqa = q.shape[1] != G
-    out = torch.empty_like(q)
-    starts = ctx.query_start_loc
-    for b, index in enumerate(meta.seq_index):
-        s, e = starts[b], starts[b + 1]
-        if index is None:
-            keys, values = k[s:e], v[s:e]  # [L_b, G, Dh]
-        else:
-            keys = _gather(k_cache, index)  # [L_b, G, Dh]
-            values = _gather(v_cache, index)
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1),  # [H, q_len, Dh]
-            keys.transpose(0, 1),  # [G, L_b, Dh]
-            values.transpose(0, 1),
-            attn_mask=meta.seq_mask[b],
-            is_causal=index is None,
-            scale=scale,
-            enable_gqa=gqa,
-        )  # [H, q_len, Dh]
-        out[s:e] = o.transpose(0, 1)
-    return out
+    """One sequence's queries q[p.start:p.end] [q_len, H, Dh] -> [q_len, H, Dh]."""
+    gqa = q.shape[1] != k_cache.shape[2]
+    if p.index is None:
+        keys, values = k[p.start : p.end], v[p.start : p.end]  # [L_b, G, Dh]
+    else:
+        keys = _gather(k_cache, p.index)  # [L_b, G, Dh]
+        values = _gather(v_cache, p.index)
+    o = F.scaled_dot_product_attention(
+        q[p.start : p.end].transpose(0, 1),  # [H, q_len, Dh]
+        keys.transpose(0, 1),  # [G, L_b, Dh]
+        values.transpose(0, 1),
+        attn_mask=p.mask,
+        is_causal=p.index is None,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # [H, q_len, Dh]
+    return o.transpose(0, 1)
 
 
 def paged_attention(
@@ -168,4 +184,10 @@ def paged_attention(
     meta = step_meta(ctx, k_cache.shape[1])
     if ctx.is_decode:
         return _decode(q, k_cache, v_cache, meta, scale)
-    return _prefill(q, k, v, k_cache, v_cache, ctx, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        rows = meta.decode_rows
+        out.index_copy_(0, rows, _decode(q.index_select(0, rows), k_cache, v_cache, meta, scale))
+    for p in meta.prefill:
+        out[p.start : p.end] = _prefill(q, k, v, k_cache, v_cache, p, scale)
+    return out

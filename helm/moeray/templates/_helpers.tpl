@@ -208,27 +208,28 @@ local raylet lives (GCS unreachable does not fail it), so they depend on no othe
 Redis. Readiness: the head also checks its GCS; a router pod is ready when its router answers
 gRPC health; other workers when their raylet lives. Setting readiness here also keeps KubeRay
 from adding its Serve-proxy check to worker pods, which expert pods (no Serve replica) would
-fail forever. Arg: dict root kind (head|router|worker).
+fail forever. Arg: dict root kind (head|router|worker) agentPort.
 */}}
 {{- define "moeray.probes" -}}
 {{- $p := .root.Values.probes }}
+{{- $agent := .agentPort }}
 livenessProbe:
-  httpGet: {path: /api/local_raylet_healthz, port: 52365}
+  httpGet: {path: /api/local_raylet_healthz, port: {{ $agent }}}
   periodSeconds: {{ $p.liveness.periodSeconds }}
   timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
   failureThreshold: {{ $p.liveness.failureThreshold }}
 startupProbe:
-  httpGet: {path: /api/local_raylet_healthz, port: 52365}
+  httpGet: {path: /api/local_raylet_healthz, port: {{ $agent }}}
   periodSeconds: {{ $p.startup.periodSeconds }}
   timeoutSeconds: {{ $p.startup.timeoutSeconds }}
   failureThreshold: {{ $p.startup.failureThreshold }}
 readinessProbe:
 {{- if eq .kind "head" }}
-  httpGet: {path: /api/healthz, port: 52365}
+  httpGet: {path: /api/healthz, port: {{ $agent }}}
 {{- else if eq .kind "router" }}
   grpc: {port: {{ .root.Values.moeray.serve.grpc_port }}}
 {{- else }}
-  httpGet: {path: /api/local_raylet_healthz, port: 52365}
+  httpGet: {path: /api/local_raylet_healthz, port: {{ $agent }}}
 {{- end }}
   periodSeconds: {{ $p.readiness.periodSeconds }}
   timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
@@ -257,11 +258,14 @@ moeray.io/ray: "true"
 {{- end }}
 
 {{/*
-One Ray container and its pod spec, shared by every group. Arg: dict root name kind gpus
-gpuResourceName resources shmSize nodeSelector tolerations affinity frontDoor (bool).
+One Ray container and its pod spec, shared by every group. Arg: dict root name kind params
+(the group's rayStartParams) gpus gpuResourceName resources shmSize nodeSelector tolerations
+affinity frontDoor (bool). Ports follow rayStartParams where they set them, as KubeRay does.
 */}}
 {{- define "moeray.rayPodSpec" -}}
 {{- $root := .root }}
+{{- $params := .params | default dict }}
+{{- $port := dict "gcs" (get $params "port" | default "6379") "dashboard" (get $params "dashboard-port" | default "8265") "client" (get $params "ray-client-server-port" | default "10001") "metrics" (get $params "metrics-export-port" | default "8080") "agent" (get $params "dashboard-agent-listen-port" | default "52365") }}
 securityContext:
   {{- toYaml $root.Values.pods.podSecurityContext | nindent 2 }}
 terminationGracePeriodSeconds: {{ $root.Values.pods.terminationGracePeriodSeconds }}
@@ -298,16 +302,16 @@ containers:
       {{- toYaml $res | nindent 6 }}
     ports:
       {{- if eq .kind "head" }}
-      - {name: gcs-server, containerPort: 6379, protocol: TCP}
-      - {name: dashboard, containerPort: 8265, protocol: TCP}
-      - {name: client, containerPort: 10001, protocol: TCP}
+      - {name: gcs-server, containerPort: {{ $port.gcs }}, protocol: TCP}
+      - {name: dashboard, containerPort: {{ $port.dashboard }}, protocol: TCP}
+      - {name: client, containerPort: {{ $port.client }}, protocol: TCP}
       - {name: serve, containerPort: {{ $root.Values.rayService.serveProxyPort }}, protocol: TCP}
       {{- end }}
-      - {name: metrics, containerPort: 8080, protocol: TCP}
+      - {name: metrics, containerPort: {{ $port.metrics }}, protocol: TCP}
       {{- if .frontDoor }}
       {{- include "moeray.frontDoorPorts" $root | trim | nindent 6 }}
       {{- end }}
-    {{- include "moeray.probes" (dict "root" $root "kind" (ternary "router" .kind (and .frontDoor (ne .kind "head")))) | trim | nindent 4 }}
+    {{- include "moeray.probes" (dict "root" $root "kind" (ternary "router" .kind (and .frontDoor (ne .kind "head"))) "agentPort" $port.agent) | trim | nindent 4 }}
     volumeMounts:
       {{- include "moeray.rayVolumeMounts" $root | trim | nindent 6 }}
 volumes:

@@ -10,9 +10,8 @@
 | `replica:{model}:{id}` | hash, TTL | one `ReplicaInfo`; expires unless heartbeated |
 | `load:{model}:{window}` | hash "l,e" -> count, TTL | tokens routed per (layer, expert) in a window |
 | `lease:{model}` | string, TTL | owner id of the one active autoscaler |
-| `engines:{tier}` | set | replica ids of a tier's engine replicas with a direct channel |
+| `engines:{tier}` | set | replica ids of a tier's engine replicas (their gRPC endpoints) |
 | `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON); expires unless refreshed |
-| `tiers`, `tier:{tier}` | set, hash | request counts, errors, latency sum and histogram |
 
 Every multi-step update is one Lua script (atomic, one round trip). Placement epochs only grow:
 `publish_placement` is a compare-and-set on the expected epoch, so two planners cannot both win.
@@ -23,7 +22,7 @@ on one daemon thread that `close()` stops in bounded time, none letting a Redis 
   its memory it republishes the cached placement (`republish` never lowers an epoch).
 - `LoadReporter`: sums [L, E] counts locally, pushes them every N steps; keeps them on errors.
 - `Heartbeater`: refreshes a replica's TTL and re-registers it after a Redis restart.
-- `EndpointAnnouncer`: keeps an engine replica's direct-channel endpoint registered.
+- `EndpointAnnouncer`: keeps an engine replica's gRPC endpoint registered.
 """
 
 from __future__ import annotations
@@ -36,13 +35,11 @@ import numpy as np
 import redis
 from moeray.cluster.config import StateConfig
 from moeray.cluster.state_messages import (
-    LATENCY_BUCKETS_S,
     REPLICA_STATES,
     EngineEndpoint,
     Placement,
     ReplicaInfo,
     ReplicaState,
-    TierStats,
     as_count_matrix,
     check_name,
 )
@@ -425,45 +422,6 @@ class ClusterState:
     def lease_owner(self, model: str) -> str | None:
         owner = self.client.get(self.key("lease", check_name("model", model)))
         return str(owner) if owner is not None else None
-
-    # ---- tiers -----------------------------------------------------------------------------
-
-    def record_request(self, tier: str, latency_s: float, ok: bool = True) -> None:
-        """Counts one finished request of `tier` (one pipelined round trip)."""
-        check_name("tier", tier)
-        if not latency_s >= 0:
-            raise ValueError(f"latency_s must be >= 0, got {latency_s}")
-        bucket = int(np.searchsorted(LATENCY_BUCKETS_S, latency_s, side="left"))
-        key = self.key("tier", tier)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.sadd(self.key("tiers"), tier)
-        pipe.hincrby(key, "requests", 1)
-        pipe.hincrby(key, "errors", 0 if ok else 1)
-        pipe.hincrbyfloat(key, "latency_sum_s", float(latency_s))
-        pipe.hincrby(key, f"b{bucket}", 1)
-        pipe.execute()
-
-    def tier_stats(self, tier: str) -> TierStats:
-        fields = self.client.hgetall(self.key("tier", check_name("tier", tier)))
-        return self._stats_from(tier, cast(dict[str, str], fields))
-
-    def all_tier_stats(self) -> dict[str, TierStats]:
-        tiers = sorted(cast(set[str], self.client.smembers(self.key("tiers"))))
-        pipe = self.client.pipeline(transaction=False)
-        for t in tiers:
-            pipe.hgetall(self.key("tier", t))
-        return {t: self._stats_from(t, f) for t, f in zip(tiers, pipe.execute())}
-
-    @staticmethod
-    def _stats_from(tier: str, f: dict[str, str]) -> TierStats:
-        n = len(LATENCY_BUCKETS_S) + 1
-        return TierStats(
-            tier=tier,
-            requests=int(f.get("requests", 0)),
-            errors=int(f.get("errors", 0)),
-            latency_sum_s=float(f.get("latency_sum_s", 0.0)),
-            buckets=tuple(int(f.get(f"b{i}", 0)) for i in range(n)),
-        )
 
 
 # The background helpers live in state_sync; re-exported so `moeray.cluster.state` is the one

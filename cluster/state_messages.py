@@ -7,7 +7,6 @@ and nowhere else, so a reader and a writer in different processes agree on the f
   epoch under which it was published. Stored as ONE compact JSON blob (nested arrays), never one
   Redis key per expert.
 - `ReplicaInfo`: one expert-shard actor as registered by itself (heartbeat-refreshed).
-- `TierStats`: per-tier request counters and a latency histogram, for the router and operators.
 
 Shape letters (docs/SHAPES.md): L layers (the MoE layers, indexed 0..L-1 in the model's MoE
 order), E routed experts per layer.
@@ -26,20 +25,6 @@ import numpy as np
 ReplicaState = Literal["starting", "ready", "draining", "dead"]
 REPLICA_STATES: tuple[ReplicaState, ...] = ("starting", "ready", "draining", "dead")
 
-# Upper bounds (seconds) of the latency histogram buckets; the last bucket is +inf.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_./-]+$")  # model, tier and cluster names in keys
 
@@ -182,9 +167,9 @@ class ReplicaInfo:
 
 @dataclass(frozen=True)
 class EngineEndpoint:
-    """One engine replica's direct channel (workers/engine_channel.py), as it registers itself.
+    """One engine replica's gRPC endpoint (workers/engine_service.py), as it registers itself.
 
-    address: host:port the router connects to; token: the secret its first frame must carry.
+    address: host:port the router connects to; token: the secret every call must carry.
     """
 
     tier: str
@@ -208,25 +193,6 @@ class EngineEndpoint:
     def from_json(cls, body: str) -> EngineEndpoint:
         tier, replica_id, address, token = json.loads(body)
         return cls(tier, replica_id, address, token)
-
-
-@dataclass(frozen=True)
-class TierStats:
-    """Counters of one tier since the state was created (or Redis last lost its memory).
-
-    `buckets[i]` counts requests with latency <= LATENCY_BUCKETS_S[i] and above the previous
-    bound (NOT cumulative); the last entry counts the ones above every bound.
-    """
-
-    tier: str
-    requests: int = 0
-    errors: int = 0
-    latency_sum_s: float = 0.0
-    buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_S) + 1)
-
-    @property
-    def mean_latency_s(self) -> float:
-        return self.latency_sum_s / self.requests if self.requests else 0.0
 
 
 def check_name(what: str, value: str) -> str:

@@ -8,7 +8,7 @@ exponential backoff after an error, and never lets an exception escape (errors a
   its memory it republishes the cached placement (`republish` never lowers an epoch).
 - `LoadReporter`: sums [L, E] token counts locally, pushes them every N steps; keeps them on errors.
 - `Heartbeater`: refreshes a replica's TTL and re-registers it after a Redis restart.
-- `EndpointAnnouncer`: keeps an engine replica's direct-channel endpoint registered (and removes
+- `EndpointAnnouncer`: keeps an engine replica's gRPC endpoint registered (and removes
   it on close); `EngineRegistry` is the picklable recipe an engine deployment receives.
 
 Shape letters (docs/SHAPES.md): L MoE layers, E routed experts per layer.
@@ -374,7 +374,7 @@ class EndpointAnnouncer(_Background):
 
 @dataclasses.dataclass(frozen=True)
 class EngineRegistry:
-    """What an engine deployment needs to announce its direct channel, as a picklable value
+    """What an engine deployment needs to announce its gRPC endpoint, as a picklable value
     (workers/ may not import the Redis side: cluster/app.py hands this to the deployment)."""
 
     redis_url: str

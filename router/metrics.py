@@ -53,6 +53,11 @@ class FrontDoorMetrics:
             "moeray_engine", "Engine state per tier: running, waiting, kv_blocks_free, "
             "kv_blocks_total", ["tier", "field"], registry=r,
         )  # fmt: skip
+        self.prefix_cache_hit_ratio = Gauge(
+            "moeray_prefix_cache_hit_ratio", "Prompt tokens whose KV was reused from the prefix "
+            "cache / prompt tokens, over the tier's engine replicas since they started",
+            ["tier"], registry=r,
+        )  # fmt: skip
         self.expert_tokens = Gauge(
             "moeray_expert_tokens", "Tokens routed per (layer, expert) in the load window "
             "(tiers with expert shards)", ["tier", "layer", "expert"], registry=r,

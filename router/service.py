@@ -266,6 +266,9 @@ class InferenceService:
             ("kv_blocks_total", sum(s.total_blocks for s in stats)),
         ):
             self.metrics.engine.labels(tier, name).set(value)
+        prompt = sum(s.prompt_tokens for s in stats)
+        hits = sum(s.prefix_cache_hit_tokens for s in stats)
+        self.metrics.prefix_cache_hit_ratio.labels(tier).set(hits / prompt if prompt else 0.0)
 
     async def healthy(self) -> bool:
         """True when every tier has at least one engine replica that answers."""

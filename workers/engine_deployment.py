@@ -72,6 +72,10 @@ class EngineServer:
             free_blocks=s["free_blocks"],
             total_blocks=s["total_blocks"],
             max_model_len=self.engine.engine.max_model_len,
+            prompt_tokens=s["prompt_tokens"],
+            prompt_tokens_computed=s["prompt_tokens_computed"],
+            prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
+            prefix_cache_hit_ratio=s["prefix_cache_hit_ratio"],
         )
 
     def check_health(self) -> None:

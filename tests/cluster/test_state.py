@@ -26,7 +26,6 @@ from moeray.cluster.state import (
     PlacementWatcher,
 )
 from moeray.cluster.state_messages import (
-    LATENCY_BUCKETS_S,
     EngineEndpoint,
     Placement,
     ReplicaInfo,
@@ -96,8 +95,6 @@ def test_bad_names_and_shapes_name_the_argument(cluster_state: ClusterState) -> 
         cluster_state.publish_placement("m", placement(), expected_epoch=-2)
     with pytest.raises(ValueError, match="ttl_s"):
         cluster_state.acquire_lease("m", "a", ttl_s=0)
-    with pytest.raises(ValueError, match="latency_s"):
-        cluster_state.record_request("fast", -1.0)
     reporter = LoadReporter(cluster_state, "m", 2, 3)
     with pytest.raises(ValueError, match="counts"):
         reporter.add(np.ones((3, 2), dtype=np.int64))
@@ -356,27 +353,6 @@ def test_lease_race_has_one_winner(redis_server: RedisServer) -> None:
 
 
 # ---- tiers --------------------------------------------------------------------------------------
-
-
-def test_tier_stats_count_and_histogram(cluster_state: ClusterState) -> None:
-    latencies = [0.005, 0.02, 0.02, 0.7, 100.0]
-    for i, lat in enumerate(latencies):
-        cluster_state.record_request("fast", lat, ok=i != 1)
-    cluster_state.record_request("reasoning", 3.0)
-    st = cluster_state.tier_stats("fast")
-    assert (st.requests, st.errors) == (5, 1)
-    assert st.latency_sum_s == pytest.approx(sum(latencies))
-    expected = [0] * (len(LATENCY_BUCKETS_S) + 1)
-    for lat in latencies:
-        expected[
-            next((i for i, b in enumerate(LATENCY_BUCKETS_S) if lat <= b), len(LATENCY_BUCKETS_S))
-        ] += 1
-    assert list(st.buckets) == expected
-    assert sorted(cluster_state.all_tier_stats()) == ["fast", "reasoning"]
-    assert cluster_state.tier_stats("nothing").requests == 0
-
-
-# ---- Redis restart ------------------------------------------------------------------------------
 
 
 def test_redis_restart_while_watcher_reporter_and_heartbeater_run(

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 
 from moeray.cluster.config import RouterConfig
 from moeray.router.classifier import DEFAULT_DATA_PATH, load_labeled_jsonl
+from moeray.router.features import FeatureScorer
 from moeray.router.messages import ChatMessage, RouteInput, TierLoad
-from moeray.router.policy import FeatureScorer, Scorer, route
+from moeray.router.policy import Scorer, route
 
 TIERS = ("fast", "reasoning")
 

@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moeray.router.messages import RouteInput
-from moeray.router.policy import (
+from moeray.router.features import (
     DEFAULT_WEIGHTS_PATH,
     FEATURE_NAMES,
     FeatureWeights,
@@ -38,6 +37,7 @@ from moeray.router.policy import (
     scan_view,
     sigmoid,
 )
+from moeray.router.messages import RouteInput
 
 DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "data" / "default_routing.jsonl"
 LABELS = ("fast", "reasoning")

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from moeray.router.classifier import DEFAULT_DATA_PATH, LabeledExample, load_labeled_jsonl
+from moeray.router.features import FeatureScorer
 from moeray.router.messages import RouteInput
-from moeray.router.policy import FeatureScorer, calibrate_threshold
+from moeray.router.policy import calibrate_threshold
 
 
 def binary_report(

@@ -9,17 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from moeray.cluster.config import RouterConfig
-from moeray.router.messages import ChatMessage, RouteInput, TierLoad
-from moeray.router.policy import (
+from moeray.router.features import (
     FEATURE_NAMES,
     SCAN_CHARS,
     FeatureScorer,
     FeatureWeights,
-    QueryRouter,
-    calibrate_threshold,
     extract_features,
-    route,
 )
+from moeray.router.messages import ChatMessage, RouteInput, TierLoad
+from moeray.router.policy import QueryRouter, calibrate_threshold, route
 
 TIERS = ("fast", "reasoning")
 CFG = RouterConfig()

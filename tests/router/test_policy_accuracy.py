@@ -13,8 +13,8 @@ from moeray.router.classifier import (
     load_labeled_jsonl,
 )
 from moeray.router.evaluate import binary_report
+from moeray.router.features import DEFAULT_WEIGHTS_PATH, FeatureScorer, FeatureWeights
 from moeray.router.messages import RouteInput
-from moeray.router.policy import DEFAULT_WEIGHTS_PATH, FeatureScorer, FeatureWeights
 
 FEATURE_BAR = 0.93
 

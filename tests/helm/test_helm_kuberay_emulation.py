@@ -225,20 +225,25 @@ def marked_pids() -> list[int]:
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM the process groups we started, then SIGKILL whatever still carries the marker."""
+    """SIGTERM the process groups we started and every process carrying the marker (Ray starts
+    some in sessions of their own), then SIGKILL what is left after a grace period."""
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    for pid in marked_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
     while marked_pids() and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.25)
     for pid in marked_pids():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+    assert not marked_pids(), f"processes of the emulation still alive: {marked_pids()}"
 
 
 # --------------------------------------------------------------------------------------------

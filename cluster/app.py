@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from moeray.cluster.autoscaling import engine_deployment_options
 from moeray.cluster.config import MoerayConfig, TierConfig, apply_environment
 from moeray.cluster.redis_server import free_port
 
@@ -53,8 +54,9 @@ def _engine(tier: TierConfig, config: MoerayConfig) -> Any:
         health_check_period_s=2,
         health_check_timeout_s=10,
         logging_config=_LOGGING,
+        **engine_deployment_options(tier.engine),  # replicas, or autoscaling on LLM signals
     )(EngineServer)
-    return deployment.bind(tier, EngineRegistry(st.redis_url, st.cluster, st.heartbeat_ttl_s))
+    return deployment.bind(tier, EngineRegistry.from_config(st))
 
 
 def build_app(config: MoerayConfig) -> Any:
@@ -136,7 +138,14 @@ class LocalStack:
             if self.ray_address:
                 ray.init(address=self.ray_address, log_to_driver=False)
             else:
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+                from moeray.cluster.expert_parallel import config_expert_resources
+
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    resources=config_expert_resources(self.config),  # a tier's expert shards
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             self._ray_started = True
         serve.start(proxy_location="Disabled", logging_config=_LOGGING)
         serve.run(build_app(self.config), name=APP_NAME, route_prefix=None, blocking=False)

@@ -23,8 +23,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class EngineAutoscalingConfig(_Strict):
+    """Engine replicas of a tier scaled on LLM signals (cluster/autoscaling.py, run by Ray Serve).
+
+    Every replica reports its waiting requests, KV-cache use and TTFT p90; the tier wants as many
+    replicas as the most demanding signal asks for, within [min_replicas, max_replicas]. Serve
+    applies the delays, so a short burst scales nothing and an idle tier returns to min_replicas
+    after downscale_delay_s.
+    """
+
+    min_replicas: int = Field(1, ge=1, description="replicas at least (also the initial count)")
+    max_replicas: int = Field(4, ge=1, description="replicas at most")
+    target_waiting: float = Field(
+        2.0, gt=0, description="waiting (queued) requests per replica the tier aims for"
+    )
+    target_kv_use: float = Field(
+        0.8, gt=0, le=1, description="fraction of KV-cache blocks in use per replica to aim for"
+    )
+    target_ttft_p90_s: float | None = Field(
+        None, gt=0, description="time to first token (p90 over look_back_period_s); None = unused"
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="a need must last this long to add")
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="idle (or over-provisioned) this long before removing a replica"
+    )
+    look_back_period_s: float = Field(10.0, gt=0, description="window the signals average over")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> EngineAutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("engine.autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
 class EngineConfig(_Strict):
-    """The engine of one tier: paged KV cache and continuous batching."""
+    """The engine of one tier: paged KV cache and continuous batching, and how many replicas."""
 
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     num_kv_blocks: int | None = Field(
@@ -48,6 +81,19 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of prompt prefixes seen before (vLLM's APC)"
     )
+    replicas: int = Field(1, ge=1, description="engine replicas of the tier (without autoscaling)")
+    autoscaling: EngineAutoscalingConfig | None = Field(
+        None, description="scale the replicas on LLM signals instead of a fixed count"
+    )
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="a replica being removed finishes its streams within this time"
+    )
+
+    @model_validator(mode="after")
+    def _one_replica_setting(self) -> EngineConfig:
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("set engine.replicas or engine.autoscaling, not both")
+        return self
 
 
 class ExpertsConfig(_Strict):
@@ -110,6 +156,17 @@ class RouterConfig(_Strict):
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="largest request message accepted"
+    )
+    prefix_routing: bool = Field(
+        True,
+        description="send a request to the engine replica that served its prompt prefix before "
+        "(its KV blocks are likely cached there); false = always the least-loaded replica",
+    )
+    prefix_imbalance: int = Field(
+        8,
+        ge=0,
+        description="open streams the prefix holder may have above the least-loaded "
+        "replica before the request goes to the least-loaded one instead",
     )
 
 

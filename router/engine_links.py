@@ -3,7 +3,9 @@
 Each engine replica serves workers/engine_service.py on its node and registers the endpoint
 (address, token) in Redis (`ClusterState.register_engine`, kept fresh by `EndpointAnnouncer`).
 `EngineLinks` refreshes every tier's endpoints on a background task of the router's event loop
-(never on a request's path) and hands out the replica with the fewest open streams. A replica
+(never on a request's path) and hands out a replica per request: the one that most likely holds
+the request's prompt prefix in its KV cache (router/prefix_affinity.py) unless it has
+`imbalance` more open streams than the least-loaded one, else the least-loaded one. A replica
 whose call failed with UNAVAILABLE is skipped for RETRY_AFTER_S; a replica whose endpoint left
 Redis is closed once its open streams have ended. Redis down: the known replicas keep serving.
 """
@@ -15,10 +17,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from moeray.router.prefix_affinity import PrefixAffinity
 from moeray.workers.engine_service import (
     CHANNEL_OPTIONS,
     GENERATE,
@@ -108,10 +111,23 @@ class EngineLinks:
     """Per tier: replica id -> EngineClient, refreshed from `state.engine_endpoints(tier)`.
 
     state: a `cluster.state.ClusterState`. Lives on one event loop (the router replica's).
+    prefix_routing / imbalance: prefer the replica holding a request's prefix while it has at
+    most `imbalance` more open streams than the least-loaded replica.
+    on_change(tier, added, removed): called when replicas join or leave a tier.
     """
 
-    def __init__(self, state: Any, tiers: list[str], refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self,
+        state: Any,
+        tiers: list[str],
+        refresh_s: float = REFRESH_S,
+        prefix_routing: bool = True,
+        imbalance: int = 8,
+        on_change: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self.state, self.tiers, self.refresh_s = state, list(tiers), refresh_s
+        self.prefix_routing, self.imbalance, self.on_change = prefix_routing, imbalance, on_change
+        self.affinity = {t: PrefixAffinity() for t in self.tiers}
         self._clients: dict[str, dict[str, EngineClient]] = {t: {} for t in self.tiers}
         self._retired: list[EngineClient] = []
         self._task: asyncio.Task[None] | None = None
@@ -153,20 +169,41 @@ class EngineLinks:
         for rid, client in current.items():
             if fresh.get(rid) is not client:
                 self._retired.append(client)  # closed once its open streams have ended
+            if rid not in fresh:
+                self.affinity[tier].forget(rid)
         self._clients[tier] = fresh
+        added, removed = len(fresh.keys() - current.keys()), len(current.keys() - fresh.keys())
+        if self.on_change is not None and (added or removed):
+            self.on_change(tier, added, removed)
 
-    def pick(self, tier: str, exclude: frozenset[str] = frozenset()) -> EngineClient | None:
-        """The usable replica of `tier` with the fewest open streams (ties broken at random)."""
+    def pick(
+        self, tier: str, exclude: frozenset[str] = frozenset(), keys: list[bytes] | None = None
+    ) -> tuple[EngineClient | None, str]:
+        """A usable replica of `tier` for a request with these prefix keys, and why:
+        "prefix" (it holds the longest shared prefix), "overloaded" (it does, but has too many
+        open streams), or "least_loaded" (fewest open streams, ties broken at random)."""
         now = time.monotonic()
-        usable = [
-            c for c in self._clients.get(tier, {}).values()
+        usable = {
+            c.replica_id: c for c in self._clients.get(tier, {}).values()
             if c.replica_id not in exclude
             and (not c.failed_at or now - c.failed_at > RETRY_AFTER_S)
-        ]  # fmt: skip
+        }  # fmt: skip
         if not usable:
-            return None
-        least = min(c.inflight for c in usable)
-        return random.choice([c for c in usable if c.inflight == least])
+            return None, "none"
+        least = min(c.inflight for c in usable.values())
+        why = "least_loaded"
+        if keys and self.prefix_routing:
+            holder, _ = self.affinity[tier].match(keys, usable.keys())
+            if holder is not None:
+                if usable[holder].inflight - least <= self.imbalance:
+                    return usable[holder], "prefix"
+                why = "overloaded"
+        return random.choice([c for c in usable.values() if c.inflight == least]), why
+
+    def served(self, tier: str, keys: list[bytes], client: EngineClient) -> None:
+        """Records that `client` now holds the prefixes of a request it served."""
+        if keys and self.prefix_routing:
+            self.affinity[tier].record(keys, client.replica_id)
 
     def clients(self, tier: str) -> list[EngineClient]:
         return list(self._clients.get(tier, {}).values())

@@ -7,7 +7,11 @@ the engine gauges (KV blocks, queue) and per-expert load are refreshed when /met
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 #: Request latencies on CPU range from milliseconds to minutes.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -15,6 +19,25 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 DECISION_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ExpertTokens:
+    """moeray_expert_tokens_total{tier,layer,expert}: tokens routed to each expert of a sharded
+    tier since it started, a counter whose values live in Redis (the engines push them), so
+    it is a custom collector exporting the last totals read rather than a Counter to inc()."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, np.ndarray] = {}  # tier -> int64 [L, E]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "moeray_expert_tokens", "Tokens routed per (MoE layer, expert) of tiers with "
+            "expert shards, since their shards started", labels=["tier", "layer", "expert"],
+        )  # fmt: skip
+        for tier, total in sorted(self.totals.items()):
+            for (layer, expert), n in np.ndenumerate(total):
+                family.add_metric([tier, str(layer), str(expert)], float(n))
+        yield family
 
 
 class FrontDoorMetrics:
@@ -53,14 +76,40 @@ class FrontDoorMetrics:
             "moeray_engine", "Engine state per tier: running, waiting, kv_blocks_free, "
             "kv_blocks_total", ["tier", "field"], registry=r,
         )  # fmt: skip
+        self.replicas = Gauge(
+            "moeray_engine_replicas", "Engine replicas of the tier this router can reach",
+            ["tier"], registry=r,
+        )  # fmt: skip
+        self.replica = Gauge(
+            "moeray_engine_replica", "Per engine replica: running, waiting, kv_use (0..1); "
+            "refreshed per scrape", ["tier", "replica", "field"], registry=r,
+        )  # fmt: skip
+        self.replica_changes = Counter(
+            "moeray_engine_replica_changes", "Engine replicas that joined (added) or left "
+            "(removed) the tier, as this router saw them (autoscaling decisions carried out)",
+            ["tier", "direction"], registry=r,
+        )  # fmt: skip
+        self.replica_choices = Counter(
+            "moeray_replica_choices", "How each request's engine replica was chosen: prefix "
+            "(holds its prefix), overloaded (the holder was too busy), least_loaded",
+            ["tier", "reason"], registry=r,
+        )  # fmt: skip
         self.prefix_cache_hit_ratio = Gauge(
             "moeray_prefix_cache_hit_ratio", "Prompt tokens whose KV was reused from the prefix "
             "cache / prompt tokens, over the tier's engine replicas since they started",
             ["tier"], registry=r,
         )  # fmt: skip
-        self.expert_tokens = Gauge(
-            "moeray_expert_tokens", "Tokens routed per (layer, expert) in the load window "
-            "(tiers with expert shards)", ["tier", "layer", "expert"], registry=r,
+        # Per-expert load of sharded tiers, read from Redis at scrape time (service._with_state)
+        self.expert_tokens = ExpertTokens()
+        r.register(self.expert_tokens)
+        self.expert_balancedness = Gauge(
+            "moeray_expert_balancedness", "Mean over expert shards of their token load / the "
+            "max, summed over MoE layers, over the recent load windows (1.0 = perfect)",
+            ["tier"], registry=r,
+        )  # fmt: skip
+        self.expert_placement_epoch = Gauge(
+            "moeray_expert_placement_epoch", "Epoch of the tier's published expert placement",
+            ["tier"], registry=r,
         )  # fmt: skip
 
     def render(self) -> bytes:

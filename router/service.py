@@ -26,11 +26,13 @@ from typing import Any
 
 import grpc
 from moeray.cluster.config import MoerayConfig
+from moeray.cluster.expert_load import read_expert_status
 from moeray.router.convert import RequestError, RequestLimits
 from moeray.router.engine_links import EngineLinks, GenerateStream
 from moeray.router.messages import GenerateCall, RouteDecision, RouteInput, TierLoad
 from moeray.router.metrics import FrontDoorMetrics
 from moeray.router.policy import QueryRouter
+from moeray.router.prefix_affinity import prefix_keys
 from moeray.workers.io_struct import (
     EngineStats,
     FinishReason,
@@ -102,8 +104,11 @@ class InferenceService:
         self.config = config
         self.tiers = [t.name for t in config.tiers]
         self.state = state
-        self.links = links or EngineLinks(state, self.tiers)
         self.metrics = metrics or FrontDoorMetrics()
+        self.links = links or EngineLinks(
+            state, self.tiers, prefix_routing=config.router.prefix_routing,
+            imbalance=config.router.prefix_imbalance, on_change=self._replicas_changed,
+        )  # fmt: skip
         self.limits = RequestLimits.from_config(config)
         self.router = QueryRouter.from_config(config)
         self.inflight: dict[str, int] = {t: 0 for t in self.tiers}
@@ -133,9 +138,14 @@ class InferenceService:
     ) -> AsyncIterator[tuple[RouteDecision, RequestOutput]]:
         """Streams (decision, delta) pairs; raises RequestError / Overloaded / EngineUnavailable
         before the first. timeout_s: the client's deadline, passed on to the engine call."""
-        decision = self.decide(call.input)  # 1
+        try:
+            decision = self.decide(call.input)  # 1
+        except RequestError:
+            self.metrics.requests.labels("", protocol, "invalid").inc()  # no tier chosen
+            raise
         tier = decision.tier
         if call.request_id in self._running:
+            self.metrics.requests.labels(tier, protocol, "invalid").inc()
             raise RequestError("request_id", f"{call.request_id!r} is already in use")
         limit = self.config.router.max_inflight_per_tier
         if self.inflight[tier] >= limit:  # 2
@@ -180,19 +190,27 @@ class InferenceService:
         """The request's outputs from one engine replica (steps 3 and 4)."""
         running = self._running[call.request_id]
         request = call.input.engine_request(call.request_id, call.sampling)
+        keys = prefix_keys(request) if self.links.prefix_routing else []
         tried: set[str] = set()
         self.links.start()
+        wait_until = time.monotonic() + self.config.router.max_queue_wait_s
         while True:
-            client = self.links.pick(tier, frozenset(tried))
+            client, why = self.links.pick(tier, frozenset(tried), keys)
             if client is None:
                 raise EngineUnavailable(f"no engine replica of tier {tier!r} is reachable")
+            self.metrics.replica_choices.labels(tier, why).inc()
+            self.links.served(tier, keys, client)
             stream = running.stream = client.generate(request, timeout_s)
             acc = _Outputs(call.request_id)
             try:
-                async for event in stream:
+                events = aiter(stream)
+                event = await _first(events, wait_until - time.monotonic(), tier)
+                while True:
                     if isinstance(event, GenerateRejected):
                         raise _rejection_error(event)
                     yield acc.add(event)
+                    event = await anext(events)
+            except StopAsyncIteration:
                 return
             except grpc.aio.AioRpcError as e:
                 code = e.code()
@@ -216,6 +234,11 @@ class InferenceService:
                 raise
             finally:
                 stream.cancel()  # no-op for a finished call; else the engine aborts the request
+
+    def _replicas_changed(self, tier: str, added: int, removed: int) -> None:
+        self.metrics.replica_changes.labels(tier, "added").inc(added)
+        self.metrics.replica_changes.labels(tier, "removed").inc(removed)
+        self.metrics.replicas.labels(tier).set(len(self.links.clients(tier)))
 
     def _enter(self, request_id: str, tier: str) -> None:
         self.inflight[tier] += 1
@@ -258,6 +281,10 @@ class InferenceService:
         return stats
 
     def _export_engine(self, tier: str, stats: list[EngineStats]) -> None:
+        for s in stats:
+            kv_use = (s.total_blocks - s.free_blocks) / s.total_blocks if s.total_blocks else 0.0
+            for name, value in (("running", s.running), ("waiting", s.waiting), ("kv_use", kv_use)):
+                self.metrics.replica.labels(tier, s.replica_id, name).set(value)
         for name, value in (
             ("replicas", len(stats)),
             ("running", sum(s.running for s in stats)),
@@ -300,21 +327,22 @@ class InferenceService:
         return out
 
     def _with_state(self, snap: TierSnapshot) -> TierSnapshot:
-        """Adds placement epoch, shard replicas and expert load from Redis (keyed by tier name)."""
+        """Adds placement epoch, shard replicas and expert load from Redis (keyed by tier name),
+        and exports the tier's expert metrics (cluster/expert_load.py)."""
         try:
-            placement = self.state.read_placement(snap.name)
-            if placement is None:
-                return snap
-            load = self.state.read_load(snap.name, placement.num_layers, placement.num_experts)
-            shards = self.state.live_replicas(snap.name)
+            status = read_expert_status(self.state, snap.name)
         except Exception as e:  # Redis down: serve the status without it
             log.warning("cluster state unavailable: %s", e)
             return snap
-        for (layer, expert), n in _nonzero(load):
-            self.metrics.expert_tokens.labels(snap.name, str(layer), str(expert)).set(n)
+        if status is None:  # not a sharded tier (or its shards are not up yet)
+            return snap
+        self.metrics.expert_tokens.totals[snap.name] = status.total
+        self.metrics.expert_balancedness.labels(snap.name).set(status.balancedness)
+        self.metrics.expert_placement_epoch.labels(snap.name).set(status.placement.epoch)
         return TierSnapshot(
-            **{**snap.__dict__, "placement_epoch": placement.epoch, "shards": shards,
-               "expert_load": load, "load_window_s": self.state.load_window_s},
+            **{**snap.__dict__, "placement_epoch": status.placement.epoch,
+               "shards": status.replicas, "expert_load": status.load,
+               "load_window_s": status.window_s},
         )  # fmt: skip
 
     async def refresh_metrics(self) -> None:
@@ -322,9 +350,15 @@ class InferenceService:
         await self.snapshot()
 
 
-def _nonzero(load: Any) -> list[tuple[tuple[int, int], int]]:
-    rows, cols = load.nonzero()
-    return [((int(r), int(c)), int(load[r, c])) for r, c in zip(rows, cols)]
+async def _first(events: AsyncIterator[Any], wait_s: float, tier: str) -> Any:
+    """The engine call's first event, or Overloaded when none came within the queue wait
+    (router.max_queue_wait_s; the caller then cancels the call, which frees its KV blocks)."""
+    try:
+        return await asyncio.wait_for(anext(events), max(wait_s, 0.0))
+    except TimeoutError:
+        raise Overloaded(
+            f"tier {tier!r} gave no first token within router.max_queue_wait_s; retry later"
+        ) from None
 
 
 def _aborted_output(request_id: str, last: RequestOutput | None) -> RequestOutput:

@@ -70,10 +70,12 @@ def _decode_meta(
 def _build_meta(ctx: ForwardContext, block_size: int) -> _StepMeta:
     tables, starts, lens = ctx.block_tables, ctx.query_start_loc, ctx.context_lens
     if ctx.is_decode:
-        index, mask = _decode_meta(tables, lens, block_size)
-        return _StepMeta(index, mask, None, [])
+        decode_index, decode_mask = _decode_meta(tables, lens, block_size)
+        return _StepMeta(decode_index, decode_mask, None, [])
     single = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
-    index = mask = rows = None
+    index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
     if single:
         picked = torch.tensor(single, device=tables.device)
         index, mask = _decode_meta(tables[picked], [lens[b] for b in single], block_size)

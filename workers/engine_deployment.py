@@ -5,6 +5,11 @@ replica (placement, restarts, health checks); the data path is workers/engine_se
 replica serves Generate and Stats over gRPC on its node's IP and keeps that endpoint (address and
 token) registered in Redis through the registry it is given, where router replicas find it. No
 Serve handle carries request data.
+
+Scaling: Serve sizes the deployment (cluster/autoscaling.py); every replica reports its waiting
+requests, KV use and TTFT p90 (`record_autoscaling_stats`). A replica Serve removes drains
+first (`__del__`): it leaves Redis, refuses new calls with UNAVAILABLE (the router retries them on
+another replica, since they had not started), and finishes its open streams before it stops.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import logging
 import os
 import secrets
 import socket
+import time
 from typing import Any, Protocol
 
 from moeray.cluster.config import TierConfig
 from moeray.workers.async_engine import AsyncLLMEngine
+from moeray.workers.engine import LLMEngine
 from moeray.workers.engine_service import EngineService
 from moeray.workers.io_struct import EngineStats
 
@@ -46,18 +53,32 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def _expert_parallel(engine: LLMEngine, tier: TierConfig, registry: Any) -> Any:
+    """With tier.experts.shards > 0, moves the finished model's routed experts to shard actors
+    (cluster/expert_parallel.py) and returns what to close; None otherwise. Imported lazily: the
+    engine replica is the composition root of its experts, as workers/llm.py is offline."""
+    if not tier.experts.shards:
+        return None
+    from moeray.cluster.expert_parallel import serve_expert_parallel
+
+    return serve_expert_parallel(engine.model, tier, registry)
+
+
 class EngineServer:
     """The engine of one tier. Construct with the tier's config (the checkpoint must be local) and
     the registry its endpoint is announced in."""
 
     def __init__(self, tier: TierConfig, registry: EndpointRegistry) -> None:
         self.tier = tier
-        self.engine = AsyncLLMEngine.from_pretrained(tier.model, tier.engine, dtype=tier.dtype)
+        engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype)
+        self._experts = _expert_parallel(engine, tier, registry)
+        self.engine = AsyncLLMEngine(engine)
         self.replica_id = _replica_id()
         self.node = socket.gethostname()
         self.service = EngineService(self.engine, self.stats, secrets.token_urlsafe(24), _node_ip())
         address = self.service.start()
         self._announcer = registry.announce(tier.name, self.replica_id, address, self.service.token)
+        self._drained = False
         log.info("engine %s of tier %s serves on %s", self.replica_id, tier.name, address)
 
     def stats(self) -> EngineStats:
@@ -78,18 +99,41 @@ class EngineServer:
             prefix_cache_hit_ratio=s["prefix_cache_hit_ratio"],
         )
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics of this replica (cluster/autoscaling.py)."""
+        s = self.engine.stats()
+        total = s["total_blocks"]
+        return {
+            "waiting": float(s["waiting"]),
+            "running": float(s["running"]),
+            "kv_use": (total - s["free_blocks"]) / total if total else 0.0,
+            "ttft_p90_s": self.service.ttft_p90(),
+        }
+
     def check_health(self) -> None:
         """Serve's periodic health check: a dead engine thread makes the replica unhealthy."""
         if not self.engine.alive:
             raise RuntimeError(f"the engine thread of tier {self.tier.name!r} has stopped")
 
+    def drain(self) -> None:
+        """Leaves Redis, refuses new calls, and waits (up to engine.drain_timeout_s) until the
+        engine has finished every request it holds; then stops the service and the engine."""
+        if getattr(self, "_drained", True):
+            return
+        self._drained = True
+        self._announcer.close()  # routers stop picking this replica at their next refresh
+        self.service.draining = True
+        deadline = time.monotonic() + self.tier.engine.drain_timeout_s
+        while time.monotonic() < deadline:
+            s = self.engine.stats()
+            if s["running"] == 0 and s["waiting"] == 0:
+                break
+            time.sleep(0.05)
+        self.service.close()  # streams still open past the deadline end here (and abort)
+        self.engine.shutdown(timeout_s=2.0)
+        if self._experts is not None:
+            self._experts.close()  # the tier's shard actors go with their engine
+
     def __del__(self) -> None:
-        announcer = getattr(self, "_announcer", None)
-        if announcer is not None:
-            announcer.close()  # routers stop picking this replica
-        service = getattr(self, "service", None)
-        if service is not None:
-            service.close()  # open calls end: their requests abort
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown(timeout_s=2.0)
+        """Serve calls this when it removes the replica (scale down, redeploy, shutdown)."""
+        self.drain()

@@ -26,6 +26,7 @@ import hmac
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -46,6 +47,8 @@ SERVICE = "moeray.internal.Engine"
 GENERATE = f"/{SERVICE}/Generate"
 STATS = f"/{SERVICE}/Stats"
 TOKEN_KEY = "x-moeray-engine-token"
+#: Times to first token kept for the TTFT p90 an engine replica reports (autoscaling).
+TTFT_SAMPLES = 512
 #: Largest request accepted (a prompt of token ids or text is far below this).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: gRPC channel options both ends use: large messages, and keepalive pings so that a peer whose
@@ -85,6 +88,10 @@ class EngineService:
             raise ValueError("token must be a non-empty string")
         self.engine, self._stats, self.token = engine, stats, token
         self.host, self.port = host, port
+        #: Set while the replica is being removed: new calls are refused with UNAVAILABLE before
+        #: anything starts, so the router sends them to another replica.
+        self.draining = False
+        self._ttfts: deque[tuple[float, float]] = deque(maxlen=TTFT_SAMPLES)  # (time, ttft s)
         self._loop = asyncio.new_event_loop()
         self._server: grpc.aio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="moeray-engine-service",
@@ -151,6 +158,8 @@ class EngineService:
         GenerateRejected. Cancelling the call aborts the request on the engine."""
         start = time.perf_counter()
         await self._authorize(context)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine replica is draining")
         try:
             req = decode_request(body)
             stream = self.engine.generate(req.request_id, _prompt(req), req.sampling)
@@ -166,6 +175,9 @@ class EngineService:
         first = True
         try:
             async for out in stream:
+                if first:
+                    now = time.perf_counter()
+                    self._ttfts.append((now, now - start))
                 finished = out.finish_reason is not None
                 yield GenerateDelta(
                     delta_token_ids=out.delta_token_ids,
@@ -181,6 +193,12 @@ class EngineService:
             if not first:
                 raise
             yield GenerateRejected("invalid", e.field, e.message)
+
+    def ttft_p90(self, window_s: float = 30.0) -> float:
+        """p90 of the times to first token of the calls that started in the last window_s."""
+        since = time.perf_counter() - window_s
+        recent = sorted(t for at, t in list(self._ttfts) if at >= since)
+        return recent[int(0.9 * (len(recent) - 1))] if recent else 0.0
 
     async def _stats_call(self, body: bytes, context: grpc.aio.ServicerContext) -> EngineStats:
         """Receives a StatsRequest (empty); sends this replica's EngineStats."""

@@ -65,17 +65,17 @@ def test_links_follow_redis_and_balance_open_streams(
     async def main() -> None:
         links = EngineLinks(cluster_state, ["fast", "reasoning"])
         try:
-            assert links.pick("fast") is None  # nothing read yet
+            assert links.pick("fast") == (None, "none")  # nothing read yet
             await links.refresh()
             assert sorted(c.replica_id for c in links.clients("fast")) == ["rep-0", "rep-1"]
-            assert links.pick("reasoning") is None
+            assert links.pick("reasoning")[0] is None
             # Two long streams land on different replicas (fewest open streams first).
-            a = links.pick("fast")
+            a, _ = links.pick("fast")
             assert a is not None
             stream_a = a.generate(GenerateRequest("a", LONG, prompt="hello"), 30)
             it_a = stream_a.__aiter__()
             await anext(it_a)
-            b = links.pick("fast")
+            b, _ = links.pick("fast")
             assert b is not None and b is not a
             out = await generate(b, "b", PARAMS)
             assert out[-1].completion_tokens == 4
@@ -113,10 +113,10 @@ def test_a_failed_link_is_skipped_then_retried(
                 await generate(dead, "x", PARAMS)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             for _ in range(10):  # the failed link is not picked again for RETRY_AFTER_S
-                picked = links.pick("fast")
+                picked, _ = links.pick("fast")
                 assert picked is not None and picked.replica_id == "live"
             dead.failed_at -= RETRY_AFTER_S + 1  # time passes
-            picks = {lk.replica_id for _ in range(50) if (lk := links.pick("fast")) is not None}
+            picks = {c.replica_id for _ in range(50) if (c := links.pick("fast")[0]) is not None}
             assert picks == {"dead", "live"}
         finally:
             await links.close()
@@ -142,7 +142,7 @@ def test_refresh_task_survives_redis_going_away(
             srv.stop()
             await asyncio.sleep(0.5)
             assert [c.replica_id for c in links.clients("fast")] == ["rep-0"]  # kept
-            client = links.pick("fast")
+            client, _ = links.pick("fast")
             assert client is not None
             out = await generate(client, "r", PARAMS)  # serving goes on
             assert out[-1].finish_reason is not None

@@ -101,13 +101,27 @@ class ExpertsConfig(_Strict):
 
     shards: int = Field(0, ge=0, description="expert-shard Ray actors; 0 = in-process experts")
     replicas: int = Field(1, ge=1, description="replicas of every expert at start")
-    compiled_graph: bool = Field(
-        True,
-        description="fast dispatch: Unix sockets to shards on the engine's node, a Ray Compiled "
-        "Graph to shards elsewhere; false = plain Ray actor calls",
+    transport: Literal["socket", "plain"] = Field(
+        "socket",
+        description="engine <-> shard dispatch: socket = a Unix socket to shards on the engine's "
+        "node and TCP to shards on other nodes; plain = Ray actor calls (slower)",
+    )
+    dispatch_deadline_s: float = Field(
+        0.5,
+        gt=0,
+        description="a shard that has not answered one layer's dispatch (of up to 64 tokens; "
+        "bigger batches get proportionally longer) within this is replaced and the step re-run",
     )
     shard_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per shard actor")
     shard_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard actor")
+    shard_resource: str | None = Field(
+        "moeray_expert_slot",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="custom Ray resource a node must advertise to hold expert shards (one unit "
+        "per shard; the Helm chart's expert group advertises it, and the Ray autoscaler adds "
+        "such nodes when shards wait); None = any node with the CPUs/GPUs",
+    )
     autoscale: bool = Field(False, description="replicate hot experts and retire cold replicas")
     min_replicas: int = Field(1, ge=1, description="replicas of every expert at least")
     max_replicas: int = Field(4, ge=1, description="replicas of one expert at most")

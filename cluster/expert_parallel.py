@@ -8,15 +8,20 @@ backend as plain callables, so workers/ never imports the state module:
 
 - placement: a `PlacementWatcher` caches the latest placement; the backend reads its attribute
   once per step (never blocking) and swaps epochs between steps;
-- load: every step the model's expert counts go to a `LoadReporter` (a local numpy add); its
-  thread pushes them every `load_push_every_steps` steps;
-- registry: each shard is registered with a `Heartbeater`; a dead shard is removed and its
-  restarted successor registered, from the backend's hook thread.
+- load: every step the engine hands its expert counts to the backend (`end_step`), which passes
+  them to a `LoadReporter` (a local numpy add); its thread pushes them every
+  `load_push_every_steps` steps;
+- registry: each shard is registered with a `Heartbeater` (its node IP and Ray node id); a dead
+  shard is removed and its replacement registered, from the backend's hook thread.
 
 Redis unreachable -> the backend keeps serving on its cached placement; the helpers reconnect.
 
-`ExpertParallelRuntime.start(...)` adds what a local run also needs: a local Ray instance and a
-private redis-server when no URL is given, both stopped by `close()` if it started them.
+Three callers: `serve_expert_parallel(model, tier, registry)` for a served tier's engine replica
+(workers/engine_deployment.py; the model name in Redis is the tier's name), and
+`ExpertParallelRuntime.start(...)` for the offline LLM and the CLI, which adds what a local run
+also needs: a local Ray instance (advertising the expert resource) and a private redis-server
+when no URL is given, both stopped by `close()` if it started them. `local_expert_resources`
+is what a local Ray instance must advertise for a config's shards (cluster/app.py LocalStack).
 """
 
 from __future__ import annotations
@@ -29,16 +34,38 @@ from typing import Any
 
 import ray
 import redis
-from moeray.cluster.config import ExpertsConfig, StateConfig
+from moeray.cluster.config import ExpertsConfig, MoerayConfig, StateConfig, TierConfig
 from moeray.cluster.placement import initial_placement
 from moeray.cluster.redis_server import RedisServer
-from moeray.cluster.state import ClusterState, Heartbeater, LoadReporter, PlacementWatcher
+from moeray.cluster.state import (
+    ClusterState,
+    EngineRegistry,
+    Heartbeater,
+    LoadReporter,
+    PlacementWatcher,
+)
 from moeray.cluster.state_messages import Placement, ReplicaInfo
-from moeray.workers.ray_experts import Assignment, RayExperts, WeightSource
+from moeray.workers.ray_experts import RayExperts, ShardResources, WeightSource
+from moeray.workers.shard_pool import ShardInfo
 
 log = logging.getLogger(__name__)
 
 RAY_LOCAL_CPUS = 8  # logical CPUs of a local Ray instance: shards reserve 0.5 each by default
+
+
+def local_expert_resources(experts: list[ExpertsConfig]) -> dict[str, float]:
+    """The custom resources a single-node Ray instance must advertise so that these experts'
+    shards (and replacements, and a rebalance's extra replicas) fit: 4 units per shard."""
+    out: dict[str, float] = {}
+    for x in experts:
+        if x.shards and x.shard_resource:
+            out[x.shard_resource] = out.get(x.shard_resource, 0.0) + 4.0 * x.shards
+    return out
+
+
+def config_expert_resources(config: MoerayConfig) -> dict[str, float]:
+    """local_expert_resources of every tier of a config."""
+    return local_expert_resources([t.experts for t in config.tiers])
 
 
 class ReplicaRegistry:
@@ -52,9 +79,14 @@ class ReplicaRegistry:
         self._beats: dict[int, Heartbeater] = {}
         self._lock = threading.Lock()
 
-    def started(self, rid: int, assignment: Assignment, actor_name: str) -> None:
-        experts = tuple((self.moe_index[layer], e) for layer, es in assignment.items() for e in es)
-        info = ReplicaInfo(rid, actor_name, node=ray.util.get_node_ip_address(), experts=experts)
+    def started(self, shard: ShardInfo) -> None:
+        rid = shard.rid
+        experts = tuple(
+            (self.moe_index[layer], e) for layer, es in shard.assignment.items() for e in es
+        )
+        info = ReplicaInfo(
+            rid, shard.name, node=shard.node_ip, node_id=shard.node_id, experts=experts
+        )
         beat = Heartbeater(self.state, self.model, info)
         with self._lock:
             old = self._beats.pop(rid, None)
@@ -112,17 +144,12 @@ def _publish_initial(state: ClusterState, model: str, placement: Placement) -> P
 
 
 def _state_hooks(
-    model: Any, watcher: PlacementWatcher, reporter: LoadReporter, registry: ReplicaRegistry
+    watcher: PlacementWatcher, reporter: LoadReporter, registry: ReplicaRegistry
 ) -> dict[str, Any]:
     """The backend's hooks onto the Redis helpers; none of them makes a network call inline."""
-    moe_rows = list(model.args.moe_layers)  # take_expert_counts is [all layers, E]
-
-    def on_step() -> None:
-        reporter.add(model.take_expert_counts()[moe_rows].numpy())  # [L_moe, E], local add
-
     return {
         "placement_source": lambda: watcher.placement,
-        "on_step": on_step,
+        "on_load": reporter.add,  # [L_moe, E], a local add
         "on_replica_started": registry.started,
         "on_replica_dead": registry.dead,
     }
@@ -161,22 +188,59 @@ def apply_expert_parallel(
             push_every_steps=load_push_every_steps,
         )  # fmt: skip
         registry = ReplicaRegistry(state, model_name, a.moe_layers)
-        hooks = _state_hooks(model, watcher, reporter, registry)
-    backend = RayExperts.start(
-        WeightSource(checkpoint=str(checkpoint), dtype=dtype),
-        placement,
-        list(a.moe_layers),
-        num_cpus=config.shard_num_cpus,
-        num_gpus=config.shard_num_gpus,
-        transport=transport or ("auto" if config.compiled_graph else "plain"),
-        **hooks,
-    )
+        hooks = _state_hooks(watcher, reporter, registry)
+    try:
+        backend = RayExperts.start(
+            WeightSource(checkpoint=str(checkpoint), dtype=dtype),
+            placement,
+            list(a.moe_layers),
+            resources=ShardResources(
+                config.shard_num_cpus, config.shard_num_gpus, config.shard_resource
+            ),
+            transport=transport or config.transport,
+            dispatch_deadline_s=config.dispatch_deadline_s,
+            **hooks,
+        )
+    except BaseException:
+        for helper in (watcher, reporter, registry):
+            if helper is not None:
+                helper.close()
+        raise
     ep = ExpertParallel(backend, watcher, reporter, registry)
     for helper in (watcher, reporter):
         if helper is not None:
             helper.start()
     model.set_expert_backend(ep.backend)
     return ep
+
+
+@dataclass
+class ServedExperts:
+    """A served tier's expert parallelism (what serve_expert_parallel started): close() stops
+    the shards and the Redis helpers, then the ClusterState."""
+
+    ep: ExpertParallel
+    state: ClusterState
+
+    def close(self) -> None:
+        self.ep.close()
+        self.state.close()
+
+
+def serve_expert_parallel(model: Any, tier: TierConfig, registry: EngineRegistry) -> ServedExperts:
+    """apply_expert_parallel for the engine replica of a served tier with experts.shards > 0:
+    the Redis state from the registry the replica announces itself in, the tier's name as the
+    model name of its placement, load and replicas."""
+    state = registry.cluster_state()
+    try:
+        ep = apply_expert_parallel(
+            model, tier.model, tier.experts, state, model_name=tier.name, dtype=tier.dtype,
+            load_push_every_steps=registry.load_push_every_steps,
+        )  # fmt: skip
+    except BaseException:
+        state.close()
+        raise
+    return ServedExperts(ep, state)
 
 
 class ExpertParallelRuntime:
@@ -207,8 +271,8 @@ class ExpertParallelRuntime:
             state_config = state_config or StateConfig()
             if not ray.is_initialized():
                 ray.init(
-                    num_cpus=RAY_LOCAL_CPUS, include_dashboard=False, log_to_driver=False,
-                    logging_level=logging.WARNING,
+                    num_cpus=RAY_LOCAL_CPUS, resources=local_expert_resources([experts]),
+                    include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                 )  # fmt: skip
                 rt.started_ray = True
             url = state_config.redis_url

@@ -10,8 +10,10 @@
   3. keep the best of {packed plan, current layout, initial layout} by max shard load, the
      current layout winning ties, so a plan never moves experts for nothing and is never worse
      than the initial placement for the same loads.
-- `choose_replica` / `assign_replicas`: which replica of an expert serves a step's tokens:
-  the one whose shard has the fewest outstanding tokens, ties rotating with the step number.
+- `choose_replica` / `assign_replicas`: which replica of an expert serves a step's tokens (the
+  one whose shard has the fewest outstanding tokens, ties rotating with the step number). There
+  is ONE such function, in workers/expert_routing.py, where the engine's dispatch runs it every
+  layer; it is re-exported here for planners and tests.
 
 Shape letters (docs/SHAPES.md): L MoE layers, E routed experts per layer. Shards are the
 replica ids of `Placement`: integers 0..num_shards-1. Everything is deterministic: ties break
@@ -22,17 +24,24 @@ expert's replica count (tokens are spread evenly over replicas).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from moeray.cluster.state_messages import Placement
+from moeray.workers.expert_routing import NoLiveReplica, assign_replicas, choose_replica
+
+__all__ = [
+    "NoLiveReplica",
+    "assign_replicas",
+    "choose_replica",
+    "initial_placement",
+    "max_shard_loads",
+    "plan_rebalance",
+    "shard_loads",
+]
 
 Layout = list[list[int]]  # [E] -> shard ids of one layer
-
-
-class NoLiveReplica(LookupError):
-    """Every replica of an expert is excluded (dead)."""
 
 
 def _check_positive(**values: int) -> None:
@@ -226,51 +235,3 @@ def plan_rebalance(
         tol = 1e-9 * max(1.0, best)
         layers.append(next(c for c, sc in zip(candidates, scores) if sc <= best + tol))
     return Placement.from_lists(layers, epoch=current.epoch)
-
-
-def _outstanding_of(outstanding: Mapping[int, float] | Sequence[float] | None, r: int) -> float:
-    if outstanding is None:
-        return 0.0
-    if isinstance(outstanding, Mapping):
-        return float(outstanding.get(r, 0.0))
-    return float(outstanding[r]) if r < len(outstanding) else 0.0
-
-
-def choose_replica(
-    replicas: Sequence[int],
-    outstanding: Mapping[int, float] | Sequence[float] | None = None,
-    step: int = 0,
-    exclude: Collection[int] = (),
-) -> int:
-    """The replica (shard id) with the fewest outstanding tokens, not in `exclude`; ties go
-    round-robin: the candidate order rotates by `step`. Raises NoLiveReplica if none is left."""
-    live = [r for r in replicas if r not in exclude]
-    if not live:
-        raise NoLiveReplica(f"every replica of {list(replicas)} is excluded")
-    n = len(live)
-    best = min(range(n), key=lambda i: (_outstanding_of(outstanding, live[i]), (i - step) % n))
-    return live[best]
-
-
-def assign_replicas(
-    layout: Sequence[Sequence[int]],
-    tokens_per_expert: Sequence[int] | np.ndarray,
-    step: int = 0,
-    exclude: Collection[int] = (),
-    outstanding: Mapping[int, float] | None = None,
-) -> list[int]:
-    """One shard per expert of one layer for one step: layout[E] -> replicas, tokens [E]
-    -> shard id per expert [E]. Experts with tokens are assigned heaviest first, each to the
-    replica whose shard has the fewest tokens so far (starting from `outstanding`)."""
-    tokens = np.asarray(tokens_per_expert)
-    if tokens.shape != (len(layout),):
-        raise ValueError(
-            f"tokens_per_expert must have shape ({len(layout)},) [E], got {tokens.shape}"
-        )
-    load: dict[int, float] = dict(outstanding or {})
-    out = [-1] * len(layout)
-    for e in sorted(range(len(layout)), key=lambda e: (-int(tokens[e]), e)):
-        s = choose_replica(layout[e], load, step + e, exclude)
-        out[e] = s
-        load[s] = load.get(s, 0.0) + float(tokens[e])
-    return out

@@ -9,6 +9,7 @@
 | `replicas:{model}` | set | ids of registered expert-shard replicas |
 | `replica:{model}:{id}` | hash, TTL | one `ReplicaInfo`; expires unless heartbeated |
 | `load:{model}:{window}` | hash "l,e" -> count, TTL | tokens routed per (layer, expert) in a window |
+| `load_total:{model}` | hash "l,e" -> count | tokens routed per (layer, expert) ever (a counter) |
 | `lease:{model}` | string, TTL | owner id of the one active autoscaler |
 | `engines:{tier}` | set | replica ids of a tier's engine replicas (their gRPC endpoints) |
 | `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON); expires unless refreshed |
@@ -86,9 +87,12 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return out
 """
-# KEYS[1] window hash; ARGV: ttl_ms, then field, delta pairs.
+# KEYS[1] window hash, KEYS[2] all-time totals hash; ARGV: ttl_ms, then field, delta pairs.
 _PUSH_LOAD_LUA = """
-for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return (#ARGV - 1) / 2
 """
@@ -357,7 +361,8 @@ class ClusterState:
         for li, e in zip(layers.tolist(), experts.tolist()):
             args += [f"{li},{e}", int(arr[li, e])]
         key = self.key("load", check_name("model", model), self.window(now))
-        return int(self._push_load(keys=[key], args=args))
+        total = self.key("load_total", model)
+        return int(self._push_load(keys=[key, total], args=args))
 
     def read_load(
         self,
@@ -391,6 +396,21 @@ class ClusterState:
                         f"[num_layers={num_layers}, num_experts={num_experts}]"
                     )
                 out[li, e] += int(count)
+        return out
+
+    def read_load_total(self, model: str, num_layers: int, num_experts: int) -> np.ndarray:
+        """Tokens per (layer, expert) ever pushed (a monotonic counter until Redis loses its
+        memory) -> int64 [L, E]."""
+        if num_layers < 1 or num_experts < 1:
+            raise ValueError(
+                f"num_layers and num_experts must be >= 1, got {num_layers}, {num_experts}"
+            )
+        fields = self.client.hgetall(self.key("load_total", check_name("model", model)))
+        out = np.zeros((num_layers, num_experts), dtype=np.int64)
+        for cell, count in cast(dict[str, str], fields).items():
+            li, e = (int(x) for x in cell.split(","))
+            if li < num_layers and e < num_experts:
+                out[li, e] = int(count)
         return out
 
     # ---- leases ----------------------------------------------------------------------------

@@ -119,7 +119,8 @@ class Placement:
 class ReplicaInfo:
     """One expert-shard actor, as it registers itself in Redis.
 
-    `experts` lists the (layer, expert) pairs whose weights the actor holds. `heartbeat_ms` is
+    `experts` lists the (layer, expert) pairs whose weights the actor holds. `node` is its
+    node's IP, `node_id` its Ray node id (several raylets may share an IP). `heartbeat_ms` is
     the wall-clock time (ms since the epoch) of its last heartbeat, filled in on read.
     """
 
@@ -127,6 +128,7 @@ class ReplicaInfo:
     actor_name: str
     node: str = ""
     device: str = "cpu"
+    node_id: str = ""
     experts: tuple[tuple[int, int], ...] = ()
     state: ReplicaState = "starting"
     heartbeat_ms: int = 0
@@ -147,6 +149,7 @@ class ReplicaInfo:
             "replica_id": str(self.replica_id),
             "actor_name": self.actor_name,
             "node": self.node,
+            "node_id": self.node_id,
             "device": self.device,
             "experts": json.dumps(self.experts, separators=(",", ":")),
             "state": self.state,
@@ -159,6 +162,7 @@ class ReplicaInfo:
             actor_name=f["actor_name"],
             node=f.get("node", ""),
             device=f.get("device", "cpu"),
+            node_id=f.get("node_id", ""),
             experts=tuple(tuple(p) for p in json.loads(f.get("experts", "[]"))),  # type: ignore[misc]
             state=f.get("state", "starting"),  # type: ignore[arg-type]
             heartbeat_ms=int(f.get("heartbeat_ms", "0")),

@@ -37,6 +37,7 @@ from moeray.cluster.state_messages import (
 )
 
 if TYPE_CHECKING:
+    from moeray.cluster.config import StateConfig
     from moeray.cluster.state import ClusterState
 
 log = logging.getLogger(__name__)
@@ -380,12 +381,31 @@ class EngineRegistry:
     redis_url: str
     cluster: str = "default"
     heartbeat_ttl_s: float = 10.0
+    load_window_s: float = 10.0
+    load_push_every_steps: int = 16
+
+    @classmethod
+    def from_config(cls, cfg: StateConfig) -> EngineRegistry:
+        """From the state config (its redis_url filled in)."""
+        if not cfg.redis_url:
+            raise ValueError("state.redis_url must be set for engines to announce themselves")
+        return cls(
+            cfg.redis_url, cfg.cluster, cfg.heartbeat_ttl_s, cfg.load_window_s,
+            cfg.load_push_every_steps,
+        )  # fmt: skip
+
+    def cluster_state(self) -> ClusterState:
+        """A new ClusterState on this registry's Redis (the caller closes it)."""
+        from moeray.cluster.state import ClusterState
+
+        return ClusterState(
+            self.redis_url, self.cluster, heartbeat_ttl_s=self.heartbeat_ttl_s,
+            load_window_s=self.load_window_s,
+        )  # fmt: skip
 
     def announce(self, tier: str, replica_id: str, address: str, token: str) -> EndpointAnnouncer:
         """Starts announcing; the caller closes the returned announcer on shutdown."""
-        from moeray.cluster.state import ClusterState
-
-        state = ClusterState(self.redis_url, self.cluster, heartbeat_ttl_s=self.heartbeat_ttl_s)
+        state = self.cluster_state()
         announcer = EndpointAnnouncer(state, EngineEndpoint(tier, replica_id, address, token))
         announcer.owns_state = True
         return announcer.start()

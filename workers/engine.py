@@ -226,7 +226,12 @@ class LLMEngine:
         outputs = [self._finished_output(seq) for seq in plan.finished]
         if not plan:
             return outputs
+        experts = self.model.expert_backend  # None for a dense model
+        if experts is not None:
+            experts.begin_step()  # the one point where experts may move (between steps)
         logits = self.runner.run(plan.seqs, plan.num_new_tokens)
+        if experts is not None:
+            experts.end_step(self.model.take_expert_counts())  # [L, E] this step's load
         sampling = self.scheduler.finish_step(plan)
         if logits is None:
             return outputs

@@ -31,7 +31,20 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertBackend(Protocol):
-    """Runs the routed experts of one MoE layer for a step's tokens."""
+    """Runs the routed experts of one MoE layer for a step's tokens.
+
+    The engine brackets every step's forward with begin_step() and end_step(counts): a backend
+    may change where experts live only in begin_step, and learns the step's expert load from
+    end_step, never by watching layer indices go by."""
+
+    def begin_step(self) -> None:
+        """A step's forward is about to run (nothing of it has yet)."""
+        ...
+
+    def end_step(self, expert_counts: torch.Tensor) -> None:
+        """The step's forward ran: expert_counts int64 [num_layers, E] are its tokens routed per
+        (model layer, expert) (rows of dense layers are 0)."""
+        ...
 
     def forward_layer(
         self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -69,6 +82,12 @@ class LocalExperts:
                     len(ids), dtype=torch.int32
                 )
                 self._to_local[layer] = table
+
+    def begin_step(self) -> None:
+        """Nothing moves between steps in-process."""
+
+    def end_step(self, expert_counts: torch.Tensor) -> None:
+        """In-process load is not reported (the counts stay readable on the model)."""
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1 [E_local, 2F, D], w2 [E_local, D, F]) of MoE layer `layer`."""

@@ -58,7 +58,10 @@ def ray_local() -> Iterator[None]:
     if ray.is_initialized():  # another module's instance: share it, leave it to its owner
         yield
         return
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray.init(
+        num_cpus=8, resources={"moeray_expert_slot": 32}, include_dashboard=False,
+        log_to_driver=False, logging_level=logging.ERROR,
+    )  # fmt: skip
     yield
     ray.shutdown()
 
@@ -141,7 +144,7 @@ def test_sharded_greedy_equals_in_process(
         state.close()
 
 
-@pytest.mark.parametrize("transport", ["socket", "compiled", "plain"])
+@pytest.mark.parametrize("transport", ["socket", "plain"])
 def test_shard_killed_mid_batch_requests_finish_identically(
     transport: str, ray_local: None, checkpoint: Callable[[str], Path], redis_url: str
 ) -> None:
@@ -162,7 +165,7 @@ def test_shard_killed_mid_batch_requests_finish_identically(
                 ray.kill(ep.backend.pool.handles[victim])
 
         assert generate(engine, kill_once) == expected
-        assert ep.backend.recoveries == 1
+        assert [r.replaced for r in ep.backend.recoveries] == [(victim,)]
         # the dead actor left the registry; its restarted successor holds the same experts
         assert wait_for(lambda: registered(state).get(victim, (old_name,))[0] != old_name)
         assert registered(state)[victim][1] == tuple(

@@ -12,9 +12,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from moeray.workers.expert_shard import ExpertShard, ShardBatch, unpack_result
+from moeray.workers.expert_routing import (
+    LayerRoute,
+    NoLiveReplica,
+    build_routes,
+    combine_in_expert_order,
+    dispatch_plan,
+)
+from moeray.workers.expert_shard import ExpertShard, ShardBatch
 from moeray.workers.moe import LocalExperts
-from moeray.workers.ray_experts import build_routes
 
 D, F = 24, 16
 
@@ -63,13 +69,44 @@ def test_shard_batch_round_trips_bit_exactly(dtype: torch.dtype, T: int) -> None
     assert torch.equal(back.local_ids, ids) and back.local_ids.dtype == torch.int32
 
 
-@pytest.mark.parametrize(("E", "S", "replicas"), [(5, 2, 1), (7, 3, 1), (5, 3, 2)])
+def _sharded_layer(
+    shards: list[ExpertShard],
+    route: LayerRoute,
+    layer: int,
+    hidden: torch.Tensor,
+    w: torch.Tensor,
+    ids: torch.Tensor,
+    step: int = 0,
+) -> torch.Tensor:
+    """What RayExperts.forward_layer does, with the shards in-process: dispatch_plan, one packed
+    message per shard, the shards' per-slot rows combined in global expert order."""
+    D = hidden.shape[1]
+    parts = dispatch_plan(route, ids.numpy(), step)
+    replies = []
+    for shard, part in zip(shards, parts):
+        rows = slice(None) if part.rows is None else torch.from_numpy(part.rows)
+        msg = ShardBatch(layer, hidden[rows], w[rows], torch.from_numpy(part.local_ids)).pack()
+        replies.append(np.frombuffer(shard.run(msg), dtype=np.float32).reshape(-1, D))
+    out = combine_in_expert_order(ids.numpy(), parts, replies, D)
+    return torch.from_numpy(out).to(hidden.dtype)
+
+
+@pytest.mark.parametrize(
+    ("E", "S", "replicas", "K"),
+    [
+        (E, S, r, K)
+        for E, S, r in [(5, 2, 1), (7, 3, 1), (5, 3, 2), (9, 2, 1), (9, 4, 2)]
+        for K in (1, 2, 4, 8)
+        if K <= E
+    ],
+)
 @pytest.mark.parametrize("T", [1, 9, 33])
-def test_shards_sum_to_the_in_process_layer(
-    E: int, S: int, replicas: int, T: int, single_thread: None
+def test_sharded_layer_equals_in_process_bit_for_bit(
+    E: int, S: int, replicas: int, K: int, T: int, single_thread: None
 ) -> None:
-    """Routing by build_routes + one ExpertShard per replica (in-process) == LocalExperts, for
-    expert counts that do not divide the shard count and with replicated experts."""
+    """build_routes + one ExpertShard per replica (in-process) + the exact combine ==
+    LocalExperts, bit for bit in fp32, for every top-k (K >= 3 puts a token's experts on
+    several shards in interleaved order), expert counts no shard count divides, replicas."""
     layers = [0, 2]
     weights = _weights(E, layers)
     mapping = [[[(e + r) % S for r in range(replicas)] for e in range(E)] for _ in layers]
@@ -77,16 +114,36 @@ def test_shards_sum_to_the_in_process_layer(
     shards = [ExpertShard(assignments[s], weights=weights) for s in range(S)]
     oracle = LocalExperts(weights)
     hidden = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
-    w, ids = _routing(T, E, 2, seed=T + E)
+    w, ids = _routing(T, E, K, seed=T + E)
     for layer in layers:
-        route = routes[layer]
-        owner = route.owners(ids.numpy(), S)[ids.numpy()]  # [T, K]
-        out = torch.zeros(T, D)
-        for s, shard in enumerate(shards):
-            local = torch.from_numpy(np.where(owner == s, route.slots[s][ids.numpy()], -1))
-            reply = shard.run(ShardBatch(layer, hidden, w, local).pack())
-            out += unpack_result(reply, T, D)
-        assert torch.equal(out, oracle.forward_layer(layer, hidden, w, ids))
+        got = _sharded_layer(shards, routes[layer], layer, hidden, w, ids)
+        assert torch.equal(got, oracle.forward_layer(layer, hidden, w, ids)), (layer, K)
+
+
+@pytest.mark.parametrize("K", [2, 4, 8])
+def test_sharded_layer_equals_in_process_in_bf16(K: int, single_thread: None) -> None:
+    """bf16 weights and activations: sharded == in-process, bit for bit."""
+    E, S, T, layer = 9, 3, 17, 1
+    weights = _weights(E, [layer], torch.bfloat16)
+    mapping = [[[e % S] for e in range(E)]]
+    routes, assignments = build_routes(mapping, [layer], list(range(S)))
+    shards = [ExpertShard(assignments[s], weights=weights) for s in range(S)]
+    hidden = torch.randn(T, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    w, ids = _routing(T, E, K, seed=K)
+    got = _sharded_layer(shards, routes[layer], layer, hidden, w, ids)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, LocalExperts(weights).forward_layer(layer, hidden, w, ids))
+
+
+def test_a_sum_in_shard_order_would_differ() -> None:
+    """The reason for the exact combine (this test can fail if fp32 addition were associative):
+    three experts of one token on two shards, summed per shard first, differ from the sum in
+    expert order in the last bits for some values."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(10_000, generator=g) * 1e3 for _ in range(3))
+    in_order = (a + b) + c  # experts 0, 1, 2: shard 0 holds 0 and 2, shard 1 holds 1
+    by_shard = (a + c) + b
+    assert not torch.equal(in_order, by_shard)
 
 
 def test_replicated_experts_go_to_the_least_loaded_shard() -> None:
@@ -94,11 +151,16 @@ def test_replicated_experts_go_to_the_least_loaded_shard() -> None:
     routes, assignments = build_routes([[[0], [0, 1]]], [3], [0, 1])
     assert assignments == {0: {3: [0, 1]}, 1: {3: [1]}}
     ids = np.array([[0, 1], [0, 1], [0, 1]])
-    assert routes[3].owners(ids, 2).tolist() == [0, 1]
+    assert routes[3].owners(ids).tolist() == [0, 1]
     # now expert 0 is cold, and expert 1 (hot) still picks one replica for all its tokens
     routes, _ = build_routes([[[0, 1], [1]]], [3], [0, 1])
     ids = np.array([[1, 0], [1, 1], [1, 1]])
-    assert routes[3].owners(ids, 2).tolist() == [0, 1]
+    assert routes[3].owners(ids).tolist() == [0, 1]
+    # a dead shard is never chosen; an expert held only there cannot be served
+    assert routes[3].owners(ids, exclude={0}).tolist() == [1, 1]
+    routes, _ = build_routes([[[0], [0, 1]]], [3], [0, 1])
+    with pytest.raises(NoLiveReplica, match="experts \\[0\\]"):
+        routes[3].owners(ids, exclude={0})
 
 
 def test_placement_shape_mismatch_names_the_layers() -> None:

@@ -1,52 +1,18 @@
-"""The engine side of the socket transport that needs no Ray: frames over a real socket pair, the
-numpy combine, and waiting with torch's OpenMP workers parked (workers.ray_experts.OmpParking)."""
+"""The engine side of the stream transport that needs no Ray: frames over real socket pairs, the
+dispatch deadline (a shard that never answers), a lost connection, and the shard's serving loop."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from moeray.workers.expert_shard import ExpertShard, ShardBatch, recv_frame, send_frame
-from moeray.workers.ray_experts import OmpParking, RayExperts
-
-
-def test_parked_wait_returns_the_result_and_raises_the_error(two_threads: None) -> None:
-    parking = OmpParking()
-    if not parking.active:
-        pytest.skip("torch is not built with libgomp here")
-    a = torch.randn(64, 64)
-    for i in range(20):  # interleaved with torch's own parallel regions (the same thread pool)
-        expected = a @ a
-        assert parking.run(lambda i=i: i * 2) == i * 2
-        assert torch.equal(a @ a, expected)
-
-    def boom() -> None:
-        raise ValueError("boom")
-
-    with pytest.raises(ValueError, match="boom"):
-        parking.run(boom)
-    assert parking.run(lambda: "again") == "again"  # nothing left held after an error
-
-
-def test_parked_wait_from_another_thread(two_threads: None) -> None:
-    parking = OmpParking()
-    out: list[object] = []
-    t = threading.Thread(target=lambda: out.append(parking.run(lambda: sum(range(10)))))
-    t.start()
-    t.join(timeout=30)
-    assert out == [45]
-
-
-def test_one_thread_runs_the_wait_directly() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert OmpParking().run(lambda: 7) == 7
-    finally:
-        torch.set_num_threads(before)
+from moeray.workers.shard_transport import ShardLost, ShardTimeout, StreamTransport
 
 
 def test_frames_cross_a_socket_whole_and_owned() -> None:
@@ -67,20 +33,50 @@ def test_frames_cross_a_socket_whole_and_owned() -> None:
     assert all(isinstance(g, bytearray) for g in got)
 
 
-def test_shard_reply_and_combine_match_the_torch_sum() -> None:
-    """_combine (numpy) == zeros + index_add_ in torch, for all-row and row-subset replies."""
-    T, D = 6, 8
-    g = torch.Generator().manual_seed(0)
-    parts = [torch.randn(T, D, generator=g), torch.randn(3, D, generator=g)]
-    rows: list[np.ndarray | None] = [None, np.array([0, 2, 5])]
-    expected = torch.zeros(T, D)
-    expected += parts[0]
-    expected.index_add_(0, torch.tensor([0, 2, 5]), parts[1])
-    replies = [p.numpy().tobytes() for p in parts]
-    backend = RayExperts.__new__(RayExperts)  # _combine reads no state
-    out = backend._combine(torch.zeros(T, D), rows, [bytearray(r) for r in replies])
-    assert torch.equal(out, expected)
-    assert torch.equal(backend._combine(torch.zeros(T, D), rows, replies), expected)
+def _transport(socks: list[socket.socket]) -> StreamTransport:
+    """A StreamTransport over connected sockets (the actors' part is tested with Ray)."""
+    t = StreamTransport.__new__(StreamTransport)
+    t.socks, t.kinds = socks, ["unix"] * len(socks)
+    return t
+
+
+def _echo(conn: socket.socket) -> None:
+    """A shard stand-in that answers every frame with its payload."""
+    with contextlib.suppress(OSError):
+        while True:
+            send_frame(conn, recv_frame(conn))
+
+
+def test_a_silent_shard_misses_the_deadline_and_is_named() -> None:
+    """Shard 1 reads its frame and never answers (a hung process): the round trip ends with
+    ShardTimeout([1]) at the deadline, not later; shard 0's reply does not help."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    threading.Thread(target=_echo, args=(pairs[0][1],), daemon=True).start()
+    transport = _transport([a for a, _ in pairs])
+    try:
+        assert transport.round_trip([b"a", None], 5.0) == [bytearray(b"a"), b""]
+        start = time.monotonic()
+        with pytest.raises(ShardTimeout) as err:
+            transport.round_trip([b"x", b"y"], 0.2)
+        took = time.monotonic() - start
+        assert err.value.late == [1]
+        assert 0.2 <= took < 1.0
+    finally:
+        transport.close()
+        for _, b in pairs:
+            b.close()
+
+
+def test_a_closed_shard_connection_is_a_lost_shard() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.close()  # the shard's process died
+    transport = _transport([a])
+    try:
+        with pytest.raises(ShardLost) as err:
+            transport.round_trip([b"x"], 5.0)
+        assert err.value.lost == [0]
+    finally:
+        transport.close()
 
 
 def test_shard_serves_frames_as_run_does() -> None:

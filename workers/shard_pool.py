@@ -1,0 +1,176 @@
+"""The expert-shard actors of one engine: started where Ray finds expert capacity, replaced when
+they die or hang.
+
+A shard actor (`workers.expert_shard.ExpertShard` under `ray.remote`) asks Ray for `num_cpus`,
+`num_gpus` and one unit of a custom resource (`experts.shard_resource`, default
+`moeray_expert_slot`), so Ray places it only on nodes that advertise that resource (on
+Kubernetes, the expert worker group; the Ray autoscaler adds such nodes when shards wait for
+one). Shards are spread over those nodes (scheduling strategy SPREAD), so losing one node loses
+few of them. An engine and its shards may be on different nodes: `ShardInfo.node_id` tells the
+transport which connection to open.
+
+`replace(rids)` kills the given actors and starts fresh ones with the same experts (weights
+reloaded from the checkpoint): Ray puts them on whatever capacity survives. Nothing here talks
+to Redis; the backend reports starts and deaths through its hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from moeray.workers.expert_routing import Assignment
+from moeray.workers.expert_shard import ExpertShard
+from ray.exceptions import GetTimeoutError, RayActorError
+
+#: Failures of a Ray call that mean the actor (or its node) is gone.
+ACTOR_FAILURES: tuple[type[BaseException], ...] = (RayActorError, GetTimeoutError)
+
+
+class ShardStartError(RuntimeError):
+    """Shard actors did not become ready in time (no node with the resources, or loading failed)."""
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where shards get their weights: a checkpoint path (real use) or, for synthetic
+    benchmarks, an object-store ref to {model layer: (w1 [E, 2F, D], w2 [E, D, F])}."""
+
+    checkpoint: str | None = None
+    dtype: str = "auto"
+    weights_ref: Any = None
+
+
+@dataclass(frozen=True)
+class ShardResources:
+    """What one shard actor asks Ray for. resource: a custom resource name (one unit per shard)
+    that only expert nodes advertise; None = any node with the CPUs/GPUs."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    resource: str | None = "moeray_expert_slot"
+
+    def actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "scheduling_strategy": "SPREAD",
+            # Ray must not revive a shard on its own: the backend replaces it and reconnects.
+            "max_restarts": 0,
+        }
+        if self.resource:
+            opts["resources"] = {self.resource: 1}
+        return opts
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One running shard actor: replica id, actor name, Ray node id and IP, pid, assignment."""
+
+    rid: int
+    name: str
+    node_id: str
+    node_ip: str
+    pid: int
+    assignment: Assignment
+
+
+class ShardPool:
+    """The shard actors of one backend, by replica id."""
+
+    def __init__(
+        self,
+        source: WeightSource,
+        resources: ShardResources | None = None,
+        tag: str = "",
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        self.source = source
+        self.resources = resources or ShardResources()
+        self.tag = tag or f"{time.time_ns():x}"
+        self.start_timeout_s = start_timeout_s
+        self._cls = ray.remote(ExpertShard)
+        self.device = "cuda" if self.resources.num_gpus > 0 else "cpu"
+        self.handles: dict[int, Any] = {}
+        self.info: dict[int, ShardInfo] = {}
+        self._incarnation: dict[int, int] = {}
+
+    @property
+    def assignments(self) -> dict[int, Assignment]:
+        return {rid: i.assignment for rid, i in self.info.items()}
+
+    def _name(self, rid: int) -> str:
+        return f"moeray-shard-{self.tag}-{rid}-{self._incarnation[rid]}"
+
+    def start(self, assignments: dict[int, Assignment]) -> list[ShardInfo]:
+        """Creates the actors (loading in parallel), waits until all hold their weights, and
+        returns where they run. ShardStartError if they are not ready within start_timeout_s."""
+        src, options = self.source, self.resources.actor_options()
+        for rid, assignment in assignments.items():
+            self._incarnation[rid] = self._incarnation.get(rid, -1) + 1
+            self.handles[rid] = self._cls.options(  # type: ignore[attr-defined]
+                name=self._name(rid), **options
+            ).remote(assignment, src.checkpoint, src.dtype, src.weights_ref, self.device)
+        rids = list(assignments)
+        refs = [self.handles[r].where.remote() for r in rids]
+        try:
+            where = ray.get(refs, timeout=self.start_timeout_s)
+        except GetTimeoutError:
+            raise ShardStartError(self._start_hint(len(rids))) from None
+        started = []
+        for rid, (node_id, node_ip, pid) in zip(rids, where):
+            info = ShardInfo(rid, self._name(rid), node_id, node_ip, pid, assignments[rid])
+            self.info[rid] = info
+            started.append(info)
+        return started
+
+    def _start_hint(self, n: int) -> str:
+        r = self.resources
+        wanted = f"num_cpus={r.num_cpus}, num_gpus={r.num_gpus}"
+        if r.resource:
+            have = ray.cluster_resources().get(r.resource, 0)
+            wanted += f" and 1 {r.resource!r} (experts.shard_resource; the cluster has {have:g})"
+        return (
+            f"{n} expert shard actor(s) were not ready after {self.start_timeout_s:g} s; each "
+            f"asks for {wanted}: add nodes that advertise it, or lower the experts.* requests"
+        )
+
+    def retire(self, rid: int) -> None:
+        handle = self.handles.pop(rid, None)
+        self.info.pop(rid, None)
+        if handle is not None:
+            with contextlib.suppress(Exception):  # already dead is fine
+                ray.kill(handle, no_restart=True)
+
+    def replace(self, rids: Iterable[int]) -> list[ShardInfo]:
+        """Kills these actors (dead, hung or alive) and starts fresh ones with the same experts,
+        wherever Ray finds capacity now."""
+        assignments = {rid: self.info[rid].assignment for rid in rids}
+        for rid in assignments:
+            self.retire(rid)
+        return self.start(assignments)
+
+    def dead(self, rids: Iterable[int] | None = None, timeout_s: float = 5.0) -> list[int]:
+        """Replica ids (of `rids`, default all) whose actor does not answer a plain call within
+        timeout_s: dead, on a lost node, or hung."""
+        wanted = list(self.handles) if rids is None else list(rids)
+        refs = {rid: self.handles[rid].ready.remote() for rid in wanted}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for rid, ref in refs.items():
+            if ref not in ready:
+                out.append(rid)
+                continue
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except ACTOR_FAILURES:
+                out.append(rid)
+        return out
+
+    def close(self) -> None:
+        for rid in list(self.handles):
+            self.retire(rid)

@@ -7,14 +7,15 @@ only those experts' tensors from the checkpoint's safetensors (per tensor, throu
 Wire format. Per step and per MoE layer the engine sends each shard ONE message, a `ShardBatch`
 packed into a single `bytes` object: a small int32 header, the local expert slots [t, K] int32,
 the routing weights [t, K] float32 and the hidden rows [t, D] in the model's dtype. The reply is
-the raw float32 bytes of [t, D]: the shard's routed output for those rows, already weighted and
-summed over the experts this shard served. Measured on the 2-core dev machine, Ray compiled-graph
-channels move one `bytes` object 3x faster than the same data as numpy arrays (Ray's numpy
-serializer dominates), and torch tensors are slower still, so nothing but bytes crosses. The
-same bytes travel over any transport: a Ray call (`run`), a compiled-graph channel, or a Unix
-socket served by the actor itself (`serve_socket`, length-prefixed frames).
+the raw float32 bytes of [n, D]: one weighted expert output per (row, choice) slot this shard
+served, row-major, NOT summed over K (the engine adds them in global expert order, as the
+in-process kernel does: workers/expert_routing.py). Only bytes cross (Ray's numpy and torch
+serializers cost more than the data at these sizes). The same bytes travel over either
+transport (workers/shard_transport.py): a plain Ray call (`run`), or a stream connection the
+actor serves itself (`serve_stream`: a Unix socket when the engine is on this node, TCP
+otherwise; length-prefixed frames).
 
-Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard).
+Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard, n = its slots).
 """
 
 from __future__ import annotations
@@ -206,62 +207,88 @@ class ExpertShard:
         """Plain actor call used to wait for loading (and to probe liveness): the assignment."""
         return self.assignment
 
-    def node_id(self) -> str:
-        """The Ray node this actor runs on (the socket transport needs the engine's node)."""
+    def where(self) -> tuple[str, str, int]:
+        """(Ray node id, node IP, pid) of this actor: the engine picks the transport by node,
+        the registry records both, and tests find the process to stop."""
         import ray
 
-        return str(ray.get_runtime_context().get_node_id())
+        ctx = ray.get_runtime_context()
+        return str(ctx.get_node_id()), str(ray.util.get_node_ip_address()), os.getpid()
 
-    def serve_socket(self, path: str) -> str:
-        """Serves `run` on a Unix socket at `path` from a daemon thread, for one connection:
-        receives packed ShardBatch frames, answers each with its result frame, and stops when
-        the engine closes the connection. Returns once listening. (Plain calls keep working.)"""
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
+    def serve_stream(self, kind: str, path: str = "") -> str:
+        """Serves `run` on one stream connection from a daemon thread: kind "unix" listens on
+        the Unix socket `path` (the engine is on this node), "tcp" on a free port of this
+        node's IP (the engine is elsewhere). Receives packed ShardBatch frames, answers each
+        with its result frame, stops when the engine closes the connection. Returns the
+        address to connect to ("path" or "host:port") once listening. Plain calls keep working."""
+        if kind == "unix":
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(path)
+            address = path
+        elif kind == "tcp":
+            import ray
+
+            host = str(ray.util.get_node_ip_address())
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.bind((host, 0))
+            address = f"{host}:{srv.getsockname()[1]}"
+        else:
+            raise ValueError(f"kind must be unix or tcp, got {kind!r}")
         srv.listen(1)
         threading.Thread(target=self._serve, args=(srv, path), daemon=True).start()
-        return path
+        return address
 
     def _serve(self, srv: socket.socket, path: str) -> None:
         try:
             conn, _ = srv.accept()
             with conn:
+                if conn.family == socket.AF_INET:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 while True:
-                    out = self._compute(ShardBatch.unpack(recv_frame(conn)))  # [t, D] f32
+                    out = self._compute(ShardBatch.unpack(recv_frame(conn)))  # [n, D] f32
                     send_frame(conn, out.numpy().data)  # no copy
         except OSError:  # the engine closed the connection (or went away): this loop is done
             pass
         finally:
             srv.close()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def run(self, msg: bytes) -> bytes:
-        """Receives a packed ShardBatch, returns float32 [t, D] bytes (weighted, summed over K).
+        """Receives a packed ShardBatch, returns float32 [n, D] bytes: one weighted expert
+        output row per (row, choice) slot this shard serves (local id >= 0), row-major.
 
-        An empty batch (t = 0, sent because a compiled graph runs every shard) returns b"".
+        An empty batch (t = 0) returns b"".
         """
         return self._compute(ShardBatch.unpack(msg)).numpy().tobytes()
 
     def _compute(self, batch: ShardBatch) -> torch.Tensor:
-        """The shard's routed output for `batch`: contiguous float32 [t, D] on the CPU."""
-        t = batch.hidden.shape[0]
-        if t == 0:
+        """The shard's weighted expert outputs for `batch`, one row per served (row, choice)
+        slot, NOT summed over K: contiguous float32 [n, D] on the CPU.
+
+        The engine adds them per token in global expert order (workers/expert_routing.py), as
+        the in-process fused_moe does; a sum here would add them in this shard's order. Each
+        slot becomes a K = 1 row for the same public kernels.fused_moe the in-process experts
+        run: an expert's GEMM still sees exactly the rows it sees in-process, in the same order
+        (slots are row-major, rows ascend), so the products are the same bits."""
+        ids = batch.local_ids  # [t, K]
+        served = ids >= 0  # [t, K]
+        n = int(served.sum())
+        if n == 0:
             return torch.empty(0, batch.hidden.shape[1])
+        rows = served.nonzero()[:, 0]  # [n] row of each served slot, row-major
+        hidden = batch.hidden.index_select(0, rows)  # [n, D]
+        weights = batch.topk_weights[served].unsqueeze(1)  # [n, 1]
+        local = ids[served].unsqueeze(1)  # [n, 1]
         w1, w2 = self.tables[batch.layer]
         if self.device.type == "cpu":
-            # fp32 activations on CPU: the reference upcasts anyway, and fp32 partials keep the
-            # sum over shards as exact as the in-process sum
-            x = batch.hidden.float()
+            x = hidden.float()
             if resolve(x) == "torch":
-                return cpu_fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids, expert_linear)
-            return kernels.fused_moe(x, w1, w2, batch.topk_weights, batch.local_ids).float()
+                return cpu_fused_moe(x, w1, w2, weights, local, expert_linear)
+            return kernels.fused_moe(x, w1, w2, weights, local).float()
         # CUDA kernels take the model dtype
         out = kernels.fused_moe(
-            batch.hidden.to(self.device),
-            w1,
-            w2,
-            batch.topk_weights.to(self.device),
-            batch.local_ids.to(self.device),
-        )  # [t, D]
+            hidden.to(self.device), w1, w2, weights.to(self.device), local.to(self.device)
+        )  # [n, D]
         return out.float().cpu().contiguous()

@@ -33,6 +33,8 @@ ROUTER_DEPLOYMENT = "router"
 #: The app's replicas log through moeray's loggers; Serve's per-request access log would add a
 #: line per health check and stats call.
 _LOGGING = {"enable_access_log": False}
+#: Engine replicas set up moeray's structured logs (cluster/logs.py) when their process starts.
+_LOG_SETUP = {"worker_process_setup_hook": "moeray.cluster.logs.setup_logging"}
 #: The fraction of a router-resource unit one router replica takes (one replica per node anyway).
 _ROUTER_RESOURCE_UNITS = 0.01
 
@@ -50,7 +52,7 @@ def _engine(tier: TierConfig, config: MoerayConfig) -> Any:
     assert st.redis_url, "state.redis_url is filled in before the app is built"
     deployment = serve.deployment(
         name=engine_deployment_name(tier.name),
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "runtime_env": _LOG_SETUP},
         health_check_period_s=2,
         health_check_timeout_s=10,
         logging_config=_LOGGING,

@@ -14,10 +14,12 @@ validates with the same rules.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from moeray.cluster.config import MoerayConfig, RouterConfig
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.policy import resolve_tier
@@ -80,6 +82,108 @@ class RequestLimits:
 
 
 # ---- inbound ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What the gRPC server hands a method for a body that is no valid protobuf of its request
+    type (see `request_decoder`): the refusal to answer with, naming the field."""
+
+    error: RequestError
+
+
+def request_decoder(message: Any) -> Any:
+    """A gRPC request deserializer for the protobuf class `message` that never raises: bytes
+    that do not parse become `Undecodable(RequestError(field, ...))`, so the servicer answers
+    INVALID_ARGUMENT naming the field (grpcio answers a raising deserializer with UNKNOWN and
+    the exception's class name)."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return Undecodable(_locate(message.DESCRIPTOR, data))
+
+    return decode
+
+
+class _Broken(Exception):
+    """The protobuf wire structure ends or breaks where a field should be."""
+
+
+def _locate(descriptor: Any, data: bytes) -> RequestError:
+    """Why `data` is no valid `descriptor` message: the string field holding bad UTF-8, else
+    the (sub)message whose wire structure is broken; "request" at the top."""
+    try:
+        field = _bad_field(descriptor, data)
+    except _Broken:
+        field = None
+    if field is None:
+        return RequestError("request", f"is not a valid {descriptor.full_name} protobuf message")
+    for wrapper, plain in (("messages.messages", "messages"), ("prompt_token_ids.ids",
+                                                               "prompt_token_ids")):  # fmt: skip
+        field = field.replace(wrapper, plain)
+    if field.endswith("!"):
+        return RequestError(field[:-1], "is not a valid protobuf message")
+    return RequestError(field, "is not valid UTF-8")
+
+
+def _bad_field(descriptor: Any, data: bytes) -> str | None:
+    """Walks the wire format (varint keys; wire types 0, 1, 2, 5): the dotted name of the first
+    string field that is not UTF-8 ("name!" for a broken submessage); None if none is found;
+    _Broken if the structure itself is broken at this level."""
+    pos, seen = 0, Counter[int]()
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Broken
+        if wire == 0:
+            _, pos = _varint(data, pos)
+            continue
+        if wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > len(data):
+                raise _Broken
+            continue
+        if wire != 2:
+            raise _Broken
+        length, pos = _varint(data, pos)
+        payload, pos = data[pos : pos + length], pos + length
+        if pos > len(data):
+            raise _Broken
+        fd = descriptor.fields_by_number.get(number)
+        if fd is None:
+            continue
+        name = fd.name
+        if fd.is_repeated:
+            name, seen[number] = f"{name}[{seen[number]}]", seen[number] + 1
+        if fd.type == fd.TYPE_STRING:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif fd.type == fd.TYPE_MESSAGE:
+            try:
+                inner = _bad_field(fd.message_type, payload)
+            except _Broken:
+                return name + "!"
+            if inner is not None:
+                return f"{name}.{inner}"
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            raise _Broken
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+    raise _Broken
 
 
 def _decode_utf8(raw: bytes) -> str:
@@ -156,12 +260,15 @@ def check_sampling(
 
 
 def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) -> SamplingParams:
-    """Proto -> SamplingParams; absent optional fields take io_struct's defaults."""
+    """Proto -> SamplingParams; absent optional fields take io_struct's defaults (max_tokens:
+    at most the tier's limit, as over HTTP)."""
     kwargs: dict[str, Any] = {
         name: getattr(msg, name)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
         if msg.HasField(name)
     }
+    if "max_tokens" not in kwargs and max_tokens_limit is not None:
+        kwargs["max_tokens"] = min(SamplingParams.max_tokens, max_tokens_limit)
     params = SamplingParams(
         **kwargs,
         stop=list(msg.stop),

@@ -32,11 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from moeray.cluster.config import MoerayConfig
+from moeray.cluster.logs import setup_logging
 from moeray.protos import SERVICE_NAME
 from moeray.router.http_app import build_http_app
-from moeray.router.ingress import InferenceServicer
+from moeray.router.ingress import InferenceServicer, add_to_server
 from moeray.router.service import InferenceService
-from moeray.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class FrontDoor:
     def __init__(self, config: MoerayConfig, engines: Mapping[str, Any] | None = None) -> None:
         from moeray.cluster.state import ClusterState
 
+        setup_logging()
         if not config.state.redis_url:
             raise ValueError(
                 "state.redis_url must be set: engine replicas announce themselves there"
@@ -78,7 +79,7 @@ class FrontDoor:
             options=[("grpc.max_receive_message_length", self.config.router.max_message_bytes
                       + 1024), ("grpc.so_reuseport", 0)]
         )  # fmt: skip
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service), server)
+        add_to_server(InferenceServicer(self.service), server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

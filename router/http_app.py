@@ -7,11 +7,16 @@ ending in `data: [DONE]`, or one JSON body), GET /v1/models (the tiers, their ch
 name, a role ("fast", "reasoning") or a tier's checkpoint folder name.
 
 JSON is converted to the same dataclasses the gRPC path uses, with the same validation
-(router/convert.py: build_route_input, check_sampling); errors use OpenAI's shape
-{"error": {"message", "type", "param", "code"}} with the field in `param` and in the message:
-400 invalid_request_error, 429 rate_limit_exceeded and 503 (both with Retry-After),
-500 server_error. A stream is opened only
-after the engine accepted the request, so refusals always get a status code.
+(router/convert.py: build_route_input, check_sampling). Parsing is strict: a boolean is no
+integer (`"max_tokens": true` is refused), a string no number; a body nested deeper than
+Python's JSON decoder goes is refused as `body`. OpenAI fields moeray does not implement
+(`tools`, `response_format`, `logprobs`, `echo`, `best_of`, ...) are refused by name unless they
+hold their neutral value, and so are fields OpenAI does not define (OpenAI does the same).
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the field in
+`param` and in the message: 400 invalid_request_error, 429 rate_limit_exceeded and 503 (both
+with Retry-After), 500 server_error. A stream is opened only after the engine accepted the
+request, so refusals always get a status code; every refusal is counted in
+moeray_requests_total (tier "" when it was refused before a tier was chosen).
 The route decision is returned in the headers x-moeray-tier, x-moeray-route-score and
 x-moeray-route-fallback; non-streamed responses also carry x-moeray-engine-time-ms.
 """
@@ -22,7 +27,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,10 +51,25 @@ ENGINE_TIME_HEADER = "x-moeray-engine-time-ms"
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop"}
 
 
-class _Params(BaseModel):
-    """Fields shared by both endpoints; unknown OpenAI fields are accepted and ignored."""
+#: OpenAI fields moeray does not implement, with the values that ask for nothing (accepted and
+#: ignored); any other value is refused naming the field.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "min_tokens": (None, 0), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+}  # fmt: skip
+#: OpenAI fields that change nothing moeray does: accepted and ignored whatever they hold.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
-    model_config = ConfigDict(extra="allow")
+
+class _Params(BaseModel):
+    """Fields shared by both endpoints (strict types); other fields: see UNSUPPORTED, IGNORED."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = "auto"
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -111,25 +131,61 @@ def _from_service_error(e: Exception, input_field: str) -> HttpError:
 
 
 def _parse(body: bytes, model: type[_Params]) -> Any:
+    """The request body, validated strictly; HttpError naming the field (or `body`)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise HttpError(
-            400,
-            f"request body is not valid UTF-8 (bad byte at offset {e.start})",
-            None,
-            "invalid_utf8",
-        ) from None
+        raise _invalid("body", f"is not valid UTF-8 (bad byte at offset {e.start})") from None
     try:
-        return model.model_validate(json.loads(text))
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise HttpError(
-            400, f"request body is not valid JSON: {e.msg}", None, "invalid_json"
-        ) from None
+        raise _invalid("body", f"is not valid JSON: {e.msg} at offset {e.pos}") from None
+    except RecursionError:
+        raise _invalid("body", "is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise _invalid("body", f"must be a JSON object, got {type(obj).__name__}")
+    try:
+        req = model.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "body"
-        raise _invalid(field, f"is invalid: {err['msg']}") from None
+        raise _invalid(_loc(err["loc"]), f"is invalid: {err['msg']}") from None
+    except RecursionError:
+        raise _invalid("body", "is nested too deeply") from None
+    _check_extra(req.model_extra or {})
+    return req
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    """pydantic's error location -> "messages[0].role" (union member tags such as 'list[int]'
+    left out)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" not in part and part not in ("str", "int", "float", "bool", "dict", "list"):
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """value == neutral, with booleans and numbers kept apart (False is no 0)."""
+    if neutral is None or value is None:
+        return value is neutral
+    return bool(value == neutral) and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+def _check_extra(extra: dict[str, Any]) -> None:
+    """Fields beyond _Params: neutral values of UNSUPPORTED ones and IGNORED ones pass."""
+    for name, value in extra.items():
+        if name in IGNORED:
+            continue
+        neutral = UNSUPPORTED.get(name)
+        if neutral is None:
+            raise HttpError(400, f"{name} is not a parameter moeray knows", name,
+                            "unknown_parameter")  # fmt: skip
+        if not any(_same(value, v) for v in neutral):
+            raise HttpError(400, f"{name} is not supported by moeray", name,
+                            "unsupported_parameter")  # fmt: skip
 
 
 def _utf8(field: str, text: str) -> str:
@@ -169,7 +225,8 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
     try:
         return check_sampling(params, limit, prefix="")
     except RequestError as e:
-        raise _invalid(e.field, e.message) from None
+        given = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise _invalid(given if e.field == "max_tokens" else e.field, e.message) from None
 
 
 def _model_to_tier(service: InferenceService, model: str) -> str:
@@ -251,9 +308,9 @@ def _envelope(
 async def _sse(
     kind: Literal["chat", "text"],
     first: tuple[RouteDecision, RequestOutput],
-    rest: AsyncIterator[tuple[RouteDecision, RequestOutput]],
+    rest: AsyncGenerator[tuple[RouteDecision, RequestOutput], None],
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Server-sent events: one chunk per engine delta, then usage (if asked), then [DONE]."""
     decision, out = first
     env = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=True)
@@ -266,10 +323,15 @@ async def _sse(
         async for _, out in rest:
             last = out
             yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True)]})
-    except Exception as e:  # the stream has begun: report the error in-band, then end it
-        log.exception("stream failed")
+    except (Overloaded, EngineUnavailable) as e:  # the stream has begun: report it in-band
+        yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
+                                "code": "unavailable"}})  # fmt: skip
+    except Exception as e:
+        log.exception("stream %s failed", out.request_id)
         yield _event({"error": {"message": f"internal error: {type(e).__name__}",
                                 "type": "server_error", "param": None, "code": "internal"}})  # fmt: skip
+    finally:  # the client went away mid-stream: end the request now (cancel, KV freed, counted)
+        await rest.aclose()
     if include_usage:
         yield _event({**env, "choices": [], "usage": _usage(last)})
     yield "data: [DONE]\n\n"
@@ -286,7 +348,7 @@ def _finish(out: RequestOutput) -> str | None:
 async def _complete(
     kind: Literal["chat", "text"],
     first: tuple[RouteDecision, RequestOutput],
-    rest: AsyncIterator[tuple[RouteDecision, RequestOutput]],
+    rest: AsyncGenerator[tuple[RouteDecision, RequestOutput], None],
 ) -> JSONResponse:
     decision, out = first
     parts = [out.delta_text]
@@ -302,6 +364,24 @@ async def _complete(
 # ---- the app ---------------------------------------------------------------------------------
 
 
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes the request's stream however the response ends: when the
+    client goes away, generation stops at once (engine call cancelled, KV freed, outcome
+    counted) instead of whenever the garbage collector finalizes the generators."""
+
+    def __init__(self, body: AsyncGenerator[str, None], source: AsyncGenerator[Any, None],
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(body, **kwargs)
+        self._body, self._source = body, source
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()
+            await self._source.aclose()
+
+
 def build_http_app(service: InferenceService) -> FastAPI:
     """The FastAPI app bound to one InferenceService (built on the router replica)."""
     app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
@@ -315,18 +395,25 @@ def build_http_app(service: InferenceService) -> FastAPI:
             else:
                 req = _parse(await request.body(), CompletionRequest)
                 call = _completion_call(service, req)  # type: ignore[arg-type]
-            stream = service.generate(call, "http")
-            try:
-                first = await anext(stream)
-            except (RequestError, Overloaded, EngineUnavailable) as e:
-                raise _from_service_error(e, input_field) from None
-        except HttpError as e:
+        except HttpError as e:  # refused before routing: no tier yet
+            service.metrics.requests.labels("", "http", "invalid").inc()
             return error_response(e.status, e.message, e.param, e.code)
+        stream = service.generate(call, "http")  # counts its own outcomes from here on
+        try:
+            first = await anext(stream)
+        except (RequestError, Overloaded, EngineUnavailable) as e:
+            err = _from_service_error(e, input_field)
+            return error_response(err.status, err.message, err.param, err.code)
         if not req.stream:
-            return await _complete(kind, first, stream)
+            try:
+                return await _complete(kind, first, stream)
+            except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
+                err = _from_service_error(e, input_field)
+                return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(
+        return _ClosingStream(
             _sse(kind, first, stream, include_usage),
+            stream,
             media_type="text/event-stream",
             headers=_route_headers(first[0], call.request_id),
         )

@@ -1,9 +1,12 @@
 """The gRPC servicer of moeray.v1.Inference: thin, on the router replica's event loop.
 
-It only converts (router/convert.py) and maps errors to status codes: RequestError ->
+It only converts (router/convert.py) and maps errors to status codes: a body that is no valid
+protobuf, or a RequestError ->
 INVALID_ARGUMENT, Overloaded -> RESOURCE_EXHAUSTED, EngineUnavailable -> UNAVAILABLE (retryable),
 DeadlineExceeded -> DEADLINE_EXCEEDED, anything else -> INTERNAL with one sentence (never a
-traceback). Generate passes the client's deadline on to the engine call. Health and reflection
+traceback). Generate passes the client's deadline on to the engine call. Requests refused
+before routing are counted in moeray_requests_total with tier "" (InferenceService counts the
+rest). Health and reflection
 are grpcio's own servicers, wired in router/front_door.py.
 """
 
@@ -25,7 +28,7 @@ from moeray.router.service import (
 )
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
-from moeray.workers.io_struct import RequestOutput
+from moeray.workers.io_struct import InvalidRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ ENGINE_TIME_KEY = "moeray-engine-time-ms"
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(e, RequestError):
+    if isinstance(e, InvalidRequest):  # RequestError, or one the engine raised
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
@@ -45,6 +48,33 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
     log.exception("request failed")
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Registers moeray.v1.Inference like the generated `add_InferenceServicer_to_server`, but
+    with request deserializers that never raise (convert.request_decoder): a body that is no
+    valid protobuf reaches the method as `Undecodable` and is refused with INVALID_ARGUMENT
+    naming the field, not UNKNOWN."""
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)  # fmt: skip
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=convert.request_decoder(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, convert.Undecodable):
+        await context.abort(*_status_of(request.error))
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -61,9 +91,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Streams GenerateResponses; the route decision rides on the first."""
         try:
+            if isinstance(request, convert.Undecodable):
+                raise request.error
             call = convert.generate_call_from_proto(request, self.service.limits)
+        except RequestError as e:  # refused before routing: no tier yet
+            self.service.metrics.requests.labels("", "grpc", "invalid").inc()
+            await context.abort(*_status_of(e))
+        stream = self.service.generate(call, "grpc", context.time_remaining())
+        try:
             first = True
-            stream = self.service.generate(call, "grpc", context.time_remaining())
             async for decision, out in stream:
                 if out.finished:  # rides with the last message
                     context.set_trailing_metadata(((ENGINE_TIME_KEY, _ms(out)),))
@@ -71,10 +107,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 first = False
         except Exception as e:  # mapped to a status code with one sentence, never a traceback
             await context.abort(*_status_of(e))
+        finally:  # a cancel that hit while a message was being written: the outcome counts now
+            await stream.aclose()
 
     async def Route(
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:
+        await _refuse_undecodable(request, context)
         try:
             inp = convert.route_input_from_proto(request, self.service.limits)
             decision = self.service.decide(inp)
@@ -85,11 +124,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def ListTiers(
         self, request: pb.ListTiersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTiersResponse:
+        await _refuse_undecodable(request, context)
         return convert.tiers_to_proto(self.config)
 
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetClusterStatusResponse:
+        await _refuse_undecodable(request, context)
         try:
             snaps = await self.service.snapshot(request.tier)
         except RequestError as e:
@@ -101,6 +142,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
+        await _refuse_undecodable(request, context)
         return pb.AbortResponse(found=self.service.abort(request.request_id))
 
 

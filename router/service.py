@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.expert_load import read_expert_status
+from moeray.cluster.logs import REQUEST_ID
 from moeray.router.convert import RequestError, RequestLimits
 from moeray.router.engine_links import EngineLinks, GenerateStream
 from moeray.router.messages import GenerateCall, RouteDecision, RouteInput, TierLoad
@@ -135,9 +136,10 @@ class InferenceService:
 
     async def generate(
         self, call: GenerateCall, protocol: str, timeout_s: float | None = None
-    ) -> AsyncIterator[tuple[RouteDecision, RequestOutput]]:
+    ) -> AsyncGenerator[tuple[RouteDecision, RequestOutput], None]:
         """Streams (decision, delta) pairs; raises RequestError / Overloaded / EngineUnavailable
         before the first. timeout_s: the client's deadline, passed on to the engine call."""
+        REQUEST_ID.set(call.request_id)  # in this request's task: its log lines carry the id
         try:
             decision = self.decide(call.input)  # 1
         except RequestError:

@@ -4,7 +4,8 @@
 full queue raises EngineOverloaded before anything is queued), then hands the request to the engine
 thread through a command deque. The engine thread drains commands between steps (the engine is only
 ever touched by that thread), steps while there is work, and sends each step's outputs back to the
-event loops with one `call_soon_threadsafe` per loop per step. A consumer that stops iterating, or
+event loops with one `call_soon_threadsafe` per loop per step (a consumer that fell behind
+gets the steps it missed merged into one output, so a slow reader costs fewer messages). A consumer that stops iterating, or
 whose task is cancelled, aborts its request: the abort reaches the engine before its next step and
 the request's KV blocks are freed.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -76,9 +78,22 @@ class AsyncLLMEngine:
         RuntimeError (engine shut down) right away, before anything is queued. The input is
         checked and tokenized here, once, on the caller's thread (never the engine's).
         """
+        return self.submit(request_id, *self.prepare(prompt, params))
+
+    def prepare(
+        self, prompt: str | list[int] | Messages, params: SamplingParams | None = None
+    ) -> tuple[list[int], SamplingParams]:
+        """(prompt token ids, checked params); InvalidRequest naming the field otherwise.
+        Safe on any thread: workers/engine_service.py runs it on a worker thread for long
+        inputs, so that tokenizing never holds up the deltas of other streams."""
+        return self.engine.process_input(self.render(prompt), params)
+
+    def submit(
+        self, request_id: str, ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queues a request `prepare` has checked (as `generate` does); on the event loop."""
         if self._stopping:
             raise RuntimeError("the engine is shut down")
-        ids, params = self.engine.process_input(self.render(prompt), params)
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
@@ -97,6 +112,12 @@ class AsyncLLMEngine:
         """Chat messages -> the token ids of the chat template; text and ids pass through."""
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             messages = cast("Messages", prompt)
+            size = sum(len(str(m.get("content", ""))) for m in messages)
+            if size > self.engine.max_prompt_bytes:  # refused before rendering and tokenizing
+                raise InvalidRequest(
+                    "messages", f"hold over {self.engine.max_prompt_bytes} characters; no text "
+                    f"that long fits the context of {self.engine.max_model_len} tokens",
+                )  # fmt: skip
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             # The template already holds the special tokens, as transformers encodes it.
             return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -110,9 +131,20 @@ class AsyncLLMEngine:
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
+        pending: RequestOutput | BaseException | None = None
         try:
             while True:
-                item = await stream.queue.get()
+                item = pending if pending is not None else await stream.queue.get()
+                pending = None
+                # A consumer that fell behind gets the steps it missed as one message.
+                while (
+                    isinstance(item, RequestOutput) and not item.finished and stream.queue.qsize()
+                ):
+                    nxt = stream.queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending = nxt
+                        break
+                    item = _merged(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -207,6 +239,15 @@ class AsyncLLMEngine:
         for rid in list(self._streams):
             self.engine.abort(rid)  # None when it never reached the engine: nothing to free
             self._deliver_error(rid, error)
+
+
+def _merged(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: b, with a's deltas in front."""
+    return dataclasses.replace(
+        b,
+        delta_token_ids=a.delta_token_ids + b.delta_token_ids,
+        delta_text=a.delta_text + b.delta_text,
+    )
 
 
 def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:

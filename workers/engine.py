@@ -9,6 +9,7 @@ and leave the batch between any two steps. Not thread-safe: one thread drives it
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -64,6 +65,20 @@ def kv_cache_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: i
     return min(fit, useful)
 
 
+def max_token_bytes(tokenizer: Tokenizer) -> int:
+    """The most UTF-8 bytes of text one token of the vocabulary stands for, from the tokens'
+    string forms (which never understate it: byte-level and byte-fallback tokens spell one
+    byte with several), and at least 4 (one character that falls back to an unknown token).
+    FOOTGUN: a WordPiece/WordLevel vocabulary maps a whole unknown word to one token, so this
+    bound holds only for BPE and Unigram vocabularies (every LLM checkpoint moeray loads)."""
+    longest = 4
+    for i in range(tokenizer.vocab_size):
+        token = tokenizer.id_to_token(i)
+        if token is not None:
+            longest = max(longest, len(token.encode("utf-8", "surrogatepass")))
+    return longest
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -116,15 +131,27 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
 
+    @cached_property
+    def max_prompt_bytes(self) -> int:
+        """A text longer than this (UTF-8 bytes) cannot fit the context (max_model_len tokens
+        of at most `max_token_bytes` each): it is refused before it is tokenized."""
+        return self.max_model_len * max_token_bytes(self.tokenizer)
+
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Validated prompt token ids; InvalidRequest naming the field otherwise."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
             try:
-                prompt.encode("utf-8")
+                size = len(prompt.encode("utf-8")) if len(prompt) <= self.max_prompt_bytes else 0
             except UnicodeEncodeError:
                 raise InvalidRequest("prompt", "is not valid UTF-8 text") from None
+            if not size or size > self.max_prompt_bytes:  # refused without tokenizing
+                raise InvalidRequest(
+                    "prompt",
+                    f"is over {self.max_prompt_bytes} bytes of UTF-8; no text that long fits "
+                    f"the context of {self.max_model_len} tokens",
+                )
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list):
             ids = prompt

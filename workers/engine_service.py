@@ -49,6 +49,8 @@ STATS = f"/{SERVICE}/Stats"
 TOKEN_KEY = "x-moeray-engine-token"
 #: Times to first token kept for the TTFT p90 an engine replica reports (autoscaling).
 TTFT_SAMPLES = 512
+#: Text prompts longer than this are checked and tokenized on a worker thread, not the loop.
+LONG_PROMPT_CHARS = 4096
 #: Largest request accepted (a prompt of token ids or text is far below this).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: gRPC channel options both ends use: large messages, and keepalive pings so that a peer whose
@@ -162,7 +164,12 @@ class EngineService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine replica is draining")
         try:
             req = decode_request(body)
-            stream = self.engine.generate(req.request_id, _prompt(req), req.sampling)
+            prompt = _prompt(req)
+            if _is_long(prompt):  # tokenized on a worker thread: other streams keep flowing
+                prepared = await asyncio.to_thread(self.engine.prepare, prompt, req.sampling)
+            else:
+                prepared = self.engine.prepare(prompt, req.sampling)
+            stream = self.engine.submit(req.request_id, *prepared)
         except msgspec.DecodeError as e:  # undecodable, or a field of the wrong type
             yield GenerateRejected("invalid", _path_field(e), str(e))
             return
@@ -215,6 +222,13 @@ def _prompt(req: GenerateRequest) -> str | list[int] | list[dict[str, str]]:
     if req.prompt is not None:
         return req.prompt
     return list(req.prompt_token_ids or ())
+
+
+def _is_long(prompt: str | list[int] | list[dict[str, str]]) -> bool:
+    """Worth a worker thread: text (or chat) beyond LONG_PROMPT_CHARS characters."""
+    if isinstance(prompt, str):
+        return len(prompt) > LONG_PROMPT_CHARS
+    return sum(len(m["content"]) for m in prompt if isinstance(m, dict)) > LONG_PROMPT_CHARS
 
 
 def _path_field(err: msgspec.DecodeError) -> str:

@@ -1,0 +1,216 @@
+"""Overload on a live front door: refusals come at once, before any engine work, with
+Retry-After; admitted requests that wait too long for a seat are refused and their engine calls
+cancelled; a huge prompt is refused without stalling other streams; cancels are counted.
+
+One served stack for the module: tier "fast" (4 seats, the router's limit of 4 in flight) and
+tier "slow" (1 seat, so requests queue behind it), router.max_queue_wait_s = 1.5 s. Timing bounds
+are generous (the machine is shared): they catch the multi-second stalls of the old path, while
+"before any engine work" is proven by the engine's own counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from moeray.cluster.app import LocalStack
+from moeray.cluster.config import MoerayConfig
+from moeray.cluster.demo_model import build_demo_checkpoint
+from moeray.cluster.redis_server import free_port
+from moeray.cluster.state import ClusterState
+from moeray.v1 import inference_pb2 as pb
+from moeray.v1 import inference_pb2_grpc as pb_grpc
+from moeray.workers.engine_service import STATS, client_metadata, decode_stats, encode
+from moeray.workers.io_struct import StatsRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+ENGINE = {"max_model_len": 4096, "max_tokens_limit": 4000, "num_kv_blocks": 1100}
+QUEUE_WAIT_S = 1.5
+LONG = pb.SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    ckpt: Path = build_demo_checkpoint(tmp_path_factory.mktemp("overload") / "m", preset="tiny")
+    config = MoerayConfig(
+        tiers=[
+            {"name": "fast", "model": str(ckpt), "engine": {**ENGINE, "max_num_seqs": 4}},
+            {"name": "slow", "model": str(ckpt), "engine": {**ENGINE, "max_num_seqs": 1}},
+        ],
+        router={"fast_tier": "fast", "reasoning_tier": "slow", "max_inflight_per_tier": 4,
+                "max_queue_wait_s": QUEUE_WAIT_S, "max_message_bytes": 5 * 2**20},
+        serve={"grpc_port": free_port(), "http_port": free_port()},
+    )  # fmt: skip
+    st = LocalStack(config, ray_address="local")  # never join a ray start of this machine
+    try:
+        yield st.start()
+    finally:
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def stub(stack: LocalStack) -> Iterator[pb_grpc.InferenceStub]:
+    opts = [("grpc.max_send_message_length", 8 * 2**20)]
+    with grpc.insecure_channel(stack.endpoints()["grpc"], options=opts) as ch:
+        yield pb_grpc.InferenceStub(ch)
+
+
+def _http(stack: LocalStack, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    url = stack.endpoints()["http"].removesuffix("/v1") + path
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers.items()), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), json.loads(e.read())
+
+
+def _engine_stats(stack: LocalStack, tier: str) -> Any:
+    """The tier's engine replica's own EngineStats, over the internal Stats call."""
+    state = ClusterState(stack.config.state.redis_url or "", stack.config.state.cluster)
+    try:
+        (ep,) = state.engine_endpoints(tier)
+    finally:
+        state.close()
+    with grpc.insecure_channel(ep.address) as ch:
+        call = ch.unary_unary(STATS, request_serializer=encode, response_deserializer=decode_stats)
+        return call(StatsRequest(), timeout=30, metadata=client_metadata(ep.token))
+
+
+def _metric(stack: LocalStack, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(stack.endpoints()["http"].removesuffix("/v1") + "/metrics") as r:
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))  # fmt: skip
+
+
+def _wait_idle(stack: LocalStack, tier: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = _engine_stats(stack, tier)
+        if s.running == s.waiting == 0 and s.free_blocks == s.total_blocks:
+            return
+        assert time.monotonic() < deadline, f"tier {tier} still busy: {s}"
+        time.sleep(0.2)
+
+
+def _hold(stub: pb_grpc.InferenceStub, tier: str, n: int) -> list[Any]:
+    """n long streams on `tier`, each past its first message (so it holds a seat)."""
+    calls = [stub.Generate(pb.GenerateRequest(prompt="hold", tier=tier, sampling=LONG))
+             for _ in range(n)]  # fmt: skip
+    for c in calls:
+        next(c)
+    return calls
+
+
+def _grpc_refusal(stub: pb_grpc.InferenceStub, tier: str) -> tuple[str, str, float]:
+    start = time.perf_counter()
+    req = pb.GenerateRequest(prompt="one more", tier=tier, sampling=pb.SamplingParams(max_tokens=1))
+    try:
+        list(stub.Generate(req, timeout=60))
+        return "OK", "", time.perf_counter() - start
+    except grpc.RpcError as e:
+        return e.code().name, e.details() or "", time.perf_counter() - start
+
+
+def test_overload_refused_before_engine_work(stack: LocalStack, stub: Any) -> None:
+    held = _hold(stub, "fast", 4)
+    before = _engine_stats(stack, "fast").prompt_tokens
+    with ThreadPoolExecutor(16) as pool:
+        grpc_results = list(pool.map(lambda _: _grpc_refusal(stub, "fast"), range(40)))
+        body = {"model": "fast", "prompt": "one more", "max_tokens": 1}
+        http_results = list(pool.map(lambda _: _http(stack, "/v1/completions", body), range(40)))
+    assert {code for code, _, _ in grpc_results} == {"RESOURCE_EXHAUSTED"}
+    assert all("limit of 4" in details for _, details, _ in grpc_results)
+    assert max(t for _, _, t in grpc_results) < 5.0  # the old path: 15-23 s
+    assert {status for status, _, _ in http_results} == {429}
+    assert all(h.get("retry-after") == "1" for _, h, _ in http_results)
+    assert _engine_stats(stack, "fast").prompt_tokens == before  # no refused prompt reached it
+    assert _metric(stack, "moeray_requests_total", tier="fast", outcome="overloaded") >= 80
+    for c in held:
+        c.cancel()
+    _wait_idle(stack, "fast")
+
+
+def test_queue_wait_refuses_and_cancels_the_engine_call(stack: LocalStack, stub: Any) -> None:
+    (held,) = _hold(stub, "slow", 1)  # the tier's one seat
+    with ThreadPoolExecutor(2) as pool:
+        g = pool.submit(_grpc_refusal, stub, "slow")
+        h = pool.submit(_http, stack, "/v1/completions",
+                        {"model": "slow", "prompt": "waiting", "max_tokens": 1})  # fmt: skip
+        code, details, elapsed = g.result()
+        status, headers, err = h.result()
+    assert code == "RESOURCE_EXHAUSTED" and "max_queue_wait_s" in details
+    assert QUEUE_WAIT_S * 0.9 <= elapsed < QUEUE_WAIT_S + 10
+    assert status == 429 and headers.get("retry-after") == "1"
+    assert "max_queue_wait_s" in err["error"]["message"]
+    assert _engine_stats(stack, "slow").waiting == 0  # both engine calls were cancelled
+    held.cancel()
+    _wait_idle(stack, "slow")
+
+
+def test_huge_prompt_refused_without_stalling_a_stream(stack: LocalStack, stub: Any) -> None:
+    arrivals: list[float] = []
+    call = stub.Generate(pb.GenerateRequest(prompt="go", tier="fast", sampling=LONG))
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            for _ in call:
+                arrivals.append(time.perf_counter())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while len(arrivals) < 30:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    text = "lorem ipsum " * (int(3.9 * 2**20) // 12)  # 3.9 MiB
+    sent = time.perf_counter()
+    code, details, elapsed = "", "", 0.0
+    try:
+        list(stub.Generate(pb.GenerateRequest(prompt=text, tier="fast"), timeout=60))
+    except grpc.RpcError as e:
+        code, details = e.code().name, e.details() or ""
+    elapsed = time.perf_counter() - sent
+    time.sleep(0.3)
+    call.cancel()
+    reader.join(30)
+    assert code == "INVALID_ARGUMENT" and details.startswith("prompt is over")
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    step = sorted(gaps[:29])[14]
+    during = [b - a for a, b in itertools.pairwise(arrivals)
+              if b >= sent and a <= sent + elapsed]  # fmt: skip
+    # Tokenizing 3.9 MiB stalled every stream 4.6 s; now only the bytes' transfer is left.
+    assert max(during, default=0.0) <= 2 * step + 0.5, (step, during)
+    assert elapsed < 3.0
+    _wait_idle(stack, "fast")
+
+
+def test_client_cancels_are_counted(stack: LocalStack, stub: Any) -> None:
+    before = _metric(stack, "moeray_requests_total", outcome="cancelled")
+    for c in _hold(stub, "fast", 3):
+        c.cancel()
+    url = stack.endpoints()["http"].removesuffix("/v1") + "/v1/completions"
+    for _ in range(2):
+        body = json.dumps({"model": "fast", "prompt": "x", "max_tokens": 4000, "stream": True,
+                           "ignore_eos": True}).encode()  # fmt: skip
+        req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.readline()  # the first event, then the connection closes
+    deadline = time.monotonic() + 20
+    while _metric(stack, "moeray_requests_total", outcome="cancelled") - before < 5:
+        assert time.monotonic() < deadline, "cancels not counted"
+        time.sleep(0.2)
+    _wait_idle(stack, "fast")

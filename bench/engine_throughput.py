@@ -14,6 +14,7 @@ transformers runs the prompts as one static batch (they have the same length, so
 moeray gets them as concurrent requests. Measures, never asserts.
 
     python bench/engine_throughput.py [--dtype float32|bfloat16] [--concurrency 1 32]
+        [--no-cpu-tuning]   (moeray's engine without workers/cpu_tuning.py)
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def best(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: (min if k in ("ttft_s", "wall_s") else max)(r[k] for r in runs) for k in runs[0]}
 
 
-#: Idle time before each measured run: BLAS and OpenMP worker threads busy-wait for a while
-#: after their last call (OpenBLAS ~0.1 s), which must not overlap the other engine's run.
+#: Idle time before each measured run: OpenMP worker threads busy-wait for a while after their
+#: last parallel region (unless OMP_WAIT_POLICY=passive), which must not overlap the other run.
 SETTLE_S = 0.5
 
 
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--no-cpu-tuning", action="store_true", help="plain torch layers in moeray")
     args = ap.parse_args()
     import transformers
 
@@ -107,7 +109,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_demo_checkpoint(Path(tmp) / "ckpt", preset=args.preset, dtype=args.dtype)
-        config = EngineConfig(max_num_seqs=max(args.concurrency))
+        config = EngineConfig(max_num_seqs=max(args.concurrency), cpu_tuning=not args.no_cpu_tuning)
         engine = LLMEngine(path, config, dtype=args.dtype)
         hf = None
         if not args.skip_transformers:
@@ -127,6 +129,7 @@ def main() -> None:
                 "output_len": args.output_len,
                 "dtype": args.dtype,
                 "preset": args.preset,
+                "cpu_tuning": not args.no_cpu_tuning,
                 "threads": torch.get_num_threads(),
                 "repeats": args.repeats,
                 "machine": f"{platform.machine()} x{os.cpu_count()} cpu",

@@ -2,10 +2,11 @@
 
 Measures one decode step (forward + logits + argmax) at a given batch and context length through
 moeray's paged KV cache, and the same step of transformers' model with its DynamicCache, runs
-alternating in blocks so both see the same machine load. moeray's step runs inside
-`cpu_blas_step`, as the engine runs it. Prints one JSON line per (impl, batch).
+alternating in blocks so both see the same machine load. moeray's model gets the CPU transform
+(workers/cpu_tuning.py) as the engine applies it, unless --no-cpu-tuning. Prints one JSON line
+per (impl, batch).
 
-    python bench/model_step.py --batch 1 32 --context 128 --threads 2
+    python bench/model_step.py --batch 1 32 --context 128 --threads 2 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 from moeray.cluster.demo_model import build_demo_checkpoint
+from moeray.workers.cpu_tuning import apply_cpu_tuning
 from moeray.workers.forward_context import ForwardContext
-from moeray.workers.gemv import cpu_blas_step
 from moeray.workers.loader import load_model
 from moeray.workers.model import CausalLM
 
@@ -37,20 +38,17 @@ def moeray_step(model: CausalLM, batch: int, context: int) -> Callable[[], None]
     ids = torch.randint(0, model.args.vocab_size, (batch,))
     positions = torch.full((batch,), pos)
 
-    threads = torch.get_num_threads()
-
     def step() -> None:
         ctx = ForwardContext(kv, slots, tables, list(range(batch + 1)), [context] * batch, True)
-        with cpu_blas_step(threads):  # as LLMEngine.step runs it (workers/gemv.py)
-            model.compute_logits(model(ids, positions, ctx)).argmax(-1)
+        model.compute_logits(model(ids, positions, ctx)).argmax(-1)
 
     return step
 
 
-def hf_step(path: Path, batch: int, context: int) -> Callable[[], None]:
+def hf_step(path: Path, batch: int, context: int, dtype: str) -> Callable[[], None]:
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     prompt = torch.randint(0, hf.config.vocab_size, (batch, context - 1))
     cache = transformers.DynamicCache(config=hf.config)
     hf(prompt, past_key_values=cache, use_cache=True)
@@ -92,17 +90,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--no-cpu-tuning", action="store_true", help="plain torch layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        path = build_demo_checkpoint(Path(tmp) / "bench", preset="bench")
+        path = build_demo_checkpoint(Path(tmp) / "bench", preset="bench", dtype=args.dtype)
         model = load_model(path, progress=False)
+        if not args.no_cpu_tuning:
+            apply_cpu_tuning(model)
         for batch in args.batch:
             steps = {"moeray": moeray_step(model, batch, args.context)}
             if not args.no_hf:
-                steps["transformers"] = hf_step(path, batch, args.context)
+                steps["transformers"] = hf_step(path, batch, args.context, args.dtype)
             for name, ms in measure(steps, args.repeats).items():
                 row = {"impl": name, "batch": batch, "context": args.context, "threads": args.threads,
+                       "dtype": args.dtype, "cpu_tuning": not args.no_cpu_tuning,
                        "median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2),
                        "tok_per_s_median": round(batch / statistics.median(ms) * 1e3, 1)}  # fmt: skip
                 print(json.dumps(row), flush=True)

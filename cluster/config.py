@@ -78,6 +78,11 @@ class EngineConfig(_Strict):
     max_queue: int = Field(
         256, ge=0, description="waiting requests at most before new ones are refused"
     )
+    cpu_tuning: bool = Field(
+        True,
+        description="tune a CPU model after loading (workers/cpu_tuning.py: oneDNN-prepacked "
+        "linear layers, single-threaded numpy BLAS); false = plain torch layers",
+    )
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of prompt prefixes seen before (vLLM's APC)"
     )

@@ -3,6 +3,8 @@
 The public functions (shape letters in docs/SHAPES.md):
     topk_gating(router_logits [T, E], top_k, scoring, renormalize, bias) -> (weights f32 [T, K], ids i32 [T, K])
     fused_moe(hidden [T, D], w1 [E, 2F, D], w2 [E, D, F], topk_weights [T, K], topk_ids [T, K]) -> [T, D]
+    prepare_expert_weights(w1 [E, 2F, D], w2 [E, D, F]) -> (w1, w2) in the form fused_moe runs fastest
+    packed_linear(x [T, in], PackedWeight(w [out, in]), bias) -> [T, out]  (CPU, oneDNN-prepacked)
     rms_norm(x [..., D], weight [D], eps) -> [..., D]
     add_rms_norm(x [..., D], residual [..., D], weight [D], eps) -> (normed [..., D], x + residual [..., D])
     silu_and_mul(gate_up [T, 2F]) -> [T, F]
@@ -12,25 +14,45 @@ The public functions (shape letters in docs/SHAPES.md):
 
 Each call checks its arguments (ValueError naming the argument), then runs the Triton kernel or
 the torch reference as moeray.kernels.dispatch decides (MOERAY_KERNELS=auto|triton|torch;
-`use_backend(...)` overrides it in tests). Ids outside [0, E) contribute nothing, so a shard that
-holds some experts computes its partial sum when the caller maps foreign experts to -1.
+`use_backend(...)` overrides it in tests). Expert weights go through `prepare_expert_weights`
+once, where they are loaded: on CPU it packs them for oneDNN (kernels/cpu_packed.py, the torch
+backend's CPU fast path), elsewhere it returns them as they are. Ids outside [0, E) contribute
+nothing, so a shard that holds some experts computes its partial sum when the caller maps
+foreign experts to -1.
 This module never imports triton; the triton_* modules do, and only when they are about to run.
 """
 
 from __future__ import annotations
 
 import torch
-from moeray.kernels import contracts, reference
-from moeray.kernels.dispatch import resolve, set_backend, triton_module, use_backend
+from moeray.kernels import contracts, cpu_packed, reference
+from moeray.kernels.cpu_packed import PackedExperts, PackedWeight
+from moeray.kernels.cpu_packed import linear as packed_linear
+from moeray.kernels.dispatch import (
+    packs_cpu_weights,
+    resolve,
+    set_backend,
+    triton_module,
+    use_backend,
+)
 from moeray.kernels.reference import TokenPermutation, padded_rows
 
+#: Expert weights as fused_moe takes them: plain [E, out, in] tensors, or prepacked for the CPU.
+ExpertWeights = torch.Tensor | PackedExperts
+
 __all__ = [
+    "ExpertWeights",
+    "PackedExperts",
+    "PackedWeight",
     "TokenPermutation",
     "add_rms_norm",
     "fused_moe",
     "moe_align",
+    "packed_linear",
+    "packs_cpu_weights",
     "padded_rows",
     "permute_tokens",
+    "prepare_expert_weights",
     "rms_norm",
     "set_backend",
     "silu_and_mul",
@@ -58,20 +80,54 @@ def topk_gating(
 
 def fused_moe(
     hidden: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
+    w1: ExpertWeights,
+    w2: ExpertWeights,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """hidden [T, D], w1 [E, 2F, D], w2 [E, D, F], topk_weights [T, K], topk_ids [T, K] -> [T, D].
 
     The routed-expert FFN (grouped GEMM, SwiGLU, down projection, weighted combine); ids outside
-    [0, E) contribute nothing. See reference.fused_moe.
+    [0, E) contribute nothing. See reference.fused_moe. w1/w2 as prepare_expert_weights left
+    them: prepacked ones run kernels/cpu_packed.py. The weighted sum is fp32 and returned in
+    out_dtype (default hidden's): expert shards ask for float32, so that their partial sums add
+    up to the in-process result without a second rounding.
     """
+    if out_dtype not in (None, torch.float32, hidden.dtype):
+        raise ValueError(f"out_dtype must be None, float32 or hidden's dtype, got {out_dtype}")
     contracts.check_fused_moe(hidden, w1, w2, topk_weights, topk_ids)
-    if resolve(hidden) == "triton":
-        return triton_module("triton_moe").fused_moe(hidden, w1, w2, topk_weights, topk_ids)
-    return reference.fused_moe(hidden, w1, w2, topk_weights, topk_ids)
+    backend = resolve(hidden)
+    if isinstance(w1, PackedExperts) and isinstance(w2, PackedExperts):
+        if backend == "triton":
+            raise ValueError(
+                "w1 and w2 are prepacked for the CPU (prepare_expert_weights ran under another "
+                "backend); the Triton kernels need plain tensors"
+            )
+        return cpu_packed.fused_moe(hidden, w1, w2, topk_weights, topk_ids, out_dtype)
+    if isinstance(w1, PackedExperts) or isinstance(w2, PackedExperts):
+        raise ValueError("w1 and w2 must both be prepacked or both plain tensors")
+    if backend == "triton":
+        return triton_module("triton_moe").fused_moe(
+            hidden, w1, w2, topk_weights, topk_ids, out_dtype
+        )
+    return reference.fused_moe(hidden, w1, w2, topk_weights, topk_ids, out_dtype)
+
+
+def prepare_expert_weights(
+    w1: torch.Tensor, w2: torch.Tensor
+) -> tuple[ExpertWeights, ExpertWeights]:
+    """w1 [E, 2F, D], w2 [E, D, F] -> the same weights in the form fused_moe runs fastest on
+    their device: prepacked for oneDNN on CPU (see dispatch.packs_cpu_weights), else unchanged.
+    Call once where the weights are loaded (the in-process experts and the expert shards both
+    do, so both run the same GEMMs and give the same numbers)."""
+    if w1.dim() != 3 or w2.dim() != 3:
+        raise ValueError(
+            f"w1 and w2 must be [E, 2F, D] and [E, D, F], got {tuple(w1.shape)}, {tuple(w2.shape)}"
+        )
+    if packs_cpu_weights(w1) and w2.dtype == w1.dtype:
+        return PackedExperts(w1), PackedExperts(w2)
+    return w1, w2
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,22 +6,27 @@ docs/SHAPES.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from moeray.kernels.cpu_packed import PackedExperts
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _shape(name: str, t: torch.Tensor, expected: str, ok: bool) -> None:
+def _shape(name: str, t: torch.Tensor | PackedExperts, expected: str, ok: bool) -> None:
     if not ok:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
 
 
-def _float(name: str, t: torch.Tensor) -> None:
+def _float(name: str, t: torch.Tensor | PackedExperts) -> None:
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+def _same_device(name: str, t: torch.Tensor | PackedExperts, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but the inputs are on {ref.device}")
 
@@ -45,8 +50,8 @@ def check_topk_gating(
 
 def check_fused_moe(
     hidden: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
+    w1: torch.Tensor | PackedExperts,
+    w2: torch.Tensor | PackedExperts,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> None:

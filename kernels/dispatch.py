@@ -6,6 +6,11 @@ that reads MOERAY_KERNELS.
     MOERAY_KERNELS=torch   always the torch references
 
 Tests override it with `use_backend("triton")` (a context manager) or `set_backend(...)`.
+
+The torch backend has a CPU fast path: expert weights prepacked once into oneDNN's layout
+(kernels/cpu_packed.py). `packs_cpu_weights` decides when weights are prepared: under "auto" for
+CPU weights of a dtype oneDNN packs; "torch" keeps the plain references (the oracle) and
+"triton" the Triton kernels.
 triton is an optional extra ([gpu]): it is imported only when a Triton kernel is about to run,
 so `import moeray.kernels` works without it.
 """
@@ -83,6 +88,17 @@ def resolve(tensor: torch.Tensor) -> str:
                 "MOERAY_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1 set before triton is imported"
             )
     return backend
+
+
+def packs_cpu_weights(weight: torch.Tensor) -> bool:
+    """Whether kernels.prepare_expert_weights packs `weight` for the CPU fast path."""
+    from moeray.kernels import cpu_packed
+
+    return (
+        configured_backend() == "auto"
+        and weight.device.type == "cpu"
+        and cpu_packed.supported(weight.dtype)
+    )
 
 
 def triton_module(name: str) -> ModuleType:

@@ -76,11 +76,13 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The routed-expert FFN: out[t] = sum_k w[t,k] * W2[e] @ (silu(W1g[e] @ x) * (W1u[e] @ x)).
 
     hidden [T, D], w1 [E, 2F, D] (gate rows then up rows), w2 [E, D, F],
-    topk_weights [T, K] (float32), topk_ids [T, K] (int) -> [T, D] in hidden's dtype.
+    topk_weights [T, K] (float32), topk_ids [T, K] (int) -> [T, D] in out_dtype (default
+    hidden's; the sum is fp32, so out_dtype=float32 returns it unrounded).
     Ids outside [0, E) (e.g. -1 for experts another shard holds) contribute nothing, so a shard
     holding E_local experts gets its partial sum; the shards' outputs add up to the full layer.
     Loops only over experts that got tokens (one host sync for the counts).
@@ -109,7 +111,7 @@ def fused_moe(
         h = silu_and_mul(F.linear(x, w1[e]))  # [n, 2F] -> [n, F], SwiGLU in fp32
         y = F.linear(h, w2[e]).float()  # [n, D]
         out.index_add_(0, tok, y.mul_(flat_w[slots].unsqueeze(-1)))
-    return out.to(hidden.dtype)
+    return out.to(out_dtype or hidden.dtype)
 
 
 class TokenPermutation(NamedTuple):

@@ -176,7 +176,10 @@ def _combine_kernel(
 
 
 def _launch_unpermute_tokens(
-    rows: torch.Tensor, perm: TokenPermutation, topk_weights: torch.Tensor
+    rows: torch.Tensor,
+    perm: TokenPermutation,
+    topk_weights: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     T, K = topk_weights.shape
     if rows.dim() != 2 or rows.shape[0] != perm.sorted_slots.numel():
@@ -190,7 +193,7 @@ def _launch_unpermute_tokens(
     D = rows.shape[1]
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     topk_weights = topk_weights.contiguous()
-    out = torch.empty(T, D, dtype=rows.dtype, device=rows.device)  # [T, D]
+    out = torch.empty(T, D, dtype=out_dtype or rows.dtype, device=rows.device)  # [T, D]
     if T > 0 and D > 0:
         cfg = block_config.lookup("moe_combine", f"D={D},K={K}", rows.dtype, T, rows.device)
         grid = (T, triton.cdiv(D, cfg["BLOCK_D"]))
@@ -297,6 +300,7 @@ def _launch_fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     config: dict[str, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`config` forces the block sizes (bench/kernels.py --tune); otherwise configs/fused_moe.json."""
     contracts.check_fused_moe(hidden, w1, w2, topk_weights, topk_ids)
@@ -304,7 +308,7 @@ def _launch_fused_moe(
     T, D = hidden.shape
     E, F = w1.shape[0], w1.shape[1] // 2
     if T == 0 or topk_ids.shape[1] == 0:
-        return torch.zeros_like(hidden)
+        return torch.zeros_like(hidden, dtype=out_dtype or hidden.dtype)
     cfg = config or block_config.lookup(
         "fused_moe", shape_key(E, F, D), hidden.dtype, T, hidden.device
     )
@@ -326,7 +330,7 @@ def _launch_fused_moe(
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_FP32=dot_fp32, **opts,
     )  # fmt: skip
-    return _launch_unpermute_tokens(y, perm, topk_weights)
+    return _launch_unpermute_tokens(y, perm, topk_weights, out_dtype)
 
 
 def fused_moe(
@@ -335,10 +339,12 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """hidden [T, D], w1 [E, 2F, D], w2 [E, D, F], topk_weights [T, K], topk_ids [T, K] -> [T, D].
 
     Same contract as the reference; hidden, w1 and w2 must share one dtype. Ids outside [0, E)
-    contribute nothing (see the module docstring).
+    contribute nothing (see the module docstring). The combine sums in fp32 and writes
+    out_dtype (default hidden's).
     """
-    return _launch_fused_moe(hidden, w1, w2, topk_weights, topk_ids)
+    return _launch_fused_moe(hidden, w1, w2, topk_weights, topk_ids, out_dtype=out_dtype)

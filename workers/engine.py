@@ -13,11 +13,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypedDict
 
-import torch
 from moeray.cluster.config import EngineConfig
 from moeray.workers.block_manager import BlockManager
+from moeray.workers.cpu_tuning import apply_cpu_tuning
 from moeray.workers.detokenizer import IncrementalDetokenizer
-from moeray.workers.gemv import cpu_blas_step
 from moeray.workers.io_struct import (
     FinishReason,
     InvalidRequest,
@@ -25,8 +24,7 @@ from moeray.workers.io_struct import (
     SamplingParams,
     Usage,
 )
-from moeray.workers.model_runner import ModelRunner
-from moeray.workers.moe import LocalExperts
+from moeray.workers.model_runner import ModelRunner, resolve_device
 from moeray.workers.sampler import Sampler
 from moeray.workers.scheduler import Scheduler
 from moeray.workers.sequence import Sequence
@@ -86,13 +84,21 @@ class LLMEngine:
         config: EngineConfig | None = None,
         dtype: str = "auto",
         *,
+        device: str = "auto",
         model: Any = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
+        """Loads `model_path` on `device` (auto | cpu | cuda; auto = cuda when torch sees a GPU)
+        unless a finished `model` is given; a CPU model gets workers/cpu_tuning.py when
+        config.cpu_tuning is on."""
         from moeray.workers.loader import load_model
 
         self.config = config = config or EngineConfig()
-        self.model = model if model is not None else load_model(str(model_path), dtype=dtype)
+        if model is None:
+            model = load_model(str(model_path), dtype=dtype, device=resolve_device(device))
+            if config.cpu_tuning:
+                apply_cpu_tuning(model)
+        self.model = model
         self.tokenizer = tokenizer or Tokenizer.from_pretrained(model_path)
         args = self.model.args
         self.vocab_size: int = args.vocab_size
@@ -111,12 +117,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.sampler = Sampler()
         self._requests: dict[str, Sequence] = {}
-        # fp32 on CPU with several torch threads: each step's GEMMs run in numpy's OpenBLAS on
-        # those threads instead (workers/gemv.py), while the experts are in-process.
-        cpu_fp32 = (
-            args.dtype == torch.float32 and self.model.embed_tokens.weight.device.type == "cpu"
-        )
-        self.blas_threads = torch.get_num_threads() if cpu_fp32 else 0
 
     @staticmethod
     def _max_model_len(config: EngineConfig, model_limit: int) -> int:
@@ -242,13 +242,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedules, runs and postprocesses one step -> outputs of requests that advanced
         (streaming ones) or finished."""
-        backend = self.model.expert_backend
-        local = backend is None or isinstance(backend, LocalExperts)
-        # The whole step (sampling too) under one thread pool: see gemv.cpu_blas_step.
-        with cpu_blas_step(self.blas_threads if local else 0):
-            return self._step()
-
-    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         outputs = [self._finished_output(seq) for seq in plan.finished]
         if not plan:

@@ -29,10 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from moeray import kernels
-from moeray.kernels.dispatch import resolve
-from moeray.workers.gemv import expert_linear
-from moeray.workers.moe import column_major, cpu_fused_moe
+from moeray.kernels import ExpertWeights, fused_moe, prepare_expert_weights
 
 # dtype <-> header code; bf16 has no numpy twin, so tensors cross as raw bytes and are re-viewed.
 _DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -152,11 +149,6 @@ def unpack_result(msg: bytes | bytearray, rows: int, hidden_size: int) -> torch.
     return torch.frombuffer(buf, dtype=torch.float32).view(rows, hidden_size)
 
 
-def _is_column_major(w: torch.Tensor) -> bool:
-    """[..., out, in] stored with its last two dims swapped (moe.column_major's layout)."""
-    return w.dim() >= 2 and w.shape[-1] > 1 and w.transpose(-1, -2).is_contiguous()
-
-
 class ExpertShard:
     """The expert FFNs of one shard and the method the engine calls per layer.
 
@@ -179,29 +171,21 @@ class ExpertShard:
             raise ValueError("ExpertShard needs exactly one of checkpoint= or weights=")
         self.device = torch.device(device)
         self.assignment = {int(li): sorted(int(e) for e in es) for li, es in assignment.items()}
-        self.tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layer -> (w1 [e, 2F, D], w2 [e, D, F]) in kernels.prepare_expert_weights' form, as
+        # the in-process experts (moe.LocalExperts) hold them: same kernel, same numbers
+        self.tables: dict[int, tuple[ExpertWeights, ExpertWeights]] = {}
         for layer, experts in self.assignment.items():
             if weights is not None:
                 full1, full2 = weights[layer]
                 w1, w2 = full1[experts], full2[experts]
-                col = _is_column_major(full1) and _is_column_major(full2)
             else:
                 from moeray.workers.checkpoint import load_expert_weights
 
                 assert checkpoint is not None
                 w1, w2 = load_expert_weights(checkpoint, layer, experts, dtype)
-                col = True  # as the in-process loader stores them (workers/loader.py)
-            self.tables[layer] = (self._layout(w1, col), self._layout(w2, col))
-
-    def _layout(self, w: torch.Tensor, col: bool) -> torch.Tensor:
-        """The storage the in-process experts use for the same weights: fp32 on CPU column-major
-        when `col` (see moe.column_major: those GEMMs stream weights ~1.5x faster at a few rows
-        per expert; and the same layout means the same GEMM kernel, so the same numbers as the
-        in-process experts), otherwise row-major."""
-        w = w.to(self.device)
-        if col and self.device.type == "cpu" and w.dtype == torch.float32:
-            return column_major(w)
-        return w.contiguous()
+            self.tables[layer] = prepare_expert_weights(
+                w1.to(self.device).contiguous(), w2.to(self.device).contiguous()
+            )
 
     def ready(self) -> dict[int, list[int]]:
         """Plain actor call used to wait for loading (and to probe liveness): the assignment."""
@@ -278,17 +262,14 @@ class ExpertShard:
         if n == 0:
             return torch.empty(0, batch.hidden.shape[1])
         rows = served.nonzero()[:, 0]  # [n] row of each served slot, row-major
-        hidden = batch.hidden.index_select(0, rows)  # [n, D]
-        weights = batch.topk_weights[served].unsqueeze(1)  # [n, 1]
-        local = ids[served].unsqueeze(1)  # [n, 1]
         w1, w2 = self.tables[batch.layer]
-        if self.device.type == "cpu":
-            x = hidden.float()
-            if resolve(x) == "torch":
-                return cpu_fused_moe(x, w1, w2, weights, local, expert_linear)
-            return kernels.fused_moe(x, w1, w2, weights, local).float()
-        # CUDA kernels take the model dtype
-        out = kernels.fused_moe(
-            hidden.to(self.device), w1, w2, weights.to(self.device), local.to(self.device)
+        dev = self.device
+        out = fused_moe(
+            batch.hidden.index_select(0, rows).to(dev),  # [n, D]
+            w1,
+            w2,
+            batch.topk_weights[served].unsqueeze(1).to(dev),  # [n, 1]
+            ids[served].unsqueeze(1).to(dev),  # [n, 1]
+            out_dtype=torch.float32,  # unrounded products: the engine adds them up
         )  # [n, D]
-        return out.float().cpu().contiguous()
+        return out.cpu().contiguous()

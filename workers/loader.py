@@ -4,8 +4,9 @@ The model is created on the meta device (no random init, no double allocation), 
 empty on the target device, and every parameter is filled from the checkpoint, fusing as it goes:
 q|k|v rows into `wqkv`, gate|up rows into `w13` (dense FFNs, shared expert) and into the experts'
 w1 [E, 2F, D]. Each tensor is shape-checked; problems raise CheckpointError naming the tensor.
-On CPU the weights are then stored column-major (same logical shapes; see moe.column_major),
-which makes the weight-streaming decode GEMMs markedly faster.
+Weights keep their plain layout; device-specific tuning is a separate transform
+(workers/cpu_tuning.py), and the experts' kernel-specific form is kernels.prepare_expert_weights'
+(LocalExperts applies it).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 from moeray.workers.checkpoint import CheckpointError, CheckpointReader, moe_prefixes, read_experts
 from moeray.workers.hf_config import ModelArgs, read_model_args
 from moeray.workers.model import Attention, CausalLM, DecoderLayer
-from moeray.workers.moe import DenseMLP, ExpertBackend, LocalExperts, MoEBlock, column_major
-from torch import nn
+from moeray.workers.moe import DenseMLP, ExpertBackend, LocalExperts, MoEBlock
 from tqdm.auto import tqdm
 
 
@@ -87,41 +87,21 @@ def _load_dense_weights(model: CausalLM, reader: CheckpointReader) -> None:
         _fill(model.lm_head.weight, reader, "lm_head.weight")
 
 
-def _local_experts(model: CausalLM, reader: CheckpointReader, device: str) -> LocalExperts:
+def _local_experts(
+    model: CausalLM, reader: CheckpointReader, device: str | torch.device
+) -> LocalExperts:
     args = model.args
     weights = {}
     for layer in args.moe_layers:
         w1, w2 = read_experts(reader, args, layer, list(range(args.num_experts)))
-        if _column_major(device, args.dtype):
-            w1, w2 = column_major(w1), column_major(w2)
         weights[layer] = (w1.to(device), w2.to(device))
     return LocalExperts(weights)
-
-
-def _cpu(device: str | torch.device) -> bool:
-    return torch.device(device).type == "cpu"
-
-
-def _column_major(device: str | torch.device, dtype: torch.dtype) -> bool:
-    """fp32 CPU GEMMs stream weights faster from [in, out] storage; bf16 ones (oneDNN) are
-    faster from the row-major layout (measured: LM head at batch 1, 2.5 vs 4.3 ms in fp32,
-    1.5 vs 0.95 ms in bf16)."""
-    return _cpu(device) and dtype == torch.float32
-
-
-def _column_major_linears(model: CausalLM) -> None:
-    """CPU decode streams weights faster from [in, out] storage (see moe.column_major). A tied
-    lm_head stays row-major: it is also the embedding table, whose rows are looked up."""
-    tied = model.args.tie_word_embeddings
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and not (tied and module is model.lm_head):
-            module.weight = nn.Parameter(column_major(module.weight.data), requires_grad=False)
 
 
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "auto",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     expert_backend: ExpertBackend | None = None,
     progress: bool = True,
 ) -> CausalLM:
@@ -143,8 +123,6 @@ def load_model(
     try:
         with torch.no_grad():
             _load_dense_weights(model, reader)
-            if _column_major(device, args.dtype):
-                _column_major_linears(model)
             if args.is_moe:
                 model.set_expert_backend(expert_backend or _local_experts(model, reader, device))
     finally:

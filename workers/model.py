@@ -5,7 +5,9 @@ Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama and Qwen3 differ only in details tha
 share this code. The model works on a flattened batch: `forward(input_ids [T], positions [T], ctx)`
 with the paged KV cache described by a ForwardContext (workers/forward_context.py). Weights are
 created empty (on the meta device by the loader) and filled by workers/loader.py; the fusions
-(q|k|v into one Linear, gate|up into one Linear and into expert w1) happen there.
+(q|k|v into one Linear, gate|up into one Linear and into expert w1) happen there. Every linear
+layer is a plain nn.Linear: device-specific tuning is a transform applied to the finished model
+(workers/cpu_tuning.py), like expert parallelism (CausalLM.set_expert_backend).
 Shape letters: docs/SHAPES.md.
 """
 
@@ -17,7 +19,6 @@ import torch
 from moeray.kernels import add_rms_norm, rms_norm
 from moeray.workers.attention import paged_attention
 from moeray.workers.forward_context import ForwardContext
-from moeray.workers.gemv import linear
 from moeray.workers.hf_config import ModelArgs
 from moeray.workers.moe import DenseMLP, ExpertBackend, MoEBlock
 from torch import nn
@@ -96,7 +97,7 @@ class Attention(nn.Module):
         """x [T, D] -> [T, D]."""
         T = x.shape[0]
         H, G, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(x, self.wqkv.weight, self.wqkv.bias)  # [T, (H+2G)*Dh]
+        qkv = self.wqkv(x)  # [T, (H+2G)*Dh]
         if self.qk_norm == "none":
             if self.clip_qkv is not None:
                 qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
@@ -108,7 +109,7 @@ class Attention(nn.Module):
             q, k, v = self._normed_qkv(qkv)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, ctx, self.scale)  # [T, H, Dh]
-        return linear(out.view(T, H * Dh), self.wo.weight, self.wo.bias)
+        return self.wo(out.view(T, H * Dh))
 
     def _normed_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, (H+2G)*Dh] -> q [T, H, Dh], k, v [T, G, Dh] with the q/k norms (and clipping)."""
@@ -209,7 +210,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> logits [B, V] float32."""
-        return linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     # --- KV cache --------------------------------------------------------------------------
     def make_kv_cache(

@@ -1,9 +1,10 @@
 """Runs one scheduled step through the model: flattens the batch, builds the ForwardContext.
 
-Owns the paged KV cache (allocated once with `model.make_kv_cache(N, S)`). Per step it builds one
-tensor per field (ids, positions, slot mapping, block tables) from Python lists, runs the model on
-the T new tokens, and computes logits only for the last token of the sequences that sample this
-step (a chunk in the middle of a prompt needs none).
+Owns the paged KV cache (allocated once with `model.make_kv_cache(N, S)`, on the model's
+device). Per step it builds one tensor per field (ids, positions, slot mapping, block tables)
+from Python lists, moves them to the model's device, runs the model on the T new tokens, and
+computes logits only for the last token of the sequences that sample this step (a chunk in the
+middle of a prompt needs none). `resolve_device` turns a configured device into a torch one.
 """
 
 from __future__ import annotations
@@ -15,11 +16,34 @@ from moeray.workers.forward_context import ForwardContext
 from moeray.workers.sequence import Sequence
 
 
+def resolve_device(device: str, field: str = "device") -> torch.device:
+    """A configured device (auto | cpu | cuda | cuda:N) -> torch.device; auto = cuda when torch
+    sees a GPU. ValueError naming `field` for anything else, or for cuda without a GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{field} is {device!r} but torch sees no CUDA device on this machine "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use cpu or auto"
+            )
+        dev = torch.device(device)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{field} is {device!r} but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        return dev
+    raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
         self.kv_caches = model.make_kv_cache(num_blocks, block_size)
+        self.device: torch.device = model.embed_tokens.weight.device
 
     def prepare(
         self, seqs: list[Sequence], num_new_tokens: list[int]
@@ -50,24 +74,26 @@ class ModelRunner:
                 sample_rows.append(starts[-1] - 1)
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        dev = self.device
         ctx = ForwardContext(
             kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(tables, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
             query_start_loc=starts,
             context_lens=context_lens,
             is_decode=starts[-1] == len(seqs),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64)
-        return input_ids, torch.tensor(positions, dtype=torch.int64), ctx, sample_rows
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), ctx, sample_rows
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor | None:
-        """One forward step -> logits [B', V] f32 for the B' sequences that sample, or None."""
+        """One forward step -> logits [B', V] f32 (on the model's device) for the B' sequences
+        that sample, or None."""
         input_ids, positions, ctx, sample_rows = self.prepare(seqs, num_new_tokens)
         hidden = self.model(input_ids, positions, ctx)  # [T, D]
         if not sample_rows:
             return None
         if len(sample_rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.int64)]  # [B', D]
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]
         return self.model.compute_logits(hidden)

@@ -9,25 +9,17 @@ Shape letters: docs/SHAPES.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from moeray.kernels import fused_moe, silu_and_mul, topk_gating
-from moeray.workers.gemv import expert_linear, linear
+from moeray.kernels import (
+    ExpertWeights,
+    fused_moe,
+    prepare_expert_weights,
+    silu_and_mul,
+    topk_gating,
+)
 from torch import nn
-
-
-def column_major(w: torch.Tensor) -> torch.Tensor:
-    """The same [..., out, in] weight, stored with its last two dims swapped in memory.
-
-    F.linear(x, w) then hands BLAS a contiguous [in, out] matrix (an "NN" GEMM), which on CPU
-    streams weights from DRAM about 1.7x faster at decode batch sizes than the row-major layout
-    (measured on the 2-core dev machine: bench-model decode step at batch 1 from ~24 to ~11 ms,
-    and no slower at batch 32). Logical shapes, and so every contract, are unchanged."""
-    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 class ExpertBackend(Protocol):
@@ -56,11 +48,9 @@ class ExpertBackend(Protocol):
 
 class LocalExperts:
     """In-process experts: per MoE layer, w1 [E_local, 2F, D] (gate rows then up rows) and
-    w2 [E_local, D, F].
-
-    The tensors may be strided views (the CPU loader stores them column-major). A full model
-    holds every expert (E_local = E). A shard holds a subset: pass `expert_ids`
-    (layer -> the global ids of the rows of w1/w2) and `num_experts` (global E); tokens routed to
+    w2 [E_local, D, F], kept in the form kernels.prepare_expert_weights gives them (prepacked
+    for oneDNN on CPU). A full model holds every expert (E_local = E). A shard holds a subset:
+    pass `expert_ids` (layer -> the global ids of the rows of w1/w2) and `num_experts` (global E); tokens routed to
     experts it does not hold contribute nothing (their ids map to -1, which fused_moe skips).
     """
 
@@ -70,7 +60,9 @@ class LocalExperts:
         expert_ids: dict[int, list[int]] | None = None,
         num_experts: int | None = None,
     ) -> None:
-        self.weights = weights
+        self.weights: dict[int, tuple[ExpertWeights, ExpertWeights]] = {
+            layer: prepare_expert_weights(w1, w2) for layer, (w1, w2) in weights.items()
+        }
         self.expert_ids = expert_ids
         self._to_local: dict[int, torch.Tensor] = {}
         if expert_ids is not None:
@@ -81,17 +73,7 @@ class LocalExperts:
                 table[torch.tensor(ids, dtype=torch.long)] = torch.arange(
                     len(ids), dtype=torch.int32
                 )
-                self._to_local[layer] = table
-
-    def begin_step(self) -> None:
-        """Nothing moves between steps in-process."""
-
-    def end_step(self, expert_counts: torch.Tensor) -> None:
-        """In-process load is not reported (the counts stay readable on the model)."""
-
-    def layer_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w1 [E_local, 2F, D], w2 [E_local, D, F]) of MoE layer `layer`."""
-        return self.weights[layer]
+                self._to_local[layer] = table.to(weights[layer][0].device)
 
     def forward_layer(
         self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -99,72 +81,14 @@ class LocalExperts:
         w1, w2 = self.weights[layer]
         table = self._to_local.get(layer)
         if table is not None:
-            topk_ids = table.to(topk_ids.device)[topk_ids.long()]  # [T, K] local ids or -1
-        if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
-            if hidden.shape[0] == 1:
-                return _one_token_moe(hidden, w1, w2, topk_weights, topk_ids)
-            return cpu_fused_moe(hidden, w1, w2, topk_weights, topk_ids, expert_linear)
+            topk_ids = table[topk_ids.long()]  # [T, K] local ids or -1
         return fused_moe(hidden, w1, w2, topk_weights, topk_ids)
 
+    def begin_step(self) -> None:
+        """Nothing moves between steps in-process."""
 
-def _one_token_moe(
-    hidden: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-) -> torch.Tensor:
-    """fused_moe for a single fp32 token on CPU (batch-1 decode), without the sort/permute
-    bookkeeping that costs more than the K small GEMVs: fp32 products, summed in ascending
-    expert order. With row-major weights the numbers equal the reference bit for bit; with the
-    CPU loader's column-major weights the GEMVs go through numpy's BLAS (workers/gemv.py), the
-    same math in another summation order. hidden [1, D] -> [1, D]."""
-    E = w1.shape[0]
-    out = torch.zeros_like(hidden)
-    for e, w in sorted(zip(topk_ids[0].tolist(), topk_weights[0].tolist())):
-        if 0 <= e < E:
-            h = silu_and_mul(expert_linear(hidden, w1[e]))  # [1, F]
-            out += expert_linear(h, w2[e]) * w  # [1, D]
-    return out
-
-
-def cpu_fused_moe(
-    hidden: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    local_ids: torch.Tensor,
-    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
-) -> torch.Tensor:
-    """kernels.reference.fused_moe's algorithm for fp32 CPU tensors: the same rows in the same
-    order, with its bookkeeping (grouping the [t, K] slots by expert) done in numpy (on a few
-    dozen ids a numpy op costs ~1 us and a torch op ~5-10 us). `linear` runs the GEMMs: with
-    F.linear the numbers equal the reference's; LocalExperts and the expert shards both pass
-    workers/gemv.expert_linear (numpy's BLAS for column-major weights), so in-process and
-    sharded experts give the same numbers as each other.
-    hidden [t, D] f32, w1 [e, 2F, D], w2 [e, D, F], topk_weights [t, K] f32, local_ids [t, K]
-    -> [t, D] float32 (ids outside [0, e) contribute nothing)."""
-    t, D = hidden.shape
-    E = w1.shape[0]
-    K = local_ids.shape[1]
-    out = torch.zeros(t, D, dtype=torch.float32)
-    flat = local_ids.numpy().reshape(-1)  # [t*K]
-    key = np.where((flat >= 0) & (flat < E), flat, E)  # [t*K]; foreign ids sort last, unvisited
-    order = np.argsort(key, kind="stable")  # [t*K]
-    counts = np.bincount(key, minlength=E + 1)[:E].tolist()
-    flat_w = topk_weights.reshape(-1).float()  # [t*K]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        slots = torch.from_numpy(order[start : start + n])  # [n] positions in the flat [t*K]
-        start += n
-        tok = slots // K  # [n]
-        x = hidden.index_select(0, tok).to(w1.dtype)  # [n, D]
-        h = silu_and_mul(linear(x, w1[e]))  # [n, 2F] -> [n, F], SwiGLU in fp32
-        y = linear(h, w2[e]).float()  # [n, D]
-        out.index_add_(0, tok, y.mul_(flat_w[slots].unsqueeze(-1)))
-    return out
+    def end_step(self, expert_counts: torch.Tensor) -> None:
+        """In-process load is not reported (the counts stay readable on the model)."""
 
 
 class DenseMLP(nn.Module):
@@ -176,8 +100,7 @@ class DenseMLP(nn.Module):
         self.w2 = nn.Linear(width, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = silu_and_mul(linear(x, self.w13.weight, self.w13.bias))  # [T, 2F] -> [T, F]
-        return linear(h, self.w2.weight, self.w2.bias)  # [T, D]
+        return self.w2(silu_and_mul(self.w13(x)))  # [T, 2F] -> [T, F] -> [T, D]
 
 
 class MoEBlock(nn.Module):
@@ -206,9 +129,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         # HF routers: softmax in fp32 over all E, top-k, optional renormalisation.
-        weights, ids = topk_gating(
-            linear(x, self.gate.weight), self.top_k, "softmax", self.renormalize
-        )  # [T, K]
+        weights, ids = topk_gating(self.gate(x), self.top_k, "softmax", self.renormalize)  # [T, K]
         if self.counts is not None:
             self.counts += torch.bincount(ids.view(-1), minlength=self.num_experts)
         assert self.backend is not None, "set_expert_backend was not called"

@@ -5,6 +5,9 @@ draw with the exponential race (argmax of p / q, q ~ Exp(1)), which samples exac
 lets each row use its own noise source: rows of seeded requests draw q from their private
 torch.Generator, so their tokens do not depend on what else is in the batch; unseeded rows draw
 their noise in one batched call. Everything is batched except one small draw per seeded row.
+The logits stay on their device (a GPU's) until the token ids are read back, once per step.
+Seeded rows draw their noise on the CPU (their generator's device) and copy it over, so a seed
+gives the same tokens on every device.
 """
 
 from __future__ import annotations
@@ -44,17 +47,20 @@ class Sampler:
         if all(greedy):
             return logits.argmax(dim=-1).tolist()
         vocab = logits.shape[-1]
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+        dev = logits.device
+        temps = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev
+        )
         scaled = logits / temps[:, None]  # [B, V]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
             apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)  # [B, V]
         noise = self._exponential_noise(probs, generators)
         sampled = probs.div_(noise).argmax(dim=-1)  # [B]
         if any(greedy):
-            mask = torch.tensor(greedy)
+            mask = torch.tensor(greedy, device=dev)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled.tolist()
 
@@ -62,9 +68,11 @@ class Sampler:
     def _exponential_noise(
         probs: torch.Tensor, generators: list[torch.Generator | None]
     ) -> torch.Tensor:
-        """q [B, V] ~ Exp(1): batched from the global RNG, per row for seeded rows."""
+        """q [B, V] ~ Exp(1): batched from the global RNG, per row for seeded rows (drawn with
+        the row's generator on its device, the CPU, and copied)."""
         noise = torch.empty_like(probs).exponential_()
         for row, gen in enumerate(generators):
             if gen is not None:
-                noise[row].exponential_(generator=gen)
+                row_noise = torch.empty(probs.shape[-1], dtype=probs.dtype, device=gen.device)
+                noise[row] = row_noise.exponential_(generator=gen)
         return noise

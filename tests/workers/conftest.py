@@ -6,12 +6,11 @@ by transformers (tests/checkpoints.py); identical requests share one directory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from tests.checkpoints import make_tiny_checkpoint
 
@@ -28,14 +27,3 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return cache[key]
 
     return get
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    """torch on two intra-op threads for the test (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from moeray.workers.checkpoint import load_expert_weights
 from moeray.workers.loader import load_model
 from moeray.workers.model import CausalLM
 from moeray.workers.moe import DenseMLP, LocalExperts, MoEBlock
@@ -158,14 +159,16 @@ def test_expert_counts_count_routed_tokens(tiny_checkpoint: Callable[..., Path])
 
 def test_set_expert_backend_swaps_every_moe_layer(tiny_checkpoint: Callable[..., Path]) -> None:
     """A backend that holds the experts in two halves (as shards would) gives the same logits."""
-    model = load_model(tiny_checkpoint("olmoe"), progress=False)
+    path = tiny_checkpoint("olmoe")
+    model = load_model(path, progress=False)
     before = moeray_prefill_logits(model, PROMPTS)
-    full = model.expert_backend
-    assert isinstance(full, LocalExperts)
+    assert isinstance(model.expert_backend, LocalExperts)
     E = model.args.num_experts
     halves = []
     for ids in (list(range(E // 2)), list(range(E // 2, E))):
-        weights = {layer: (w1[ids], w2[ids]) for layer, (w1, w2) in full.weights.items()}
+        weights = {
+            layer: load_expert_weights(path, layer, ids) for layer in model.args.moe_layers
+        }  # what a shard reads: only its experts' tensors
         halves.append(LocalExperts(weights, {layer: ids for layer in weights}, num_experts=E))
 
     class SumOfShards:
@@ -191,48 +194,26 @@ def test_single_sequence_decode_matches_transformers(
     assert until_eos(ours, model.args.eos_token_ids) == hf_greedy(hf, prompt, MAX_NEW)
 
 
-def test_one_token_path_equals_fused_moe() -> None:
-    from moeray.kernels import fused_moe
+def test_local_experts_run_kernels_fused_moe_on_prepared_weights() -> None:
+    """LocalExperts == kernels.fused_moe on the weights prepare_expert_weights gives (prepacked
+    on this CPU), bit for bit, at one token and at several; a subset holder gives the partial
+    sum. The prepacked path itself is checked against the reference in tests/kernels."""
+    from moeray.kernels import PackedExperts, fused_moe, prepare_expert_weights
 
     torch.manual_seed(0)
     E, D, F, K = 6, 16, 8, 3
     w1, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
-    x = torch.randn(1, D)
-    weights = torch.rand(1, K)
-    ids = torch.tensor([[4, 0, 2]], dtype=torch.int32)
+    p1, p2 = prepare_expert_weights(w1, w2)
+    assert isinstance(p1, PackedExperts) and isinstance(p2, PackedExperts)
     experts = LocalExperts({0: (w1, w2)})
-    torch.testing.assert_close(
-        experts.forward_layer(0, x, weights, ids),
-        fused_moe(x, w1, w2, weights, ids),
-        atol=0,
-        rtol=0,
-    )
-    shard = LocalExperts({0: (w1[[2, 4]], w2[[2, 4]])}, {0: [2, 4]}, num_experts=E)  # holds 2 of 6
-    partial = fused_moe(x, w1, w2, weights, torch.tensor([[4, -1, 2]], dtype=torch.int32))
-    torch.testing.assert_close(shard.forward_layer(0, x, weights, ids), partial, atol=0, rtol=0)
-
-
-def test_one_token_path_with_column_major_weights_goes_through_numpy_blas() -> None:
-    """The CPU loader's layout: the batch-1 GEMVs run in numpy's BLAS (workers/gemv.py), which
-    sums in another order than torch, so the result equals fused_moe to fp32 rounding (a few
-    ulps of the outputs' scale), not bit for bit; multi-row inputs keep torch's exact numbers."""
-    from moeray.kernels import fused_moe
-    from moeray.workers.gemv import linear, numpy_blas_ready
-    from moeray.workers.moe import column_major
-
-    torch.manual_seed(0)
-    E, D, F, K = 6, 64, 96, 3
-    w1, w2 = column_major(torch.randn(E, 2 * F, D)), column_major(torch.randn(E, D, F))
-    x, weights = torch.randn(1, D), torch.rand(1, K)
-    ids = torch.tensor([[4, 0, 2]], dtype=torch.int32)
-    got = LocalExperts({0: (w1, w2)}).forward_layer(0, x, weights, ids)
-    want = fused_moe(x, w1, w2, weights, ids)
-    assert numpy_blas_ready()
-    assert not torch.equal(got, want)  # really the other BLAS (a different summation order)
-    scale = want.abs().max().item()
-    torch.testing.assert_close(got, want, rtol=0, atol=8 * torch.finfo(torch.float32).eps * scale)
-    w = column_major(torch.randn(300, D))
-    one = linear(x, w)
-    torch.testing.assert_close(one, torch.nn.functional.linear(x, w), rtol=1e-6, atol=1e-5)
-    xs = torch.randn(3, D)
-    assert torch.equal(linear(xs, w), torch.nn.functional.linear(xs, w))  # torch for > 1 row
+    shard = LocalExperts({0: (w1[[2, 4]], w2[[2, 4]])}, {0: [2, 4]}, num_experts=E)  # 2 of 6
+    sp1, sp2 = prepare_expert_weights(w1[[2, 4]], w2[[2, 4]])
+    for T in (1, 5):
+        x, weights = torch.randn(T, D), torch.rand(T, K)
+        ids = torch.tensor([[4, 0, 2]] * T, dtype=torch.int32)
+        got = experts.forward_layer(0, x, weights, ids)
+        assert torch.equal(got, fused_moe(x, p1, p2, weights, ids))
+        local = torch.tensor([[1, -1, 0]] * T, dtype=torch.int32)  # 4 -> slot 1, 2 -> slot 0
+        assert torch.equal(
+            shard.forward_layer(0, x, weights, ids), fused_moe(x, sp1, sp2, weights, local)
+        )

@@ -1,0 +1,100 @@
+"""The CPU fast path (kernels/cpu_packed.py) against the torch references, and who decides it.
+
+Awkward shapes (1, 7, 33, 257 tokens; expert counts 5 and 8; top-k 1, 2 and 8), both dtypes,
+foreign ids (-1, as a shard sees them) and the fp32 partial sums shards ask for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moeray import kernels
+from moeray.kernels import PackedExperts, PackedWeight, cpu_packed, dispatch, reference
+
+pytestmark = pytest.mark.skipif(
+    not cpu_packed.supported(torch.float32), reason="torch is built without oneDNN (mkldnn)"
+)
+DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_packed.supported(torch.bfloat16) else [])
+
+
+def _experts(E: int, D: int, F_: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(E * 100 + D)
+    return (
+        (torch.randn(E, 2 * F_, D, generator=g) / 4).to(dtype),
+        (torch.randn(E, D, F_, generator=g) / 4).to(dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 33, 257])
+@pytest.mark.parametrize(("E", "K"), [(5, 1), (8, 2), (8, 8)])
+def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
+    D, F_ = 48, 40
+    w1, w2 = _experts(E, D, F_, dtype)
+    g = torch.Generator().manual_seed(T + E + K)
+    hidden = torch.randn(T, D, generator=g).to(dtype)
+    scores = torch.softmax(torch.randn(T, E, generator=g), dim=-1)
+    weights, ids = torch.topk(scores, K)
+    ids = ids.to(torch.int32)
+    ids[::3, 0] = -1  # a shard's view: some experts are held elsewhere
+    ref = reference.fused_moe(hidden, w1, w2, weights, ids)
+    p1, p2 = PackedExperts(w1), PackedExperts(w2)
+    close(
+        f"packed fused_moe T={T} E={E} K={K}", kernels.fused_moe(hidden, p1, p2, weights, ids), ref
+    )
+    partial = kernels.fused_moe(hidden, p1, p2, weights, ids, out_dtype=torch.float32)
+    assert partial.dtype == torch.float32
+    assert torch.equal(partial.to(dtype), kernels.fused_moe(hidden, p1, p2, weights, ids))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(dtype, rows, bias, close):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 24, generator=g).to(dtype)
+    b = torch.randn(70, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, 48, generator=g).to(dtype)[:, ::2]  # strided input
+    close(
+        f"packed linear rows={rows}",
+        kernels.packed_linear(x, PackedWeight(w), b),
+        F.linear(x, w, b),
+    )
+
+
+def test_prepare_packs_under_auto_only():
+    w1, w2 = _experts(4, 16, 8, torch.float32)
+    with kernels.use_backend("auto"):
+        p1, p2 = kernels.prepare_expert_weights(w1, w2)
+        assert isinstance(p1, PackedExperts) and isinstance(p2, PackedExperts)
+        assert p1.shape == w1.shape and p1.dtype == w1.dtype and p1.device == w1.device
+    for backend in ("torch", "triton"):
+        with kernels.use_backend(backend):
+            assert kernels.prepare_expert_weights(w1, w2) == (w1, w2)
+            assert not dispatch.packs_cpu_weights(w1)
+    half = w1.to(torch.float16)  # oneDNN packs fp32 and bf16 only
+    assert kernels.prepare_expert_weights(half, w2.to(torch.float16))[0] is half
+
+
+def test_packed_weights_are_refused_where_they_cannot_run():
+    w1, w2 = _experts(4, 16, 8, torch.float32)
+    p1, p2 = PackedExperts(w1), PackedExperts(w2)
+    x, w, ids = torch.randn(3, 16), torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="both be prepacked"):
+        kernels.fused_moe(x, p1, w2, w, ids)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        kernels.fused_moe(x, p1, PackedExperts(w2[:, :, :4]), w, ids)
+    with pytest.raises(ValueError, match="out_dtype"):
+        kernels.fused_moe(x, p1, p2, w, ids, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="2-d CPU tensor"):
+        PackedWeight(torch.zeros(2, 3, 4))
+
+
+def test_packed_weights_under_the_triton_backend_are_an_error():
+    pytest.importorskip("triton")
+    w1, w2 = _experts(4, 16, 8, torch.float32)
+    p1, p2 = PackedExperts(w1), PackedExperts(w2)
+    x, w, ids = torch.randn(3, 16), torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int32)
+    with kernels.use_backend("triton"), pytest.raises(ValueError, match="Triton kernels need"):
+        kernels.fused_moe(x, p1, p2, w, ids)

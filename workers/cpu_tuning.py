@@ -1,0 +1,83 @@
+"""CPU tuning, in one optional place: a transform of a finished model and a process environment.
+
+The model, the loader and the engine know nothing of CPUs. What makes a CPU engine fast is
+applied afterwards, the way gpt-fast applies tensor parallelism to a finished model:
+
+- `apply_cpu_tuning(model)` swaps every nn.Linear of a CPU model for a `PackedLinear` whose
+  weight was reordered once into oneDNN's blocked layout (kernels/cpu_packed.py; the routed
+  experts get the same treatment inside moeray.kernels), and caps the BLAS that numpy loads
+  (OpenBLAS) at one thread with threadpoolctl: numpy only does bookkeeping here, and a second
+  BLAS thread pool busy-waits beside torch's OpenMP workers and starves them on a small node.
+  Greedy tokens stay those of transformers (tests/workers/test_cpu_tuning.py).
+- `cpu_process_env(num_threads)` is the environment of a process that runs CPU torch work (an
+  engine replica, an expert shard): thread counts and the OpenMP wait policy must be set before
+  torch loads its OpenMP runtime, so they belong where the process is created (a Ray
+  `runtime_env`), not in code that runs after `import torch`.
+
+Nothing here changes per step: no thread counts flipped, no calls into an OpenMP runtime.
+"""
+
+from __future__ import annotations
+
+import threadpoolctl
+import torch
+from moeray.kernels import PackedWeight, packed_linear, packs_cpu_weights
+from torch import nn
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear's forward on a weight prepacked for oneDNN: x [T, in] -> [T, out]."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = PackedWeight(linear.weight.detach())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+
+
+def apply_cpu_tuning(model: nn.Module) -> nn.Module:
+    """Tunes a finished CPU model in place and returns it; a no-op for a model on another
+    device, or with weights oneDNN cannot pack (kernels.packs_cpu_weights: MOERAY_KERNELS=torch
+    keeps the plain layers).
+
+    FOOTGUN: a packed layer's weight is opaque (no `.weight` to read or load into), so apply it
+    last, after loading and after any other transform that reads weights. The embedding table
+    stays plain, so a tied LM head gets a packed copy of it.
+    """
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and packs_cpu_weights(child.weight)
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child))
+    return model
+
+
+def cpu_process_env(num_threads: int) -> dict[str, str]:
+    """Environment variables for a process that runs CPU torch work on `num_threads` cores.
+
+    For Ray: `runtime_env={"env_vars": cpu_process_env(n)}` where the engine replica or shard
+    actor is created. OMP_NUM_THREADS / MKL_NUM_THREADS size torch's intra-op pool;
+    OPENBLAS_NUM_THREADS=1 keeps numpy's BLAS single-threaded; OMP_WAIT_POLICY=PASSIVE makes
+    idle OpenMP workers sleep at once instead of busy-waiting for milliseconds after every
+    parallel region, so an engine waiting for its expert shards, or two processes sharing a
+    node, do not take each other's cores (measured in docs/BENCHMARKS.md).
+    """
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    n = str(num_threads)
+    return {
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }

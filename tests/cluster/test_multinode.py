@@ -7,10 +7,10 @@ only, a real redis-server, real gRPC.
    one tier served in-process. Greedy tokens over gRPC equal the in-process engine's (the
    in-process tier's too); the shards run on the worker nodes; afterwards /metrics and
    `moeray experts` show load on every shard.
-2. Failures, on the backend with the engine in this process (on the head) and its shards on the
-   workers: a shard stopped with SIGSTOP is detected within its dispatch deadline and replaced;
-   a worker node removed in the middle of 20 streams. Every request ends with the in-process
-   tokens.
+2. Failures: a shard stopped with SIGSTOP (on the backend, the engine in this process, its
+   shards on the workers) is detected within its dispatch deadline and replaced; a worker node
+   removed in the middle of 20 gRPC streams of a served sharded tier. Every request ends with
+   the in-process tokens.
 
 One cluster serves the module (its start takes most of the time); tests run in file order, the
 node removal last. Torch runs on one thread here as in the engine replicas and shards (Ray gives
@@ -58,7 +58,7 @@ LOCAL_TIER = "mixtral-k8-local"  # the mixtral-k8 checkpoint served in-process
 PROMPTS = [[5, 17, 99, 3], [200, 11, 45, 46, 47, 60, 61, 62, 63, 70, 71, 300, 301], [42]]
 MAX_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-ENGINE = {"num_kv_blocks": 64, "block_size": 8, "max_num_seqs": 24}
+ENGINE = {"num_kv_blocks": 160, "block_size": 8, "max_num_seqs": 24}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +77,10 @@ def ray_cluster() -> Iterator[tuple[Any, list[Any]]]:
 
     if ray.is_initialized():
         ray.shutdown()  # another module's instance: this module needs its own cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    # the dashboard serves Ray's public state API (where the Serve replicas run)
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": True}
+    )
     try:
         workers = [cluster.add_node(num_cpus=8, resources={SLOT: 10}) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -298,32 +301,82 @@ class _no_such_process:
         return t is ProcessLookupError
 
 
+def alive_actor_nodes() -> dict[str, str]:
+    """Class name -> Ray node id of the live actors (Ray's public state API), e.g.
+    "ServeReplica:moeray:router"."""
+    from ray.util.state import list_actors
+
+    return {
+        a.class_name: a.node_id
+        for a in list_actors(
+            filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False
+        )
+    }
+
+
 def test_worker_node_removed_mid_20_streams(
-    ray_cluster: Any, checkpoints: dict[str, Path], redis_url: str
+    ray_cluster: Any, stack: LocalStack, checkpoints: dict[str, Path]
 ) -> None:
-    """The node holding a shard goes away while 20 streaming requests decode: the shard is
-    replaced on the surviving worker and every request ends with the in-process tokens."""
+    """A worker node holding shards of a served tier goes away while 20 gRPC streams of that
+    tier decode: its shards are replaced on the surviving worker and every stream ends with
+    the in-process tokens. (The node chosen holds neither the router nor that tier's engine:
+    losing those is Serve's business, not expert parallelism's.)"""
     cluster, workers = ray_cluster
-    path = checkpoints["qwen2-k4"]
-    prompts = [[(7 * i + j) % 300 + 1 for j in range(1 + i % 6)] for i in range(20)]
-    expected = in_process_tokens(path, prompts)
-    engine = LLMEngine(path, EngineConfig(**ENGINE))
-    state = ClusterState(redis_url)
-    ep = apply_expert_parallel(engine.model, str(path), ExpertsConfig(shards=3), state)
+    actors = alive_actor_nodes()
+    state = ClusterState(stack.config.state.redis_url or "", stack.config.state.cluster)
     try:
-        nodes = {s.node_id for s in ep.backend.shards}
-        assert nodes == expert_nodes()  # spread over both workers
-        doomed = next(w for w in workers if w.node_id in nodes)
-        lost = {s.rid for s in ep.backend.shards if s.node_id == doomed.node_id}
+        choice = None
+        for w in workers:
+            if actors.get("ServeReplica:moeray:router") == w.node_id:
+                continue
+            for tier in TIERS:
+                engine_node = actors.get(f"ServeReplica:moeray:engine-{tier}")
+                shards = {r.node_id for r in state.live_replicas(tier)}
+                if engine_node != w.node_id and w.node_id in shards:
+                    choice = (w, tier)
+                    break
+            if choice:
+                break
+        assert choice is not None, "no worker without the router holds a tier's shards only"
+        doomed, tier = choice
+        prompts = [[(7 * i + j) % 300 + 1 for j in range(1 + i % 6)] for i in range(20)]
+        n = 32
+        expected = generate_n(LLMEngine(checkpoints[tier], EngineConfig(**ENGINE)), prompts, n)
+        got: list[list[int]] = [[] for _ in prompts]
 
-        def remove_once(step: int) -> None:
-            if step == 3:  # prefill done, every stream mid-decode
-                cluster.remove_node(doomed)
+        def stream(i: int) -> None:
+            with MoerayClient(stack.endpoints()["grpc"], timeout=600) as client:
+                deltas = client.generate(
+                    prompt_token_ids=prompts[i], tier=tier, max_tokens=n, temperature=0,
+                    ignore_eos=True,
+                )  # fmt: skip
+                for d in deltas:
+                    got[i].extend(d.token_ids)
 
-        assert generate(engine, prompts, remove_once) == expected
-        replaced = {r for rec in ep.backend.recoveries for r in rec.replaced}
-        assert lost <= replaced
-        assert {s.node_id for s in ep.backend.shards} == expert_nodes() != nodes
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(stream, i) for i in range(len(prompts))]
+            # every stream past its prefill and none finished: remove the node mid-decode
+            assert wait_for(lambda: all(len(g) >= 2 for g in got), 300)
+            assert not all(len(g) == n for g in got)
+            cluster.remove_node(doomed)
+            for f in futures:
+                f.result(timeout=600)
+        assert got == expected
+        assert wait_for(
+            lambda: doomed.node_id not in {r.node_id for r in state.live_replicas(tier)}
+        )
+        assert {r.node_id for r in state.live_replicas(tier)} <= expert_nodes()
     finally:
-        ep.close()
         state.close()
+
+
+def generate_n(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """In-process greedy tokens, n per prompt."""
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"n{i}", prompt, params, stream=False)
+    final: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            final[out.request_id] = out.token_ids
+    return [final[f"n{i}"] for i in range(len(prompts))]

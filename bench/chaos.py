@@ -19,8 +19,8 @@ with --json, one JSON object per row). Scenarios (--scenarios, comma-separated):
 - engine_kill:  the reasoning tier's engine replica SIGKILLed during 8 streams: in-flight ones get
                 UNAVAILABLE, health turns 503 within a second, the tier serves again after Serve
                 restarts the replica.
-- shard_kill, node_removal: need served expert parallelism (issue 11); reported as not run until
-                `experts.shards > 0` is served.
+- shard_kill, node_removal: need a sharded tier (experts.shards > 0, issue 11); reported as not
+                run until they are written.
 
     python bench/chaos.py                       # every scenario, --limit 256 --factor 10
     python bench/chaos.py --scenarios bad_input,overload --limit 32 --json
@@ -774,8 +774,8 @@ def _s(x: float | None) -> str:
 
 def not_run(name: str) -> list[Row]:
     return [Row(name, "grpc", "100/100 complete, identical tokens",
-                "not run: served expert parallelism (experts.shards > 0, issue 11) is not in "
-                "EngineServer yet", False)]  # fmt: skip
+                "not run: this scenario is not written yet (it needs a sharded tier, "
+                "experts.shards > 0, served since issue 11)", False)]  # fmt: skip
 
 
 # ---- main --------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ class LocalStack:
                 from moeray.cluster.expert_parallel import config_expert_resources
 
                 ray.init(
+                    address="local",  # a new instance, even if `ray start` runs on this machine
                     num_cpus=self.num_cpus,
                     resources=config_expert_resources(self.config),  # a tier's expert shards
                     include_dashboard=False,

@@ -271,7 +271,7 @@ class ExpertParallelRuntime:
             state_config = state_config or StateConfig()
             if not ray.is_initialized():
                 ray.init(
-                    num_cpus=RAY_LOCAL_CPUS, resources=local_expert_resources([experts]),
+                    address="local", num_cpus=RAY_LOCAL_CPUS, resources=local_expert_resources([experts]),
                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                 )  # fmt: skip
                 rt.started_ray = True

@@ -58,6 +58,7 @@ class EngineClient:
         self._metadata = client_metadata(token)
         self.inflight = 0
         self.failed_at = 0.0  # monotonic time of the last UNAVAILABLE (0 = none)
+        self.missing_since = 0.0  # monotonic time its endpoint went missing from Redis (0 = none)
 
     def generate(self, request: GenerateRequest, timeout_s: float | None) -> GenerateStream:
         """A stream of GenerateEvents for one request; cancel() aborts it on the engine."""
@@ -114,6 +115,7 @@ class EngineLinks:
     prefix_routing / imbalance: prefer the replica holding a request's prefix while it has at
     most `imbalance` more open streams than the least-loaded replica.
     on_change(tier, added, removed): called when replicas join or leave a tier.
+    missing_grace_s: how long a replica whose endpoint left Redis is kept (its TTL, by default).
     """
 
     def __init__(
@@ -121,11 +123,13 @@ class EngineLinks:
         state: Any,
         tiers: list[str],
         refresh_s: float = REFRESH_S,
+        missing_grace_s: float = 10.0,
         prefix_routing: bool = True,
         imbalance: int = 8,
         on_change: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.state, self.tiers, self.refresh_s = state, list(tiers), refresh_s
+        self.missing_grace_s = missing_grace_s
         self.prefix_routing, self.imbalance, self.on_change = prefix_routing, imbalance, on_change
         self.affinity = {t: PrefixAffinity() for t in self.tiers}
         self._clients: dict[str, dict[str, EngineClient]] = {t: {} for t in self.tiers}
@@ -160,12 +164,24 @@ class EngineLinks:
         self.refreshes += 1
 
     def _update(self, tier: str, endpoints: list[Any]) -> None:
+        """Adopts the tier's endpoints. A replica missing from Redis is dropped only once it has
+        been missing for `missing_grace_s`: a restarted (empty) Redis must not empty the tier
+        before the replicas re-announce themselves (within a third of their TTL)."""
         current, fresh = self._clients[tier], {}
+        now = time.monotonic()
         for ep in endpoints:
             client = current.get(ep.replica_id)
             if client is None or (client.address, client.token) != (ep.address, ep.token):
                 client = EngineClient(ep.replica_id, ep.address, ep.token)
+            client.missing_since = 0.0
             fresh[ep.replica_id] = client
+        for rid, client in current.items():
+            if rid in fresh:
+                continue
+            if not client.missing_since:
+                client.missing_since = now
+            if now - client.missing_since < self.missing_grace_s:
+                fresh[rid] = client  # kept for now
         for rid, client in current.items():
             if fresh.get(rid) is not client:
                 self._retired.append(client)  # closed once its open streams have ended

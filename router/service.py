@@ -107,7 +107,8 @@ class InferenceService:
         self.state = state
         self.metrics = metrics or FrontDoorMetrics()
         self.links = links or EngineLinks(
-            state, self.tiers, prefix_routing=config.router.prefix_routing,
+            state, self.tiers, missing_grace_s=config.state.heartbeat_ttl_s,
+            prefix_routing=config.router.prefix_routing,
             imbalance=config.router.prefix_imbalance, on_change=self._replicas_changed,
         )  # fmt: skip
         self.limits = RequestLimits.from_config(config)

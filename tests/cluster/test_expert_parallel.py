@@ -59,7 +59,7 @@ def ray_local() -> Iterator[None]:
         yield
         return
     ray.init(
-        num_cpus=8, resources={"moeray_expert_slot": 32}, include_dashboard=False,
+        address="local", num_cpus=8, resources={"moeray_expert_slot": 32}, include_dashboard=False,
         log_to_driver=False, logging_level=logging.ERROR,
     )  # fmt: skip
     yield

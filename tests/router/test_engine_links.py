@@ -63,7 +63,7 @@ def test_links_follow_redis_and_balance_open_streams(
     announce(cluster_state, engines)
 
     async def main() -> None:
-        links = EngineLinks(cluster_state, ["fast", "reasoning"])
+        links = EngineLinks(cluster_state, ["fast", "reasoning"], missing_grace_s=0.0)
         try:
             assert links.pick("fast") == (None, "none")  # nothing read yet
             await links.refresh()
@@ -159,6 +159,30 @@ def test_refresh_task_survives_redis_going_away(
     finally:
         announcer.close()
         state.close()
+
+
+def test_a_replica_missing_from_redis_is_kept_for_its_grace_period(
+    cluster_state: ClusterState, engines: list[EngineService]
+) -> None:
+    """A restarted, empty Redis does not empty the tier before the replicas re-announce."""
+    announce(cluster_state, engines)
+
+    async def main() -> None:
+        links = EngineLinks(cluster_state, ["fast"], missing_grace_s=0.5)
+        try:
+            await links.refresh()
+            cluster_state.client.flushall()  # what a Redis restart without persistence leaves
+            await links.refresh()
+            assert len(links.clients("fast")) == 2  # kept: both still serve
+            client, _ = links.pick("fast")
+            assert client is not None and (await generate(client, "g", PARAMS))[-1].finish_reason
+            await asyncio.sleep(0.6)
+            await links.refresh()
+            assert links.clients("fast") == []  # gone for longer than the grace period
+        finally:
+            await links.close()
+
+    asyncio.run(main())
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -63,7 +63,7 @@ def run_moeray(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> 
 
 
 def run_transformers(model: Any, prompts: list[list[int]], output_len: int) -> dict[str, float]:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--no-cpu-tuning", action="store_true", help="plain torch layers in moeray")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = ap.parse_args()
     import transformers
 
@@ -110,12 +111,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build_demo_checkpoint(Path(tmp) / "ckpt", preset=args.preset, dtype=args.dtype)
         config = EngineConfig(max_num_seqs=max(args.concurrency), cpu_tuning=not args.no_cpu_tuning)
-        engine = LLMEngine(path, config, dtype=args.dtype)
+        engine = LLMEngine(path, config, dtype=args.dtype, device=args.device)
+        device = engine.runner.device
         hf = None
         if not args.skip_transformers:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, args.dtype)
-            ).eval()
+            hf = (
+                transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=getattr(torch, args.dtype)
+                )
+                .to(device)
+                .eval()
+            )
         vocab = engine.vocab_size
         warm = make_prompts(2, 8, vocab, seed=1)
         run_moeray(engine, warm, 4)
@@ -133,6 +139,7 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "repeats": args.repeats,
                 "machine": f"{platform.machine()} x{os.cpu_count()} cpu",
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "date": time.strftime("%Y-%m-%d"),
             }
             ours: list[dict[str, float]] = []

@@ -1,4 +1,5 @@
-"""Benchmark of the MoE kernels: Triton vs the torch reference, against the H100 roofline.
+"""Benchmark of the MoE kernels: Triton vs the torch reference, against the GPU's roofline
+(H100 or H200, by device name).
 
     python bench/kernels.py              GPU: Mixtral-8x7B and Qwen3-30B-A3B expert shapes, bf16,
                                          T = 1 .. 4096; one JSON line per (model, T, kernel)
@@ -30,6 +31,18 @@ import torch
 
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_BF16_FLOP_PER_S = 989e12
+#: (HBM bytes/s, dense bf16 FLOP/s) by GPU name; anything else is judged against the H100's.
+ROOFLINES = {"H200": (4.8e12, 989e12), "H100": (H100_HBM_BYTES_PER_S, H100_BF16_FLOP_PER_S)}
+
+
+def roofline_of(device_name: str) -> tuple[str, float, float]:
+    """(which roofline, HBM bytes/s, bf16 FLOP/s) for a torch.cuda device name."""
+    for name, (hbm, flops) in ROOFLINES.items():
+        if name in device_name:
+            return name, hbm, flops
+    return "H100", H100_HBM_BYTES_PER_S, H100_BF16_FLOP_PER_S
+
+
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
@@ -106,6 +119,7 @@ def bench_gpu() -> None:
     from moeray.kernels import reference
 
     device = torch.cuda.get_device_name()
+    roof, hbm, peak = roofline_of(device)
     for shape in MODELS:
         for T in TOKENS:
             x = make_inputs(shape, T, torch.bfloat16, "cuda")
@@ -117,11 +131,13 @@ def bench_gpu() -> None:
                 )
             ref_ms = time_cuda(functools.partial(reference.fused_moe, *args))
             nbytes, flops = moe_traffic(shape, x)
-            roofline_ms = max(nbytes / H100_HBM_BYTES_PER_S, flops / H100_BF16_FLOP_PER_S) * 1e3
+            roofline_ms = max(nbytes / hbm, flops / peak) * 1e3
             emit({
                 "kernel": "fused_moe", "model": shape.name, "T": T, "dtype": "bfloat16", "device": device,
                 "ms": round(ms, 4), "GB_per_s": round(nbytes / ms / 1e6, 1),
-                "TFLOP_per_s": round(flops / ms / 1e9, 2), "roofline_fraction": round(roofline_ms / ms, 3),
+                "TFLOP_per_s": round(flops / ms / 1e9, 2), "roofline_fraction": round(roofline_ms / ms, 3), "roofline_of": roof,
+                "hbm_fraction": round(nbytes / hbm / (ms / 1e3), 3),
+                "peak_fraction": round(flops / peak / (ms / 1e3), 3),
                 "torch_ms": round(ref_ms, 4), "speedup_vs_torch": round(ref_ms / ms, 2),
                 "topk_gating_ms": round(gate_ms, 4),
             })  # fmt: skip

@@ -51,6 +51,18 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs; auto = cuda when torch sees a GPU",
+    )
+    p.add_argument(
+        "--no-cpu-tuning",
+        dest="cpu_tuning",
+        action="store_false",
+        help="plain torch layers on CPU (no workers/cpu_tuning.py transform)",
+    )
+    p.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",
@@ -67,6 +79,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_model_len", "num_kv_blocks", "block_size", "max_num_seqs")
     options: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     options["enable_prefix_caching"] = args.enable_prefix_caching
+    options.update(device=args.device, cpu_tuning=args.cpu_tuning)
     if args.expert_shards:  # LLM arguments, not EngineConfig fields
         options.update(
             expert_shards=args.expert_shards,

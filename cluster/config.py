@@ -150,6 +150,29 @@ class TierConfig(_Strict):
     description: str = ""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where each engine replica runs the model: cuda, cpu, or auto (cuda when the "
+        "replica's process sees a GPU); cuda on a machine without one is refused when the "
+        "engine starts",
+    )
+    num_cpus: float = Field(
+        0.0,
+        ge=0,
+        description="CPUs each engine replica asks Ray for; its torch threads (at least 1)",
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs each engine replica asks Ray for (device cuda needs > 0)"
+    )
+
+    @model_validator(mode="after")
+    def _gpu_for_cuda(self) -> TierConfig:
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError(
+                f"tiers[{self.name}].num_gpus must be > 0 when device is cuda "
+                "(Ray hides the GPUs from a replica that asks for none)"
+            )
+        return self
 
 
 class RouterConfig(_Strict):

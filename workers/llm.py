@@ -47,10 +47,12 @@ class LLM:
         expert_replicas: int = 1,
         redis_url: str | None = None,
         enable_prefix_caching: bool = True,
+        device: str = "auto",
         **engine_options: Any,
     ) -> None:
         """model: a local Hugging Face checkpoint; engine_options: EngineConfig fields.
         enable_prefix_caching=False turns the engine's automatic prefix caching off.
+        device: auto | cpu | cuda (auto = cuda when torch sees a GPU).
         expert_shards > 0 serves the routed experts from that many Ray actors (a local Ray is
         started if none runs), each expert on expert_replicas of them, with Redis at redis_url
         as the control plane (None = a private redis-server); `close()` stops what was started."""
@@ -60,7 +62,7 @@ class LLM:
             state = StateConfig(redis_url=redis_url)
         except ValidationError as e:
             raise ValueError(describe_validation_error(e)) from None
-        self.engine = LLMEngine(model, config, dtype=dtype)
+        self.engine = LLMEngine(model, config, dtype=dtype, device=device)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
         self._close = weakref.finalize(self, lambda: None)

@@ -1,0 +1,31 @@
+"""What an engine replica of a tier asks Ray for: a pure function of the tier's config.
+
+`engine_actor_options(tier)` gives the `ray_actor_options` of a tier's engine deployment:
+the CPUs and GPUs of `tiers[].num_cpus` / `num_gpus`, and a `runtime_env` whose environment
+variables size torch's thread pools and stop idle OpenMP workers from spinning
+(`workers/cpu_tuning.cpu_process_env`): those must be set before the replica's process imports
+torch, which only its creator can do. Whatever else the app puts in the runtime_env (e.g.
+logging setup) is merged by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moeray.cluster.config import TierConfig
+from moeray.workers.cpu_tuning import cpu_process_env
+
+
+def engine_threads(tier: TierConfig) -> int:
+    """torch intra-op threads of one engine replica: its whole CPUs, at least one."""
+    return max(1, math.floor(tier.num_cpus))
+
+
+def engine_actor_options(tier: TierConfig) -> dict[str, Any]:
+    """Ray actor options of one engine replica of `tier`: num_cpus, num_gpus, runtime_env."""
+    return {
+        "num_cpus": tier.num_cpus,
+        "num_gpus": tier.num_gpus,
+        "runtime_env": {"env_vars": cpu_process_env(engine_threads(tier))},
+    }

@@ -25,6 +25,7 @@ from typing import Any
 from moeray.cluster.autoscaling import engine_deployment_options
 from moeray.cluster.config import MoerayConfig, TierConfig, apply_environment
 from moeray.cluster.redis_server import free_port
+from moeray.cluster.resources import engine_actor_options
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ _LOGGING = {"enable_access_log": False}
 _LOG_SETUP = {"worker_process_setup_hook": "moeray.cluster.logs.setup_logging"}
 #: The fraction of a router-resource unit one router replica takes (one replica per node anyway).
 _ROUTER_RESOURCE_UNITS = 0.01
+
+
+def _with_log_setup(options: dict[str, Any]) -> dict[str, Any]:
+    """Actor options with moeray's log setup added to their runtime_env."""
+    return {**options, "runtime_env": {**options.get("runtime_env", {}), **_LOG_SETUP}}
 
 
 def engine_deployment_name(tier: str) -> str:
@@ -52,7 +58,7 @@ def _engine(tier: TierConfig, config: MoerayConfig) -> Any:
     assert st.redis_url, "state.redis_url is filled in before the app is built"
     deployment = serve.deployment(
         name=engine_deployment_name(tier.name),
-        ray_actor_options={"num_cpus": 0, "runtime_env": _LOG_SETUP},
+        ray_actor_options=_with_log_setup(engine_actor_options(tier)),
         health_check_period_s=2,
         health_check_timeout_s=10,
         logging_config=_LOGGING,

@@ -11,6 +11,7 @@ logging setup) is merged by the caller.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from moeray.cluster.config import TierConfig
@@ -18,8 +19,13 @@ from moeray.workers.cpu_tuning import cpu_process_env
 
 
 def engine_threads(tier: TierConfig) -> int:
-    """torch intra-op threads of one engine replica: its whole CPUs, at least one."""
-    return max(1, math.floor(tier.num_cpus))
+    """torch intra-op threads of one engine replica: its whole reserved CPUs; with none
+    reserved (num_cpus 0, the laptop default), every core of the machine.
+
+    FOOTGUN: without this, Ray gives a zero-CPU actor OMP_NUM_THREADS=1, one torch thread."""
+    if tier.num_cpus >= 1:
+        return math.floor(tier.num_cpus)
+    return os.cpu_count() or 1
 
 
 def engine_actor_options(tier: TierConfig) -> dict[str, Any]:

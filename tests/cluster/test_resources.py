@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from moeray.cluster.cli import main
@@ -45,7 +47,10 @@ def test_engine_actor_options_ask_ray_for_the_tier_resources() -> None:
     env = cpu["runtime_env"]["env_vars"]
     assert env["OMP_NUM_THREADS"] == "3" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     gpu = engine_actor_options(TierConfig(name="b", model="/m", device="cuda", num_gpus=1))
-    assert gpu["num_gpus"] == 1 and gpu["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
+    assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 0.0
+    # No CPUs reserved: every core of the machine, not the one thread Ray gives such actors.
+    threads = gpu["runtime_env"]["env_vars"]["OMP_NUM_THREADS"]
+    assert threads == str(os.cpu_count())
 
 
 def test_resolve_device() -> None:

@@ -164,6 +164,14 @@ class TierConfig(_Strict):
     num_gpus: float = Field(
         0.0, ge=0, description="GPUs each engine replica asks Ray for (device cuda needs > 0)"
     )
+    resource: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="custom Ray resource a node must advertise to hold this tier's engine "
+        "replicas (one unit each; the Helm chart's engine group of the tier advertises "
+        "moeray_engine_<tier>); None = any node with the CPUs/GPUs",
+    )
 
     @model_validator(mode="after")
     def _gpu_for_cuda(self) -> TierConfig:

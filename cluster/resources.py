@@ -29,9 +29,13 @@ def engine_threads(tier: TierConfig) -> int:
 
 
 def engine_actor_options(tier: TierConfig) -> dict[str, Any]:
-    """Ray actor options of one engine replica of `tier`: num_cpus, num_gpus, runtime_env."""
-    return {
+    """Ray actor options of one engine replica of `tier`: num_cpus, num_gpus, the tier's custom
+    resource (one unit: one replica per unit a node advertises), runtime_env."""
+    options: dict[str, Any] = {
         "num_cpus": tier.num_cpus,
         "num_gpus": tier.num_gpus,
         "runtime_env": {"env_vars": cpu_process_env(engine_threads(tier))},
     }
+    if tier.resource:
+        options["resources"] = {tier.resource: 1}
+    return options

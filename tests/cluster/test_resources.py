@@ -51,6 +51,9 @@ def test_engine_actor_options_ask_ray_for_the_tier_resources() -> None:
     # No CPUs reserved: every core of the machine, not the one thread Ray gives such actors.
     threads = gpu["runtime_env"]["env_vars"]["OMP_NUM_THREADS"]
     assert threads == str(os.cpu_count())
+    assert "resources" not in gpu
+    pinned = engine_actor_options(TierConfig(name="c", model="/m", resource="moeray_engine_c"))
+    assert pinned["resources"] == {"moeray_engine_c": 1}
 
 
 def test_resolve_device() -> None:

@@ -70,7 +70,7 @@ class EngineServer:
 
     def __init__(self, tier: TierConfig, registry: EndpointRegistry) -> None:
         self.tier = tier
-        engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype)
+        engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype, device=tier.device)
         self._experts = _expert_parallel(engine, tier, registry)
         self.engine = AsyncLLMEngine(engine)
         self.replica_id = _replica_id()

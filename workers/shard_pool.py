@@ -17,12 +17,14 @@ to Redis; the backend reports starts and deaths through its hooks.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from moeray.workers.cpu_tuning import cpu_process_env
 from moeray.workers.expert_routing import Assignment
 from moeray.workers.expert_shard import ExpertShard
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -64,6 +66,9 @@ class ShardResources:
         }
         if self.resource:
             opts["resources"] = {self.resource: 1}
+        # Thread counts and OpenMP's wait policy are set where the process is created.
+        threads = max(1, math.floor(self.num_cpus))
+        opts["runtime_env"] = {"env_vars": cpu_process_env(threads)}
         return opts
 
 

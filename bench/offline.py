@@ -207,7 +207,7 @@ def table(records: list[dict[str, Any]], engines: list[str]) -> str:
     header = ["dtype", "requests"] + [f"{e} tok/s" for e in engines]
     header += [f"{a} / {b}" for a, b in pairs]
     rows = []
-    for dtype, n in sorted({(r["dtype"], r["requests"]) for r in records}):
+    for dtype, n in dict.fromkeys((r["dtype"], r["requests"]) for r in records):  # run order
         best = {e: by[(dtype, n, e)]["output_tok_s_best"] for e in engines if (dtype, n, e) in by}
         rows.append([dtype, n, *(best.get(e) for e in engines),
                      *(ratio(best.get(a), best.get(b)) for a, b in pairs)])  # fmt: skip

@@ -30,7 +30,7 @@ then a markdown table. `--json-out FILE` also writes the JSON lines to FILE. Ser
 logs go to .bench/logs/serving-<time>/. Every server is stopped (its process group: SIGTERM, a
 bounded wait, SIGKILL) before the next starts and on any error; only loopback is targeted.
 
-    .venv/bin/python bench/serving.py                       # everything, fp32 (about 40 min)
+    .venv/bin/python bench/serving.py                       # everything, fp32 (~15-20 min)
     .venv/bin/python bench/serving.py --dtype bfloat16 --workloads random --rates 8
     .venv/bin/python bench/serving.py --servers vllm --workloads random --num-prompts 8 --rates 4
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -78,6 +79,7 @@ TIER = "bench"  # moeray's tier name and vLLM's served model name
 CLIENT = Path(__file__).resolve().parent / "_vllm_client.py"
 WARMUP_PROMPTS = 16
 SEED = 0  # every server gets the same prompts
+WARMUP_TRIES = 3
 WARMUP_SEED = 1000  # warm-up prompts differ from the measured ones (no prefix-cache head start)
 CHAT_CONVERSATIONS, CHAT_TURNS = 8, 8
 CHAT_SYSTEM_TOKENS, CHAT_USER_TOKENS, CHAT_REPLY_TOKENS = 384, 32, 64
@@ -220,6 +222,20 @@ def run_client(
         tail = (logs / f"{tag}.log").read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(f"benchmark client {tag} failed (exit {rc}):\n" + "\n".join(tail))
     return dict(json.loads(result_path.read_text()))
+
+
+def warm_up(vllm_py: Path, port: int, model: Path, args: argparse.Namespace, logs: Path,
+            tag: str) -> None:  # fmt: skip
+    """`--warmup-prompts` random requests at once; a server whose first requests fail (a front
+    door that answers /v1/models before its engine takes requests) gets WARMUP_TRIES tries."""
+    for attempt in range(WARMUP_TRIES):
+        res = run_client(vllm_py, port, model, WORKLOADS["random"], float("inf"),
+                         args.warmup_prompts, WARMUP_SEED, args, logs, f"{tag}{attempt}", None)  # fmt: skip
+        if res.get("completed") and not res.get("failed"):
+            return
+        time.sleep(5.0)
+    raise RuntimeError(f"{tag}: warm-up requests failed {WARMUP_TRIES} times; the last error: "
+                       f"{res.get('first_error')}")  # fmt: skip
 
 
 # ---- the multi-turn chat data set -------------------------------------------------------------
@@ -427,9 +443,7 @@ def main() -> None:
                 emit(server_rec)
                 if out_file:
                     emit(server_rec, out_file)
-                warm = WORKLOADS["random"]
-                run_client(vllm_py, port, model, warm, float("inf"), args.warmup_prompts,
-                           WARMUP_SEED, args, logs, f"{variant.label}-r{rnd}-warmup", None)  # fmt: skip
+                warm_up(vllm_py, port, model, args, logs, f"{variant.label}-r{rnd}-warmup")
                 for name in args.workloads:
                     w = WORKLOADS[name]
                     if variant.shared_prefix_only and not w.shared_prefix:
@@ -443,7 +457,11 @@ def main() -> None:
                                "rate": rate, "round": rnd,
                                "prefix_caching": variant.prefix_caching, **common,
                                **{m: res.get(m) for m in METRICS},
-                               "first_error": res.get("first_error")}  # fmt: skip
+                               "first_error": res.get("first_error"),
+                               "load_avg_1m_after": round(os.getloadavg()[0], 2)}  # fmt: skip
+                        if rec["failed"]:
+                            print(f"[serving] {tag}: {rec['failed']} requests failed, the first: "
+                                  f"{rec['first_error']}", file=sys.stderr)  # fmt: skip
                         records.append(rec)
                         emit(rec)
                         if out_file:

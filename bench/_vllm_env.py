@@ -10,8 +10,9 @@
   checkout's top-level `kernels/` folder (and bench/kernels.py) would shadow Hugging Face's
   `kernels` package, which transformers probes for. vLLM's processes are also started with
   `python -P` so that the script's own folder (bench/) is not put on sys.path.
-- `Child`: a subprocess in its own process group, stopped with SIGTERM to the group, a bounded
-  wait, then SIGKILL. Every server and worker the benchmarks start goes through it.
+- `Child`: a subprocess in a session of its own, stopped with SIGTERM to its process group, a
+  bounded wait, then SIGKILL to whatever is left in its session (Ray's workers leave the group but
+  not the session). Every server, client and worker the benchmarks start goes through it.
 - `wait_http_ok()`: readiness by polling a URL on loopback until it answers 200.
 - `emit()` / `markdown_table()`: one JSON object per line, and a markdown table at the end.
 
@@ -94,7 +95,7 @@ def outside_cwd() -> Path:
     return d
 
 
-def vllm_env(threads: int | None) -> dict[str, str]:
+def vllm_env() -> dict[str, str]:
     """The environment of vLLM's processes: loopback only, no telemetry, no hub downloads, the
     KV cache sized for this machine (`VLLM_CPU_KVCACHE_SPACE`, GiB)."""
     env = dict(os.environ)
@@ -107,8 +108,6 @@ def vllm_env(threads: int | None) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
     )
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -173,12 +172,6 @@ class Child:
                 with contextlib.suppress(OSError):
                     f.close()
         self._log.close()
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def session_members(sid: int) -> list[int]:

@@ -78,7 +78,7 @@ class Worker:
         self.about: dict[str, Any] = {}
         argv = [str(python), "-P", str(WORKER), engine, str(model), dtype, str(max_batch)]
         if engine == "vllm":
-            env = vllm_env(threads=None)  # vLLM binds its own threads (VLLM_CPU_OMP_THREADS_BIND)
+            env = vllm_env()  # vLLM binds its own threads (VLLM_CPU_OMP_THREADS_BIND)
         else:
             env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
         self.child = Child(f"{engine}-{dtype}", argv, log, cwd=outside_cwd(), env=env, pipe=True)

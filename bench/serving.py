@@ -178,7 +178,7 @@ def running_server(
                 "--max-num-seqs", str(args.max_num_seqs), "--disable-uvicorn-access-log",
                 "--enable-prefix-caching" if variant.prefix_caching is not False
                 else "--no-enable-prefix-caching"]  # fmt: skip
-        env = vllm_env(threads=None)
+        env = vllm_env()
         child = Child(variant.label, argv, log, cwd=outside_cwd(), env=env)
         about = {
             "argv": argv[2:],
@@ -217,7 +217,7 @@ def run_client(
         assert chat_path is not None
         argv += ["--dataset-path", str(chat_path)]
     timeout = args.client_timeout + num_prompts / max(rate, 0.1)
-    rc = run_child(tag, argv, logs / f"{tag}.log", timeout, cwd=outside_cwd(), env=vllm_env(None))
+    rc = run_child(tag, argv, logs / f"{tag}.log", timeout, cwd=outside_cwd(), env=vllm_env())
     if rc != 0 or not result_path.is_file():
         tail = (logs / f"{tag}.log").read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(f"benchmark client {tag} failed (exit {rc}):\n" + "\n".join(tail))

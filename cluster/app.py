@@ -64,7 +64,26 @@ def _engine(tier: TierConfig, config: MoerayConfig) -> Any:
         logging_config=_LOGGING,
         **engine_deployment_options(tier.engine),  # replicas, or autoscaling on LLM signals
     )(EngineServer)
-    return deployment.bind(tier, EngineRegistry.from_config(st))
+    registry = EngineRegistry.from_config(st)
+    if not tier.experts.shards:
+        return deployment.bind(tier, registry)
+    return deployment.bind(tier, registry, _expert_controller(tier, registry))
+
+
+def _expert_controller(tier: TierConfig, registry: Any) -> Any:
+    """The tier's expert controller (cluster/expert_autoscaler.py): owns the tier's shard
+    actors for all its engine replicas and runs the expert autoscaler; one replica, restarted by
+    Serve (its Redis lease lets one act at a time)."""
+    from moeray.cluster.expert_autoscaler import ExpertController, controller_deployment_name
+    from ray import serve
+
+    return serve.deployment(
+        name=controller_deployment_name(tier.name),
+        num_replicas=1,
+        ray_actor_options=_with_log_setup(engine_actor_options(tier)),
+        health_check_period_s=2,
+        logging_config=_LOGGING,
+    )(ExpertController).bind(tier, registry)
 
 
 def build_app(config: MoerayConfig) -> Any:

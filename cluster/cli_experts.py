@@ -1,12 +1,16 @@
 """`moeray experts`: the live expert placement and load of a running cluster, read from Redis.
 
-    moeray experts --config FILE [--tier NAME] [--output text|json] [--redis-url URL]
+    moeray experts --config FILE [--tier NAME] [--output text|json] [--redis-url URL] [--plan]
 
 For every tier with expert shards (or the one named): the placement epoch, the balancedness
 (cluster/expert_load.py), each shard replica with its node and the tokens it served in the recent
 load windows, and per MoE layer a heat strip (one character per expert, darker = more tokens)
 followed by which replicas hold each expert. `--output json` prints one object
 {"cluster": ..., "tiers": [ExpertStatus.to_json() + {"tier": name}]}.
+`--plan` prints the expert autoscaler's latest plan instead (cluster/expert_autoscaler.py): mode,
+outcome, the epoch it was made from (and the one it became), balancedness before and after,
+and the planned replicas per expert, which in advisory mode is what active mode would apply;
+with `--output json`, {"cluster": ..., "tiers": [{"tier": name, "plan": PlanRecord or null}]}.
 The Redis URL comes from the config's state.redis_url (or MOERAY_REDIS_URL), or --redis-url.
 """
 
@@ -27,6 +31,9 @@ def register(sub: Any) -> None:
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.add_argument(
         "--redis-url", default=None, help="state.redis_url: the cluster's Redis (default: config)"
+    )
+    p.add_argument(
+        "--plan", action="store_true", help="the expert autoscaler's latest plan (any mode)"
     )
     p.set_defaults(func=_experts)
 
@@ -62,9 +69,14 @@ def _experts(args: argparse.Namespace) -> int:
     wanted = [args.tier] if args.tier else sharded
     state = ClusterState.from_config(config.state, config.state.redis_url)
     try:
-        statuses = [(name, read_expert_status(state, name)) for name in wanted]
+        if args.plan:
+            plans = [(name, state.read_plan(name)) for name in wanted]
+        else:
+            statuses = [(name, read_expert_status(state, name)) for name in wanted]
     finally:
         state.close()
+    if args.plan:
+        return _print_plans(config.state.cluster, plans, args.output)
     if args.output == "json":
         tiers = [{"tier": n, **(s.to_json() if s else {"epoch": 0})} for n, s in statuses]
         print(json.dumps({"cluster": config.state.cluster, "tiers": tiers}))
@@ -102,3 +114,24 @@ def _text(tier: str, status: Any) -> str:
         held = " ".join(f"{e}:{','.join(str(r) for r in reps)}" for e, reps in enumerate(layer))
         lines.append(f"            expert:shards {held}")
     return "\n".join(lines)
+
+
+def _print_plans(cluster: str, plans: list[tuple[str, Any]], output: str) -> int:
+    if output == "json":
+        tiers = [{"tier": n, "plan": json.loads(p.to_json()) if p else None} for n, p in plans]
+        print(json.dumps({"cluster": cluster, "tiers": tiers}))
+        return 0
+    for name, p in plans:
+        if p is None:
+            print(f"tier {name}: no autoscaler plan yet (experts.autoscale off, or too early)")
+            continue
+        became = f" -> epoch {p.to_epoch}" if p.to_epoch else ""
+        print(
+            f"tier {name} · {p.mode} · {p.outcome} · from epoch {p.from_epoch}{became} · "
+            f"balancedness {p.balancedness_before:.3f} -> {p.balancedness_after:.3f}"
+            + (f" · {p.detail}" if p.detail else "")
+        )
+        for li, layer in enumerate(p.placement.mapping):
+            counts = " ".join(f"{e}:{len(reps)}" for e, reps in enumerate(layer))
+            print(f"  layer {li:<3} expert:replicas {counts}")
+    return 0

@@ -127,17 +127,54 @@ class ExpertsConfig(_Strict):
         "per shard; the Helm chart's expert group advertises it, and the Ray autoscaler adds "
         "such nodes when shards wait); None = any node with the CPUs/GPUs",
     )
-    autoscale: bool = Field(False, description="replicate hot experts and retire cold replicas")
+    autoscale: Literal["off", "advisory", "active"] = Field(
+        "off",
+        description="the tier's expert autoscaler (cluster/expert_autoscaler.py): off; advisory = "
+        "plan and publish (Redis, moeray experts --plan, metrics), change nothing; active = "
+        "replicate hot experts onto new shards and give cold replicas back, while serving",
+    )
+    rebalance_interval_s: float = Field(
+        30.0, gt=0, description="the autoscaler reads the load windows and plans this often"
+    )
+    rebalance_threshold: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="a plan is carried out only if it raises balancedness by more than this",
+    )
+    rebalance_cooldown_s: float = Field(
+        60.0, ge=0, description="no new placement within this long after the last change"
+    )
+    scale_down_idle_s: float = Field(
+        120.0,
+        gt=0,
+        description="an expert's extra replicas (beyond min_replicas) are given back after its "
+        "load has not needed them for this long",
+    )
     min_replicas: int = Field(1, ge=1, description="replicas of every expert at least")
     max_replicas: int = Field(4, ge=1, description="replicas of one expert at most")
     slots_per_shard: int | None = Field(
-        None, ge=1, description="experts one shard may hold; None = unbounded"
+        None, ge=1, description="experts (per MoE layer) one shard may hold; None = unbounded"
     )
+    max_shards: int | None = Field(
+        None, ge=1, description="shard actors the autoscaler may use at most; None = shards"
+    )
+
+    @field_validator("autoscale", mode="before")
+    @classmethod
+    def _autoscale_mode(cls, v: Any) -> Any:
+        if v is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if isinstance(v, bool):
+            raise ValueError("experts.autoscale is a mode now: off, advisory or active, not true")
+        return v
 
     @model_validator(mode="after")
     def _bounds(self) -> ExpertsConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError("experts.max_replicas must be >= experts.min_replicas")
+        if self.max_shards is not None and self.max_shards < self.shards:
+            raise ValueError("experts.max_shards must be >= experts.shards")
         return self
 
 

@@ -9,19 +9,21 @@
 - `ExpertStatus` / `read_expert_status(state, model)`: the live placement (layer, expert ->
   replicas and their nodes), the replicas' registry records, the per-expert load of the recent
   windows and since the start, and the balancedness: what `moeray experts` prints
-  (cluster/cli_experts.py) and what the router exports on /metrics.
+  (cluster/cli_experts.py) and what the router exports on /metrics, with the expert
+  autoscaler's latest plan and its plan counts by (mode, outcome).
 
 Shape letters (docs/SHAPES.md): L MoE layers, E routed experts per layer, S shards.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from moeray.cluster.placement import shard_loads
-from moeray.cluster.state_messages import Placement, ReplicaInfo
+from moeray.cluster.state_messages import Placement, PlanRecord, ReplicaInfo
 
 
 def layer_shard_loads(load: Any, placement: Placement) -> np.ndarray:
@@ -55,10 +57,16 @@ class ExpertStatus:
     load: np.ndarray
     total: np.ndarray
     window_s: float
+    plan: PlanRecord | None = None
+    plans: dict[tuple[str, str], int] | None = None  # (mode, outcome) -> count
 
     @property
     def balancedness(self) -> float:
         return balancedness(self.load, self.placement)
+
+    def replica_counts(self) -> np.ndarray:
+        """Replicas per (layer, expert) of the placement -> int64 [L, E]."""
+        return np.array([[len(r) for r in layer] for layer in self.placement.mapping])
 
     def shard_tokens(self) -> dict[int, int]:
         """Replica id -> tokens it served in the recent windows (all layers)."""
@@ -85,6 +93,11 @@ class ExpertStatus:
                 for r in self.replicas
             ],
             "shard_tokens": {str(k): v for k, v in self.shard_tokens().items()},
+            "plan": json.loads(self.plan.to_json()) if self.plan is not None else None,
+            "plans": [
+                {"mode": m, "outcome": o, "count": n}
+                for (m, o), n in sorted((self.plans or {}).items())
+            ],
             "layers": [
                 [
                     {
@@ -102,7 +115,7 @@ class ExpertStatus:
 
 
 def read_expert_status(state: Any, model: str, num_windows: int = 6) -> ExpertStatus | None:
-    """The model's ExpertStatus from a ClusterState (four round trips), or None when no
+    """The model's ExpertStatus from a ClusterState (six round trips), or None when no
     placement is published (not a sharded tier, or not started yet)."""
     placement = state.read_placement(model)
     if placement is None:
@@ -115,4 +128,6 @@ def read_expert_status(state: Any, model: str, num_windows: int = 6) -> ExpertSt
         load=state.read_load(model, L, E, num_windows=num_windows),
         total=state.read_load_total(model, L, E),
         window_s=state.load_window_s * num_windows,
+        plan=state.read_plan(model),
+        plans=state.read_plan_counts(model),
     )

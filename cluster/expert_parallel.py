@@ -16,12 +16,21 @@ backend as plain callables, so workers/ never imports the state module:
 
 Redis unreachable -> the backend keeps serving on its cached placement; the helpers reconnect.
 
-Three callers: `serve_expert_parallel(model, tier, registry)` for a served tier's engine replica
-(workers/engine_deployment.py; the model name in Redis is the tier's name), and
-`ExpertParallelRuntime.start(...)` for the offline LLM and the CLI, which adds what a local run
-also needs: a local Ray instance (advertising the expert resource) and a private redis-server
-when no URL is given, both stopped by `close()` if it started them. `local_expert_resources`
-is what a local Ray instance must advertise for a config's shards (cluster/app.py LocalStack).
+Who owns the shard actors:
+- offline (`apply_expert_parallel`, `ExpertParallelRuntime.start(...)` for the LLM and the CLI):
+  the engine itself (`OwnedShards`); `ExpertParallelRuntime` adds a local Ray instance
+  (advertising the expert resource) and a private redis-server when no URL is given, both
+  stopped by `close()` if it started them;
+- served (`serve_expert_parallel(model, tier, registry, controller, engine_id)`, from
+  workers/engine_deployment.py): the tier's expert controller (cluster/expert_autoscaler.py)
+  owns ONE set of shards for all the tier's engine replicas. An engine replica only attaches
+  (`TierShards`: actor names from the controller's directory in Redis, `ray.get_actor`), asks
+  the controller to replace a shard that died, and acknowledges every placement epoch it
+  dispatches on (`acks:{tier}`), so the controller retires old shards only when no engine
+  replica uses them. The model name in Redis is the tier's name.
+
+`local_expert_resources` is what a local Ray instance must advertise for a config's shards
+(cluster/app.py LocalStack).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +55,14 @@ from moeray.cluster.state import (
     PlacementWatcher,
 )
 from moeray.cluster.state_messages import Placement, ReplicaInfo
-from moeray.workers.ray_experts import RayExperts, ShardResources, WeightSource
-from moeray.workers.shard_pool import ShardInfo
+from moeray.workers.ray_experts import (
+    RayExperts,
+    Shard,
+    ShardResources,
+    ShardStartError,
+    WeightSource,
+)
+from moeray.workers.shard_pool import ACTOR_FAILURES, ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +159,24 @@ def _publish_initial(state: ClusterState, model: str, placement: Placement) -> P
         return placement
 
 
-def _state_hooks(
-    watcher: PlacementWatcher, reporter: LoadReporter, registry: ReplicaRegistry
-) -> dict[str, Any]:
+def _state_hooks(reporter: LoadReporter, registry: ReplicaRegistry) -> dict[str, Any]:
     """The backend's hooks onto the Redis helpers; none of them makes a network call inline."""
     return {
-        "placement_source": lambda: watcher.placement,
         "on_load": reporter.add,  # [L_moe, E], a local add
         "on_replica_started": registry.started,
         "on_replica_dead": registry.dead,
     }
+
+
+def _watch(watcher: PlacementWatcher | None, backend: RayExperts) -> None:
+    """New epochs go to the backend (prepared off the step); one published before the hook was
+    set is handed over now."""
+    if watcher is None:
+        return
+    watcher.on_change = backend.placement_changed
+    watcher.start()
+    if watcher.placement is not None and watcher.placement.epoch > backend.epoch:
+        backend.placement_changed(watcher.placement)
 
 
 def apply_expert_parallel(
@@ -188,7 +212,7 @@ def apply_expert_parallel(
             push_every_steps=load_push_every_steps,
         )  # fmt: skip
         registry = ReplicaRegistry(state, model_name, a.moe_layers)
-        hooks = _state_hooks(watcher, reporter, registry)
+        hooks = _state_hooks(reporter, registry)
     try:
         backend = RayExperts.start(
             WeightSource(checkpoint=str(checkpoint), dtype=dtype),
@@ -207,11 +231,101 @@ def apply_expert_parallel(
                 helper.close()
         raise
     ep = ExpertParallel(backend, watcher, reporter, registry)
-    for helper in (watcher, reporter):
-        if helper is not None:
-            helper.start()
+    if reporter is not None:
+        reporter.start()
+    _watch(watcher, backend)
     model.set_expert_backend(ep.backend)
     return ep
+
+
+def shard_namespace(cluster: str) -> str:
+    """The Ray namespace of a cluster's controller-owned (detached, named) shard actors."""
+    return f"moeray-{cluster}"
+
+
+#: How long an engine replica waits for its tier's controller: the first placement at start,
+#: a replacement shard when one died.
+CONTROLLER_WAIT_S = 600.0
+
+
+class TierShards:
+    """A served engine replica's view of its tier's shards, which the tier's controller owns
+    (a `workers.ray_experts.ShardSource`). Blocking calls only: the backend runs them on its
+    background thread, or in a recovery.
+
+    controller: a handle on the tier's ExpertController deployment (`replace(rid, name)`)."""
+
+    def __init__(self, state: ClusterState, model: str, namespace: str, controller: Any) -> None:
+        self.state, self.model, self.namespace = state, model, namespace
+        self.controller = controller
+        self._known: dict[str, Shard] = {}  # actor name -> its Shard
+
+    def _shard(self, rid: int, name: str) -> Shard:
+        shard = self._known.get(name)
+        if shard is None:
+            handle = ray.get_actor(name, namespace=self.namespace)
+            held: Any = ray.get(handle.ready.remote(), timeout=60)
+            node_id, node_ip, pid = ray.get(handle.where.remote(), timeout=60)
+            assignment = {int(k): list(v) for k, v in held.items()}
+            info = ShardInfo(rid, name, node_id, node_ip, pid, assignment)
+            shard = self._known[name] = Shard(handle, info)
+        return shard
+
+    def resolve(self, placement: Any, moe_layers: list[int]) -> dict[int, Shard]:
+        rids = sorted({int(r) for layer in placement.mapping for reps in layer for r in reps})
+        deadline = time.monotonic() + CONTROLLER_WAIT_S
+        while True:
+            try:
+                names = self.state.shard_directory(self.model)
+                return {r: self._shard(r, names[r]) for r in rids}
+            except (KeyError, ValueError, redis.RedisError, OSError, *ACTOR_FAILURES) as exc:  # type: ignore[misc]
+                # not recorded yet, replaced since, or Redis away: look again
+                if time.monotonic() > deadline:
+                    raise ShardStartError(
+                        f"the shards of placement epoch {placement.epoch} of tier {self.model!r} "
+                        f"are not all up after {CONTROLLER_WAIT_S:g} s: {exc}"
+                    ) from exc
+                self._known.clear()
+                time.sleep(0.5)
+
+    def replace(self, shards: list[Shard]) -> dict[int, Shard]:
+        """Asks the controller for fresh actors (it deduplicates the requests of several
+        engines for the same dead actor), retrying while it restarts, then resolves them."""
+        deadline = time.monotonic() + CONTROLLER_WAIT_S
+        for s in shards:
+            self._known.pop(s.info.name, None)
+            while True:
+                try:
+                    self.controller.replace.remote(s.info.rid, s.info.name).result(
+                        timeout_s=CONTROLLER_WAIT_S
+                    )
+                    break
+                except Exception as exc:  # the controller restarting: Serve brings it back
+                    if time.monotonic() > deadline:
+                        raise ShardStartError(f"the controller did not replace: {exc}") from exc
+                    log.warning("asking the expert controller to replace a shard: %s", exc)
+                    time.sleep(1.0)
+        rids = sorted(s.info.rid for s in shards)
+        return self.resolve(_Rids(rids), [])
+
+    def release(self, shards: list[Shard]) -> None:
+        for s in shards:  # the controller retires them once every engine acknowledged
+            self._known.pop(s.info.name, None)
+
+    def close(self) -> None:
+        self._known.clear()
+
+
+@dataclass(frozen=True)
+class _Rids:
+    """A one-layer 'placement' listing replica ids, for TierShards.resolve."""
+
+    rids: list[int]
+    epoch: int = 0
+
+    @property
+    def mapping(self) -> list[list[list[int]]]:
+        return [[self.rids]]
 
 
 @dataclass
@@ -221,26 +335,70 @@ class ServedExperts:
 
     ep: ExpertParallel
     state: ClusterState
+    model: str = ""
+    engine_id: str = ""
 
     def close(self) -> None:
         self.ep.close()
+        if self.engine_id:  # this engine no longer holds the controller's retirements back
+            with contextlib.suppress(redis.RedisError, OSError):
+                self.state.remove_ack(self.model, self.engine_id)
         self.state.close()
 
 
-def serve_expert_parallel(model: Any, tier: TierConfig, registry: EngineRegistry) -> ServedExperts:
-    """apply_expert_parallel for the engine replica of a served tier with experts.shards > 0:
-    the Redis state from the registry the replica announces itself in, the tier's name as the
-    model name of its placement, load and replicas."""
+def serve_expert_parallel(
+    model: Any, tier: TierConfig, registry: EngineRegistry, controller: Any, engine_id: str
+) -> ServedExperts:
+    """Attaches the engine replica `engine_id` of a served tier with experts.shards > 0 to the
+    shards its tier's controller owns: waits for the controller's first placement, connects,
+    reports load, acknowledges epochs. Redis from the registry the replica announces itself in;
+    the tier's name is the model name of its placement, load and replicas."""
     state = registry.cluster_state()
+    name, a = tier.name, model.args
+    watcher = reporter = None
     try:
-        ep = apply_expert_parallel(
-            model, tier.model, tier.experts, state, model_name=tier.name, dtype=tier.dtype,
-            load_push_every_steps=registry.load_push_every_steps,
+        placement = _first_placement(state, name)
+        watcher = PlacementWatcher(state, name, initial=placement)
+        reporter = LoadReporter(
+            state, name, len(a.moe_layers), a.num_experts,
+            push_every_steps=registry.load_push_every_steps,
+        )  # fmt: skip
+        x = tier.experts
+        backend = RayExperts(
+            TierShards(state, name, shard_namespace(registry.cluster), controller),
+            placement, list(a.moe_layers), transport=x.transport,
+            dispatch_deadline_s=x.dispatch_deadline_s, on_load=reporter.add,
+            on_epoch=lambda epoch: state.ack_epoch(name, engine_id, epoch),
         )  # fmt: skip
     except BaseException:
+        for helper in (watcher, reporter):
+            if helper is not None:
+                helper.close()
         state.close()
         raise
-    return ServedExperts(ep, state)
+    ep = ExpertParallel(backend, watcher, reporter)
+    reporter.start()
+    _watch(watcher, backend)
+    model.set_expert_backend(backend)
+    return ServedExperts(ep, state, name, engine_id)
+
+
+def _first_placement(state: ClusterState, model: str) -> Placement:
+    """The tier's placement, once its controller has published one (it starts the shards
+    first); waits up to CONTROLLER_WAIT_S, riding out Redis errors."""
+    deadline = time.monotonic() + CONTROLLER_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            placement = state.read_placement(model)
+            if placement is not None:
+                return placement
+        except (redis.RedisError, OSError) as exc:
+            log.warning("waiting for the expert placement of %s: %s", model, exc)
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"the expert controller of tier {model!r} published no placement within "
+        f"{CONTROLLER_WAIT_S:g} s (is it running? see its log)"
+    )
 
 
 class ExpertParallelRuntime:

@@ -10,6 +10,10 @@
   3. keep the best of {packed plan, current layout, initial layout} by max shard load, the
      current layout winning ties, so a plan never moves experts for nothing and is never worse
      than the initial placement for the same loads.
+- `positional` / `bind_replica_ids`: the expert autoscaler plans on shard positions 0..S-1 and
+  maps the plan back onto replica ids, reusing a shard actor wherever it already holds the
+  experts planned for it and naming new shards otherwise; `replica_counts` / `drop_replicas`:
+  the replicas the load needs, and giving the others back (scale-down).
 - `choose_replica` / `assign_replicas`: which replica of an expert serves a step's tokens (the
   one whose shard has the fewest outstanding tokens, ties rotating with the step number). There
   is ONE such function, in workers/expert_routing.py, where the engine's dispatch runs it every
@@ -34,10 +38,14 @@ from moeray.workers.expert_routing import NoLiveReplica, assign_replicas, choose
 __all__ = [
     "NoLiveReplica",
     "assign_replicas",
+    "bind_replica_ids",
     "choose_replica",
+    "drop_replicas",
     "initial_placement",
     "max_shard_loads",
     "plan_rebalance",
+    "positional",
+    "replica_counts",
     "shard_loads",
 ]
 
@@ -234,4 +242,84 @@ def plan_rebalance(
         best = min(scores)
         tol = 1e-9 * max(1.0, best)
         layers.append(next(c for c, sc in zip(candidates, scores) if sc <= best + tol))
+    return Placement.from_lists(layers, epoch=current.epoch)
+
+
+# ---- the autoscaler's bookkeeping: shard positions <-> replica ids --------------------------
+def positional(placement: Placement) -> tuple[Placement, list[int]]:
+    """The placement with its replica ids renumbered 0..S-1 in ascending order (what
+    plan_rebalance works on), and the replica id of each position."""
+    rids = placement.replica_ids()
+    index = {r: i for i, r in enumerate(rids)}
+    layers = [[[index[r] for r in reps] for reps in layer] for layer in placement.mapping]
+    return Placement.from_lists(layers, epoch=placement.epoch), rids
+
+
+def bind_replica_ids(
+    planned: Placement, rids: Sequence[int], held: dict[int, list[list[int]]], next_id: int
+) -> tuple[Placement, dict[int, list[list[int]]]]:
+    """A positional plan -> the same layout on replica ids, and the NEW shards it needs.
+
+    Position p keeps the shard rids[p] when that actor already holds (held[rid][layer]: the
+    experts it loaded) every expert planned for p; else an idle existing shard that does;
+    else a new replica id (next_id, next_id + 1, ...) whose experts are returned, to start.
+    A shard actor never changes what it holds: a plan that moves experts starts new ones."""
+    S = max(planned.replica_ids()) + 1
+    want = [[[e for e, reps in enumerate(layer) if p in reps] for layer in planned.mapping]
+            for p in range(S)]  # fmt: skip
+    taken: set[int] = set()
+    chosen: dict[int, int] = {}
+    new: dict[int, list[list[int]]] = {}
+
+    def fits(rid: int, p: int) -> bool:
+        have = held.get(rid)
+        return have is not None and all(set(w) <= set(h) for w, h in zip(want[p], have))
+
+    empty = {p for p in range(S) if not any(want[p])}  # a position the plan left unused
+    for p in range(S):  # first the shard at the same position, then any idle one that fits
+        if p not in empty and p < len(rids) and fits(rids[p], p):
+            chosen[p] = rids[p]
+            taken.add(rids[p])
+    for p in range(S):
+        if p in chosen or p in empty:
+            continue
+        spare = next((r for r in sorted(held) if r not in taken and fits(r, p)), None)
+        if spare is None:
+            spare, next_id = next_id, next_id + 1
+            new[spare] = want[p]
+        chosen[p] = spare
+        taken.add(spare)
+    layers = [[[chosen[p] for p in reps] for reps in layer] for layer in planned.mapping]
+    return Placement.from_lists(layers, epoch=planned.epoch), new
+
+
+def replica_counts(loads: Any, current: Placement, num_shards: int, slots_per_shard: int,
+                   min_replicas: int = 1, max_replicas: int = 4) -> np.ndarray:  # fmt: skip
+    """How many replicas plan_rebalance would give each expert for `loads` [L, E] -> int [L, E]
+    (step 1 of the plan: the replicas the load needs, within the bounds and the capacity)."""
+    arr = _check_loads(loads, current)
+    r_min, r_max = min(min_replicas, num_shards), min(max_replicas, num_shards)
+    spare = max(0, num_shards * slots_per_shard - current.num_experts * r_min)
+    return np.array([_replica_counts(arr[li], r_min, r_max, spare) for li in range(len(arr))])
+
+
+def drop_replicas(current: Placement, keep: np.ndarray) -> Placement:
+    """Gives back replicas: expert (l, e) keeps keep[l, e] of its replicas (at least one),
+    dropping those on the shards that hold the most experts of the layer (ties: the highest
+    replica id, so the newest shards empty first). Returns the placement with current.epoch."""
+    layers = []
+    for li, layer in enumerate(current.mapping):
+        count: dict[int, int] = {}
+        for reps in layer:
+            for r in reps:
+                count[r] = count.get(r, 0) + 1
+        out = []
+        for e, held in enumerate(layer):
+            kept = list(held)
+            while len(kept) > max(1, int(keep[li, e])):
+                victim = max(kept, key=lambda r: (count[r], r))
+                kept.remove(victim)
+                count[victim] -= 1
+            out.append(kept)
+        layers.append(out)
     return Placement.from_lists(layers, epoch=current.epoch)

@@ -11,6 +11,10 @@
 | `load:{model}:{window}` | hash "l,e" -> count, TTL | tokens routed per (layer, expert) in a window |
 | `load_total:{model}` | hash "l,e" -> count | tokens routed per (layer, expert) ever (a counter) |
 | `lease:{model}` | string, TTL | owner id of the one active autoscaler |
+| `shards:{model}` | hash id -> actor name | the shard actors the tier's controller owns (no TTL) |
+| `acks:{model}` | hash engine id -> epoch | the placement epoch each engine replica serves on |
+| `plan:{model}` | string | the autoscaler's latest `PlanRecord` (JSON) |
+| `plans:{model}` | hash "mode,outcome" -> count | plans made, by mode and outcome (a counter) |
 | `engines:{tier}` | set | replica ids of a tier's engine replicas (their gRPC endpoints) |
 | `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON); expires unless refreshed |
 
@@ -39,6 +43,7 @@ from moeray.cluster.state_messages import (
     REPLICA_STATES,
     EngineEndpoint,
     Placement,
+    PlanRecord,
     ReplicaInfo,
     ReplicaState,
     as_count_matrix,
@@ -442,6 +447,62 @@ class ClusterState:
     def lease_owner(self, model: str) -> str | None:
         owner = self.client.get(self.key("lease", check_name("model", model)))
         return str(owner) if owner is not None else None
+
+    # ---- the expert controller's records ---------------------------------------------------
+
+    def set_shard(self, model: str, replica_id: int, actor_name: str) -> None:
+        """Records that the tier's controller owns shard actor `actor_name` as `replica_id`
+        (written BEFORE the actor is created, so a successor finds every actor it may own)."""
+        self.client.hset(
+            self.key("shards", check_name("model", model)), int(replica_id), actor_name
+        )
+
+    def remove_shard(self, model: str, replica_id: int) -> None:
+        self.client.hdel(self.key("shards", check_name("model", model)), str(int(replica_id)))
+
+    def shard_directory(self, model: str) -> dict[int, str]:
+        """Replica id -> actor name of every shard actor the tier's controller owns."""
+        raw = cast(
+            dict[str, str], self.client.hgetall(self.key("shards", check_name("model", model)))
+        )
+        return {int(k): v for k, v in sorted(raw.items(), key=lambda kv: int(kv[0]))}
+
+    def ack_epoch(self, model: str, engine_id: str, epoch: int) -> None:
+        """An engine replica says it now dispatches on placement `epoch` (and no older one)."""
+        self.client.hset(self.key("acks", check_name("model", model)), engine_id, int(epoch))
+
+    def remove_ack(self, model: str, engine_id: str) -> None:
+        self.client.hdel(self.key("acks", check_name("model", model)), engine_id)
+
+    def read_acks(self, model: str) -> dict[str, int]:
+        """Engine replica id -> the epoch it acknowledged."""
+        raw = cast(
+            dict[str, str], self.client.hgetall(self.key("acks", check_name("model", model)))
+        )
+        return {k: int(v) for k, v in raw.items()}
+
+    def write_plan(self, record: PlanRecord) -> None:
+        """Stores the autoscaler's latest plan and counts it under (mode, outcome), atomically."""
+        model = check_name("model", record.model)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.key("plan", model), record.to_json())
+        pipe.hincrby(self.key("plans", model), f"{record.mode},{record.outcome}", 1)
+        pipe.execute()
+
+    def read_plan(self, model: str) -> PlanRecord | None:
+        body = self.client.get(self.key("plan", check_name("model", model)))
+        return PlanRecord.from_json(str(body)) if body is not None else None
+
+    def read_plan_counts(self, model: str) -> dict[tuple[str, str], int]:
+        """(mode, outcome) -> plans counted since the cluster's Redis started."""
+        raw = cast(
+            dict[str, str], self.client.hgetall(self.key("plans", check_name("model", model)))
+        )
+        out: dict[tuple[str, str], int] = {}
+        for field, n in raw.items():
+            mode, _, outcome = field.partition(",")
+            out[(mode, outcome)] = int(n)
+        return out
 
 
 # The background helpers live in state_sync; re-exported so `moeray.cluster.state` is the one

@@ -7,6 +7,7 @@ and nowhere else, so a reader and a writer in different processes agree on the f
   epoch under which it was published. Stored as ONE compact JSON blob (nested arrays), never one
   Redis key per expert.
 - `ReplicaInfo`: one expert-shard actor as registered by itself (heartbeat-refreshed).
+- `PlanRecord`: the expert autoscaler's latest plan and what became of it.
 
 Shape letters (docs/SHAPES.md): L layers (the MoE layers, indexed 0..L-1 in the model's MoE
 order), E routed experts per layer.
@@ -197,6 +198,51 @@ class EngineEndpoint:
     def from_json(cls, body: str) -> EngineEndpoint:
         tier, replica_id, address, token = json.loads(body)
         return cls(tier, replica_id, address, token)
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """One plan of a tier's expert autoscaler (cluster/expert_autoscaler.py), as published.
+
+    mode: advisory | active; outcome: applied (published as `to_epoch`), advised (advisory:
+    published here only), below_threshold (not worth a change), cooldown (too soon after the
+    last change), scaled_down (cold replicas given back), failed (new shards did not start),
+    rolled_back (a new controller found a change its predecessor had not published).
+    placement: the planned layout (replica ids are planned shard positions until applied).
+    """
+
+    model: str
+    mode: str
+    outcome: str
+    from_epoch: int
+    to_epoch: int
+    balancedness_before: float
+    balancedness_after: float
+    placement: Placement
+    time_ms: int
+    detail: str = ""
+
+    def to_json(self) -> str:
+        body = {
+            "model": self.model, "mode": self.mode, "outcome": self.outcome,
+            "from_epoch": self.from_epoch, "to_epoch": self.to_epoch,
+            "balancedness_before": self.balancedness_before,
+            "balancedness_after": self.balancedness_after,
+            "placement": json.loads(self.placement.to_json()), "time_ms": self.time_ms,
+            "detail": self.detail,
+        }  # fmt: skip
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, body: str) -> PlanRecord:
+        d = json.loads(body)
+        p = d["placement"]
+        placement = Placement(0, p["L"], p["E"], p["m"])
+        return cls(
+            d["model"], d["mode"], d["outcome"], int(d["from_epoch"]), int(d["to_epoch"]),
+            float(d["balancedness_before"]), float(d["balancedness_after"]), placement,
+            int(d["time_ms"]), d.get("detail", ""),
+        )  # fmt: skip
 
 
 def check_name(what: str, value: str) -> str:

@@ -8,10 +8,11 @@ the engine gauges (KV blocks, queue) and per-expert load are refreshed when /met
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 #: Request latencies on CPU range from milliseconds to minutes.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,6 +39,41 @@ class ExpertTokens:
             for (layer, expert), n in np.ndenumerate(total):
                 family.add_metric([tier, str(layer), str(expert)], float(n))
         yield family
+
+
+class ExpertLayout:
+    """moeray_expert_replicas{tier,layer,expert} (a gauge: replicas of each expert in the
+    published placement) and moeray_autoscaler_plans_total{tier,mode,outcome} (the expert
+    autoscaler's plans, a counter kept in Redis): the last values read from Redis per tier
+    (`update(tier, ExpertStatus)` at scrape time), exported as they are."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, np.ndarray] = {}  # tier -> int [L, E]
+        self.plans: dict[str, dict[tuple[str, str], int]] = {}  # tier -> (mode, outcome) -> n
+
+    def update(self, tier: str, status: Any) -> None:
+        """From a cluster.expert_load.ExpertStatus."""
+        self.replicas[tier] = status.replica_counts()
+        self.plans[tier] = dict(status.plans or {})
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        replicas = GaugeMetricFamily(
+            "moeray_expert_replicas", "Replicas of each (MoE layer, expert) in the published "
+            "expert placement of a sharded tier", labels=["tier", "layer", "expert"],
+        )  # fmt: skip
+        for tier, counts in sorted(self.replicas.items()):
+            for (layer, expert), n in np.ndenumerate(counts):
+                replicas.add_metric([tier, str(layer), str(expert)], float(n))
+        yield replicas
+        plans = CounterMetricFamily(
+            "moeray_autoscaler_plans", "Plans of the expert autoscaler by mode (advisory|"
+            "active) and outcome (applied, advised, below_threshold, cooldown, scaled_down, "
+            "failed, rolled_back, starting)", labels=["tier", "mode", "outcome"],
+        )  # fmt: skip
+        for tier, plan_counts in sorted(self.plans.items()):
+            for (mode, outcome), n in sorted(plan_counts.items()):
+                plans.add_metric([tier, mode, outcome], float(n))
+        yield plans
 
 
 class FrontDoorMetrics:
@@ -107,6 +143,8 @@ class FrontDoorMetrics:
             "max, summed over MoE layers, over the recent load windows (1.0 = perfect)",
             ["tier"], registry=r,
         )  # fmt: skip
+        self.expert_layout = ExpertLayout()
+        r.register(self.expert_layout)
         self.expert_placement_epoch = Gauge(
             "moeray_expert_placement_epoch", "Epoch of the tier's published expert placement",
             ["tier"], registry=r,

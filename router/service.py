@@ -157,8 +157,9 @@ class InferenceService:
         self._enter(call.request_id, tier)
         outcome, start = "error", time.perf_counter()
         last: RequestOutput | None = None
+        outputs = self._engine_outputs(tier, call, timeout_s)
         try:
-            async for out in self._engine_outputs(tier, call, timeout_s):  # 3
+            async for out in outputs:  # 3
                 if last is None:
                     self.metrics.ttft.labels(tier).observe(time.perf_counter() - start)
                 last = out
@@ -185,11 +186,12 @@ class InferenceService:
             outcome = "cancelled"
             raise
         finally:
+            await outputs.aclose()  # cancels the engine call at once if it is still open
             self._leave(call.request_id, tier, protocol, outcome)
 
     async def _engine_outputs(
         self, tier: str, call: GenerateCall, timeout_s: float | None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """The request's outputs from one engine replica (steps 3 and 4)."""
         running = self._running[call.request_id]
         request = call.input.engine_request(call.request_id, call.sampling)
@@ -342,6 +344,7 @@ class InferenceService:
         self.metrics.expert_tokens.totals[snap.name] = status.total
         self.metrics.expert_balancedness.labels(snap.name).set(status.balancedness)
         self.metrics.expert_placement_epoch.labels(snap.name).set(status.placement.epoch)
+        self.metrics.expert_layout.update(snap.name, status)  # replicas, autoscaler plans
         return TierSnapshot(
             **{**snap.__dict__, "placement_epoch": status.placement.epoch,
                "shards": status.replicas, "expert_load": status.load,

@@ -53,27 +53,35 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-def _expert_parallel(engine: LLMEngine, tier: TierConfig, registry: Any) -> Any:
-    """With tier.experts.shards > 0, moves the finished model's routed experts to shard actors
-    (cluster/expert_parallel.py) and returns what to close; None otherwise. Imported lazily: the
-    engine replica is the composition root of its experts, as workers/llm.py is offline."""
+def _expert_parallel(
+    engine: LLMEngine, tier: TierConfig, registry: Any, controller: Any, replica_id: str
+) -> Any:
+    """With tier.experts.shards > 0, serves the finished model's routed experts from the shard
+    actors its tier's controller owns (cluster/expert_parallel.py) and returns what to close;
+    None otherwise. Imported lazily: the engine replica is the composition root of its experts,
+    as workers/llm.py is offline."""
     if not tier.experts.shards:
         return None
     from moeray.cluster.expert_parallel import serve_expert_parallel
 
-    return serve_expert_parallel(engine.model, tier, registry)
+    return serve_expert_parallel(engine.model, tier, registry, controller, replica_id)
 
 
 class EngineServer:
-    """The engine of one tier. Construct with the tier's config (the checkpoint must be local) and
-    the registry its endpoint is announced in."""
+    """The engine of one tier. Construct with the tier's config (the checkpoint must be local),
+    the registry its endpoint is announced in and, for a sharded tier, a handle on the tier's
+    expert controller (which owns the shards)."""
 
-    def __init__(self, tier: TierConfig, registry: EndpointRegistry) -> None:
+    def __init__(
+        self, tier: TierConfig, registry: EndpointRegistry, experts_controller: Any = None
+    ) -> None:
         self.tier = tier
-        engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype, device=tier.device)
-        self._experts = _expert_parallel(engine, tier, registry)
-        self.engine = AsyncLLMEngine(engine)
         self.replica_id = _replica_id()
+        engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype, device=tier.device)
+        self._experts = _expert_parallel(
+            engine, tier, registry, experts_controller, self.replica_id
+        )
+        self.engine = AsyncLLMEngine(engine)
         self.node = socket.gethostname()
         self.service = EngineService(self.engine, self.stats, secrets.token_urlsafe(24), _node_ip())
         address = self.service.start()
@@ -132,7 +140,7 @@ class EngineServer:
         self.service.close()  # streams still open past the deadline end here (and abort)
         self.engine.shutdown(timeout_s=2.0)
         if self._experts is not None:
-            self._experts.close()  # the tier's shard actors go with their engine
+            self._experts.close()  # (the shards stay: the tier's expert controller owns them)
 
     def __del__(self) -> None:
         """Serve calls this when it removes the replica (scale down, redeploy, shutdown)."""

@@ -124,10 +124,16 @@ class LayerRoute:
 
 
 def build_routes(
-    mapping: Sequence[Sequence[Sequence[int]]], moe_layers: list[int], replica_ids: list[int]
+    mapping: Sequence[Sequence[Sequence[int]]],
+    moe_layers: list[int],
+    replica_ids: list[int],
+    held: Mapping[int, Assignment] | None = None,
 ) -> tuple[dict[int, LayerRoute], dict[int, Assignment]]:
     """Placement mapping[moe_layer][expert] -> replica ids  =>  per model layer a LayerRoute
-    (shard index = position in `replica_ids`) and per replica its assignment."""
+    (shard index = position in `replica_ids`) and per replica its assignment.
+
+    held: what each replica's actor actually holds (model layer -> ascending experts), when it
+    may hold more than the placement routes to it; the slots then index its real table."""
     if len(mapping) != len(moe_layers):
         raise ValueError(
             f"placement has {len(mapping)} layers but the model has {len(moe_layers)} MoE layers"
@@ -145,9 +151,17 @@ def build_routes(
             if not shards:
                 raise ValueError(f"placement mapping[{li}][{e}] lists no replica")
             for s in shards:
-                held = assignments[replica_ids[s]].setdefault(layer, [])
-                slots[s, e] = len(held)  # experts are visited in ascending order: sorted slots
-                held.append(e)
+                routed = assignments[replica_ids[s]].setdefault(layer, [])
+                if held is None:
+                    slots[s, e] = len(routed)  # experts visited in ascending order: sorted slots
+                else:
+                    table = held[replica_ids[s]].get(layer, [])
+                    if e not in table:
+                        raise ValueError(
+                            f"replica {replica_ids[s]} does not hold expert {e} of layer {layer}"
+                        )
+                    slots[s, e] = table.index(e)
+                routed.append(e)
             if len(shards) == 1:
                 fixed[e] = shards[0]
             else:

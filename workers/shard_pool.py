@@ -12,6 +12,12 @@ transport which connection to open.
 `replace(rids)` kills the given actors and starts fresh ones with the same experts (weights
 reloaded from the checkpoint): Ray puts them on whatever capacity survives. Nothing here talks
 to Redis; the backend reports starts and deaths through its hooks.
+
+Two owners use a pool. The offline engine (workers/llm.py, the CLI) owns its shards: plain
+actors that die with it. A served tier's expert controller (cluster/expert_autoscaler.py) owns
+the tier's shards for all its engine replicas: `namespace` set, the actors are detached and
+named `moeray-shard-{tag}-{rid}-{incarnation}` in that namespace, so they outlive a controller
+that crashes, and its successor finds them by name (`adopt`).
 """
 
 from __future__ import annotations
@@ -93,11 +99,13 @@ class ShardPool:
         resources: ShardResources | None = None,
         tag: str = "",
         start_timeout_s: float = 300.0,
+        namespace: str | None = None,
     ) -> None:
         self.source = source
         self.resources = resources or ShardResources()
         self.tag = tag or f"{time.time_ns():x}"
         self.start_timeout_s = start_timeout_s
+        self.namespace = namespace  # set: detached named actors, found again by name
         self._cls = ray.remote(ExpertShard)
         self.device = "cuda" if self.resources.num_gpus > 0 else "cpu"
         self.handles: dict[int, Any] = {}
@@ -111,10 +119,17 @@ class ShardPool:
     def _name(self, rid: int) -> str:
         return f"moeray-shard-{self.tag}-{rid}-{self._incarnation[rid]}"
 
+    def next_name(self, rid: int) -> str:
+        """The name the next actor started for `rid` will have (an owner records it first)."""
+        return f"moeray-shard-{self.tag}-{rid}-{self._incarnation.get(rid, -1) + 1}"
+
     def start(self, assignments: dict[int, Assignment]) -> list[ShardInfo]:
         """Creates the actors (loading in parallel), waits until all hold their weights, and
-        returns where they run. ShardStartError if they are not ready within start_timeout_s."""
+        returns where they run. ShardStartError if they are not ready within start_timeout_s
+        (the actors that did not start are killed)."""
         src, options = self.source, self.resources.actor_options()
+        if self.namespace is not None:
+            options |= {"lifetime": "detached", "namespace": self.namespace}
         for rid, assignment in assignments.items():
             self._incarnation[rid] = self._incarnation.get(rid, -1) + 1
             self.handles[rid] = self._cls.options(  # type: ignore[attr-defined]
@@ -124,14 +139,32 @@ class ShardPool:
         refs = [self.handles[r].where.remote() for r in rids]
         try:
             where = ray.get(refs, timeout=self.start_timeout_s)
-        except GetTimeoutError:
-            raise ShardStartError(self._start_hint(len(rids))) from None
+        except (GetTimeoutError, RayActorError) as exc:
+            for rid in rids:
+                self.retire(rid)
+            hint = self._start_hint(len(rids)) if isinstance(exc, GetTimeoutError) else str(exc)
+            raise ShardStartError(hint) from None
         started = []
         for rid, (node_id, node_ip, pid) in zip(rids, where):
             info = ShardInfo(rid, self._name(rid), node_id, node_ip, pid, assignments[rid])
             self.info[rid] = info
             started.append(info)
         return started
+
+    def adopt(self, rid: int, name: str, timeout_s: float = 10.0) -> ShardInfo | None:
+        """Takes over the live detached actor `name` (started by a predecessor) as `rid`; None
+        when it is gone or does not answer within timeout_s."""
+        try:
+            handle = ray.get_actor(name, namespace=self.namespace)
+            held: Any = ray.get(handle.ready.remote(), timeout=timeout_s)
+            node_id, node_ip, pid = ray.get(handle.where.remote(), timeout=timeout_s)
+        except (ValueError, RayActorError, GetTimeoutError):
+            return None
+        self._incarnation[rid] = int(name.rsplit("-", 1)[1])
+        self.handles[rid] = handle
+        info = ShardInfo(rid, name, node_id, node_ip, pid, {int(k): v for k, v in held.items()})
+        self.info[rid] = info
+        return info
 
     def _start_hint(self, n: int) -> str:
         r = self.resources

@@ -75,7 +75,7 @@ def engine_deployment_options(engine: EngineConfig) -> dict[str, Any]:
         "graceful_shutdown_wait_loop_s": 0.5,
     }
     a = engine.autoscaling
-    if a is None:
+    if not a.enabled:
         options["num_replicas"] = engine.replicas
         return options
     options["autoscaling_config"] = _autoscaling_config(a)

@@ -32,6 +32,7 @@ class EngineAutoscalingConfig(_Strict):
     after downscale_delay_s.
     """
 
+    enabled: bool = Field(False, description="scale on these signals instead of engine.replicas")
     min_replicas: int = Field(1, ge=1, description="replicas at least (also the initial count)")
     max_replicas: int = Field(4, ge=1, description="replicas at most")
     target_waiting: float = Field(
@@ -87,8 +88,9 @@ class EngineConfig(_Strict):
         True, description="reuse the KV blocks of prompt prefixes seen before (vLLM's APC)"
     )
     replicas: int = Field(1, ge=1, description="engine replicas of the tier (without autoscaling)")
-    autoscaling: EngineAutoscalingConfig | None = Field(
-        None, description="scale the replicas on LLM signals instead of a fixed count"
+    autoscaling: EngineAutoscalingConfig = Field(
+        default_factory=EngineAutoscalingConfig,
+        description="scale the replicas on LLM signals instead of a fixed count (enabled: true)",
     )
     drain_timeout_s: float = Field(
         120.0, gt=0, description="a replica being removed finishes its streams within this time"
@@ -96,8 +98,11 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_replica_setting(self) -> EngineConfig:
-        if self.autoscaling is not None and "replicas" in self.model_fields_set:
-            raise ValueError("set engine.replicas or engine.autoscaling, not both")
+        if self.autoscaling.enabled and self.replicas != 1:
+            raise ValueError(
+                "engine.replicas must stay 1 when engine.autoscaling.enabled is true "
+                "(autoscaling.min_replicas sets the initial count)"
+            )
         return self
 
 
@@ -243,6 +248,12 @@ class RouterConfig(_Strict):
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="largest request message accepted"
+    )
+    max_queue_wait_s: float = Field(
+        20.0,
+        gt=0,
+        description="an admitted request with no first token after this long is refused "
+        "(RESOURCE_EXHAUSTED / HTTP 429) and its engine call cancelled",
     )
     prefix_routing: bool = Field(
         True,

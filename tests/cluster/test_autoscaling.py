@@ -49,7 +49,14 @@ def test_deployment_options() -> None:
     fixed = engine_deployment_options(EngineConfig(replicas=3))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     auto = engine_deployment_options(
-        EngineConfig(autoscaling={"min_replicas": 1, "max_replicas": 3, "downscale_delay_s": 7})
+        EngineConfig(
+            autoscaling={
+                "enabled": True,
+                "min_replicas": 1,
+                "max_replicas": 3,
+                "downscale_delay_s": 7,
+            }
+        )
     )
     cfg = auto["autoscaling_config"]
     assert (cfg["min_replicas"], cfg["max_replicas"], cfg["downscale_delay_s"]) == (1, 3, 7)
@@ -57,7 +64,10 @@ def test_deployment_options() -> None:
     from ray.serve.config import AutoscalingConfig
 
     AutoscalingConfig(**cfg)  # Serve accepts it, policy import path included
-    with pytest.raises(ValidationError, match=r"engine\.replicas or engine\.autoscaling"):
-        EngineConfig(replicas=2, autoscaling={})
+    assert "num_replicas" in engine_deployment_options(
+        EngineConfig(autoscaling={"max_replicas": 3})
+    )
+    with pytest.raises(ValidationError, match=r"engine\.replicas must stay 1"):
+        EngineConfig(replicas=2, autoscaling={"enabled": True})
     with pytest.raises(ValidationError, match="max_replicas"):
         EngineConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})

@@ -41,7 +41,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(checkpoint: Path) -> Iterator[LocalStack]:
     autoscaled = {
         **ENGINE, "max_num_seqs": 2,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_waiting": 1,
+        "autoscaling": {"enabled": True, "min_replicas": 1, "max_replicas": 2, "target_waiting": 1,
                         "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2},
     }  # fmt: skip
     config = MoerayConfig(

@@ -42,6 +42,14 @@ def register(sub: Any) -> None:
         default=None,
         help="serve.router_resource: custom Ray resource a router's node advertises",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="set any config field, e.g. --set tiers.0.experts.autoscale=active "
+        "--set tiers.0.engine.replicas=2 (repeatable)",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     p.add_argument(
         "--ray-address",
@@ -96,7 +104,7 @@ def demo_config(root: Path = DEMO_DIR) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from moeray.cluster.app import LocalStack
-    from moeray.cluster.config import config_with, load_config
+    from moeray.cluster.config import config_set, config_with, load_config
 
     config = demo_config() if args.demo else load_config(args.config)
     overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("http_port", args.http_port),
@@ -105,6 +113,8 @@ def _serve(args: argparse.Namespace) -> int:
                  if v is not None}  # fmt: skip
     if overrides:
         config = config_with(config, "serve", overrides)
+    if args.set:
+        config = config_set(config, args.set)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

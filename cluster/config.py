@@ -361,6 +361,45 @@ def config_with(config: MoerayConfig, section: str, values: dict[str, Any]) -> M
         raise ConfigError(f"invalid option: {describe_validation_error(e)}") from None
 
 
+def config_set(config: MoerayConfig, assignments: list[str]) -> MoerayConfig:
+    """The config with `path=value` assignments applied (the CLI's --set, like Helm's), e.g.
+    `tiers.0.experts.autoscale=active` or `router.prefix_routing=false`; values are YAML
+    scalars or flow collections. Every config field is reachable this way; ConfigError names
+    the path of a bad one."""
+    raw: Any = config.model_dump()
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--set {item!r}: expected PATH=VALUE, e.g. router.threshold=0.6")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {path}: the value is not valid YAML: {e}") from None
+        node = raw
+        keys = path.split(".")
+        for depth, key in enumerate(keys):
+            where = ".".join(keys[: depth + 1])
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set {path}: {where} is not an index of the list")
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+            elif isinstance(node, dict) and key in node:
+                if last:
+                    node[key] = value
+                else:
+                    node = node[key]
+            else:
+                raise ConfigError(f"--set {path}: {where} is not a config field")
+    try:
+        return MoerayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid --set: {describe_validation_error(e)}") from None
+
+
 def describe_validation_error(err: ValidationError) -> str:
     """One sentence per problem, each naming the dotted field path."""
     parts = []

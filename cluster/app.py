@@ -181,7 +181,8 @@ class LocalStack:
         return self
 
     def _wait_running(self, timeout_s: float) -> None:
-        """serve.run returns once deployed; replicas that failed to start surface here."""
+        """serve.run returns once deployed; replicas that failed to start surface here. Ready
+        means the front door answers and reaches an engine replica of every tier."""
         import time
 
         from ray import serve
@@ -189,12 +190,25 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING":
+            if status is not None and status.status == "RUNNING" and self._front_door_ready():
                 return
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"the moeray app failed to deploy: {status.message}")
             time.sleep(0.2)
-        raise TimeoutError(f"the moeray app was not running after {timeout_s} s")
+        raise TimeoutError(f"the moeray app was not ready after {timeout_s} s")
+
+    def _front_door_ready(self) -> bool:
+        """GET /health on the router answers 200: every tier has an engine replica it reaches."""
+        import urllib.error
+        import urllib.request
+
+        s = self.config.serve
+        host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+        try:
+            with urllib.request.urlopen(f"http://{host}:{s.http_port}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def endpoints(self) -> dict[str, str]:
         s = self.config.serve

@@ -192,6 +192,19 @@ class EngineLinks:
         if self.on_change is not None and (added or removed):
             self.on_change(tier, added, removed)
 
+    async def wait_for_replica(self, tier: str, timeout_s: float) -> bool:
+        """Refreshes `tier` from Redis until it has a replica, for up to timeout_s (a router that
+        just started, or a tier whose replicas are all being replaced); True if one is there."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._update(tier, await asyncio.to_thread(self.state.engine_endpoints, tier))
+            except Exception as e:  # Redis down: wait with what we have
+                log.debug("engine endpoints unavailable: %s", e)
+            if self._clients.get(tier) or time.monotonic() >= deadline:
+                return bool(self._clients.get(tier))
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
     def pick(
         self, tier: str, exclude: frozenset[str] = frozenset(), keys: list[bytes] | None = None
     ) -> tuple[EngineClient | None, str]:

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Replicas tried for one request whose earlier replicas were unreachable before it started.
 MAX_ATTEMPTS = 3
+#: How long a request waits for a tier that has no engine replica known to this router yet.
+REPLICA_WAIT_S = 5.0
 
 
 class Overloaded(RuntimeError):
@@ -201,6 +203,12 @@ class InferenceService:
         wait_until = time.monotonic() + self.config.router.max_queue_wait_s
         while True:
             client, why = self.links.pick(tier, frozenset(tried), keys)
+            if client is None and not tried and not self.links.clients(tier):
+                # None known yet (a router that just started, or the tier's replicas being
+                # replaced): wait for one to announce itself, within the queue-wait budget.
+                budget = min(REPLICA_WAIT_S, wait_until - time.monotonic())
+                if await self.links.wait_for_replica(tier, budget):
+                    client, why = self.links.pick(tier, frozenset(tried), keys)
             if client is None:
                 raise EngineUnavailable(f"no engine replica of tier {tier!r} is reachable")
             self.metrics.replica_choices.labels(tier, why).inc()

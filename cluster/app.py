@@ -80,7 +80,9 @@ def _expert_controller(tier: TierConfig, registry: Any) -> Any:
     return serve.deployment(
         name=controller_deployment_name(tier.name),
         num_replicas=1,
-        ray_actor_options=_with_log_setup(engine_actor_options(tier)),
+        # Control work only: no CPUs reserved, and never the tier's engine resource, which
+        # would take an engine replica's place on its node.
+        ray_actor_options=_with_log_setup({"num_cpus": 0}),
         health_check_period_s=2,
         logging_config=_LOGGING,
     )(ExpertController).bind(tier, registry)

@@ -381,13 +381,23 @@ def test_serve_config_through_the_rest_api_then_generate(cluster: dict[str, Any]
 
     pods: dict[str, EmulatedPod] = cluster["pods"]
 
+    last: dict[str, Any] = {}
+
     def running() -> bool:
         apps = dashboard_json(cluster, "/api/serve/applications/")["applications"]
         app = apps.get("moeray")
+        last["app"] = app
         assert app is None or app["status"] != "DEPLOY_FAILED", app and app["message"]
         return app is not None and app["status"] == "RUNNING"
 
-    wait_for("the moeray app RUNNING", running, DEPLOY_TIMEOUT_S, list(pods.values()))
+    try:
+        wait_for("the moeray app RUNNING", running, DEPLOY_TIMEOUT_S, list(pods.values()))
+    except AssertionError as e:  # say what Serve says of each deployment
+        deployments = {
+            name: (d.get("status"), d.get("message"))
+            for name, d in ((last.get("app") or {}).get("deployments") or {}).items()
+        }
+        raise AssertionError(f"{e}; deployments: {deployments}") from None
 
     # KubeRay's RayService readiness: the head's Serve proxy answers on the `serve` port.
     head_c = pods["head"].container
@@ -423,6 +433,18 @@ def test_serve_config_through_the_rest_api_then_generate(cluster: dict[str, Any]
     assert msgs and msgs[-1].usage.completion_tokens == 8
     assert sum(len(m.token_ids) for m in msgs) == 8
     assert all(m.tier == "fast" for m in msgs)
+
+    # The tier's expert shards run on the expert group's raylets, its engine on its own group's.
+    actors = dashboard_json(cluster, "/api/v0/actors?detail=true&limit=1000")["data"]["result"][
+        "result"
+    ]
+    alive = [a for a in actors if a["state"] == "ALIVE"]
+    expert_nodes = {n["node_id"] for n in nodes if "moeray_expert_slot" in n["resources_total"]}
+    engine_nodes = {n["node_id"] for n in nodes if "moeray_engine_fast" in n["resources_total"]}
+    shards = [a for a in alive if a["class_name"] == "ExpertShard"]
+    assert shards and {a["node_id"] for a in shards} <= expert_nodes, shards
+    engines = [r["node_id"] for r in app["deployments"]["engine-fast"]["replicas"]]
+    assert engines and set(engines) <= engine_nodes
 
     http_base = f"http://127.0.0.1:{router_ports[ports['http']['targetPort']]}"
     assert http_get(f"{http_base}/health")[0] == 200

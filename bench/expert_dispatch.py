@@ -115,7 +115,7 @@ def bench_dispatch(dtype: torch.dtype) -> None:
             WeightSource(weights_ref=ray.put(weights)), placement, [0], transport=transport,
             resources=ShardResources(resource=resource),
         )  # fmt: skip
-        kinds = getattr(backend._transport, "kinds", [transport] * SHARDS)
+        kinds = getattr(backend._active.transport, "kinds", [transport] * SHARDS)
         try:
             for T in TOKENS:
                 h, w, ids = layer_inputs(T, D, E, K, dtype)
@@ -124,7 +124,7 @@ def bench_dispatch(dtype: torch.dtype) -> None:
                 def round_trip() -> Any:
                     # every shard gets the whole batch with no expert of its own: bytes only
                     msgs = [ShardBatch(0, h, w, torch.full_like(ids, -1)).pack()] * SHARDS  # noqa: B023
-                    return backend._round_trip(msgs, T)  # noqa: B023
+                    return backend._active.round_trip(msgs, 1.0)  # noqa: B023
 
                 dispatch = timed_us(round_trip)
                 layer = timed_us(lambda: backend.forward_layer(0, h, w, ids))  # noqa: B023

@@ -385,9 +385,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="repeat all servers this often, alternating their order; median kept",
     )
     ap.add_argument("--max-num-seqs", type=int, default=64, help="running batch of both servers")
-    ap.add_argument("--moeray-set", action="append", default=[], metavar="PATH=VALUE",
-                    help="a moeray config field for its server, as `moeray serve --set` takes it "
-                    "(e.g. tiers.0.num_cpus=1); repeatable")
+    ap.add_argument(
+        "--moeray-set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="a moeray config field for its server, as `moeray serve --set` takes it "
+        "(e.g. tiers.0.num_cpus=1); repeatable",
+    )
     ap.add_argument("--host", type=loopback_only, default="127.0.0.1")
     ap.add_argument("--ready-timeout", type=float, default=900.0)
     ap.add_argument(

@@ -90,9 +90,7 @@ class SamplingParams:
                 "top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k}"
             )
         if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
-            raise InvalidRequest(
-                "seed", f"must be an integer in [-2^63, 2^64), got {self.seed!r}"
-            )
+            raise InvalidRequest("seed", f"must be an integer in [-2^63, 2^64), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(
                 "stop", f"must have at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}"

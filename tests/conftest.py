@@ -7,11 +7,21 @@
 
 Every RedisServer the fixtures create is stopped at teardown; if a redis-server child of this
 process is still alive when the session ends, it is killed and the session fails.
+
+FOOTGUN: this one process holds gRPC channels and servers (many modules test them in-process)
+and also starts Ray instances, which fork its GCS and raylet from here. With gRPC's fork support
+on, a fork while a gRPC thread is busy ("skipping fork() handlers") once left the forked child
+stuck before it could exec the GCS (ray.init timed out). gRPC's fork handlers are for children
+that keep using gRPC, which none of ours do: they are turned off for the test process, before
+anything imports grpc.
 """
 
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import signal
 from collections.abc import Iterator
 from pathlib import Path

@@ -159,7 +159,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(checkpoint: Path) -> dict[tuple[int, ...], list[int]]:
-    """The oracle: the in-process engine's greedy tokens of every prompt."""
+    return oracle(checkpoint)
+
+
+def oracle(checkpoint: Path) -> dict[tuple[int, ...], list[int]]:
+    """The in-process engine's greedy tokens of every prompt."""
     engine = LLMEngine(checkpoint, EngineConfig(**ENGINE))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for i, prompt in enumerate(PROMPTS):

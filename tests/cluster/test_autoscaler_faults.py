@@ -1,0 +1,152 @@
+"""The expert autoscaler under faults: the tier's controller and one of its shards are killed in
+the middle of the first active plan (after it started the plan's new shards, before it published
+the epoch) while 100 streams run. No request fails or changes a token; Serve restarts the
+controller, which takes the lease over, records the half-done plan as rolled back (or finishes a
+later one), and the killed shard is replaced.
+
+Same served tier as tests/cluster/test_autoscaler.py (skewed gate, three expert nodes, two engine
+replicas), with `experts.autoscale: active` from the start, so the first plan starts new shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from moeray.cluster.app import LocalStack
+from moeray.cluster.config import MoerayConfig
+from moeray.cluster.expert_parallel import shard_namespace
+from moeray.cluster.state import ClusterState
+
+from tests.cluster.test_autoscaler import (
+    ENGINE,
+    IDLE_S,
+    SLOT,
+    TIER,
+    Traffic,
+    make_skewed_checkpoint,
+    oracle,
+    quiet_port,
+    single_thread,  # noqa: F401 (an autouse fixture)
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_skewed_checkpoint(tmp_path_factory.mktemp("skewed-faults"))
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint: Path) -> dict[tuple[int, ...], list[int]]:
+    return oracle(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def stack(checkpoint: Path) -> Iterator[LocalStack]:
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    experts = {
+        "shards": 3, "autoscale": "active", "rebalance_interval_s": 1.0,
+        "rebalance_threshold": 0.05, "rebalance_cooldown_s": 2.0, "scale_down_idle_s": IDLE_S,
+        "slots_per_shard": 4, "max_replicas": 3, "dispatch_deadline_s": 5.0,
+    }  # fmt: skip
+    config = MoerayConfig(
+        tiers=[{"name": TIER, "model": str(checkpoint), "experts": experts,
+                "engine": {**ENGINE, "replicas": 2}}],
+        router={"fast_tier": TIER, "reasoning_tier": TIER},
+        state={"load_window_s": 1.0, "load_push_every_steps": 2},
+        serve={"grpc_port": quiet_port(), "http_port": quiet_port()},
+    )  # fmt: skip
+    st = LocalStack(config, ray_address=cluster.address)
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=4, resources={SLOT: 4})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+        st.start(timeout_s=600)
+        yield st
+    finally:
+        st.close()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def state(stack: LocalStack) -> Iterator[ClusterState]:
+    s = stack.config.state
+    cs = ClusterState(s.redis_url or "", s.cluster, load_window_s=s.load_window_s)
+    yield cs
+    cs.close()
+
+
+def test_controller_and_a_shard_killed_mid_plan_fail_no_request(
+    stack: LocalStack, state: ClusterState, expected: Any
+) -> None:
+    owner = wait_for(lambda: state.lease_owner(TIER), 60)
+    assert owner, "no controller holds the lease"
+    pid = int(owner.split("/")[1])
+    base = state.read_epoch(TIER)
+    traffic = Traffic(stack, expected)
+    killed: dict[str, Any] = {}
+    try:
+        traffic.send(100)
+        # The skew makes the controller plan: it records "starting", then starts the new shards.
+        starting = wait_for(
+            lambda: (r := state.read_plan(TIER)) is not None and r.outcome == "starting",
+            120, every_s=0.02,
+        )  # fmt: skip
+        assert starting, f"no plan started: {state.read_plan(TIER)}"
+        os.kill(pid, signal.SIGKILL)  # the controller, mid-plan
+        placement = state.read_placement(TIER)
+        assert placement is not None and placement.epoch == base  # not yet published
+        victim = placement.replica_ids()[0]  # a shard both engines dispatch to
+        name = state.shard_directory(TIER)[victim]
+        ray.kill(ray.get_actor(name, namespace=shard_namespace(stack.config.state.cluster)))
+        killed.update(victim=victim, name=name)
+        traffic.wait()
+        assert traffic.failures == [] and traffic.done == 100
+    finally:
+        traffic.close()
+    # Serve restarted the controller: a new owner holds the lease and rolled the plan back (or,
+    # with the skew still there, applied a new one).
+    new_owner = wait_for(lambda: (o := state.lease_owner(TIER)) not in (None, owner) and o, 120)
+    assert new_owner and int(new_owner.split("/")[1]) != pid
+    done = wait_for(
+        lambda: (
+            {o for (_, o), n in state.read_plan_counts(TIER).items() if n}
+            & {"rolled_back", "applied"}
+        ),
+        120,
+    )
+    assert done, state.read_plan_counts(TIER)
+    assert state.read_plan_counts(TIER).get(("active", "rolled_back"), 0) >= 1
+    # The killed shard was replaced (a new actor under its id, or dropped from the placement),
+    # and every shard of the current placement is in the directory.
+    assert wait_for(
+        lambda: (
+            state.shard_directory(TIER).get(killed["victim"]) != killed["name"]
+            or killed["victim"] not in (state.read_placement(TIER) or placement).replica_ids()
+        ),
+        120,
+    )
+    current = state.read_placement(TIER)
+    assert current is not None
+    assert wait_for(lambda: set(current.replica_ids()) <= set(state.shard_directory(TIER)), 60)
+    # and the tier still serves the in-process tokens
+    after = Traffic(stack, expected)
+    try:
+        after.send(16)
+        after.wait()
+        assert after.failures == [] and after.done == 16
+    finally:
+        after.close()

@@ -220,10 +220,6 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
-
     def stats(self) -> StatsSnapshot:
         counters = self.scheduler.counters
         return {

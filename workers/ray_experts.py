@@ -59,12 +59,12 @@ from moeray.workers.expert_routing import (
 )
 from moeray.workers.expert_shard import pack_batch, raw_rows
 from moeray.workers.shard_pool import (
-    ACTOR_FAILURES,
     ShardInfo,
     ShardPool,
     ShardResources,
     ShardStartError,
     WeightSource,
+    unanswered,
 )
 from moeray.workers.shard_transport import (
     TRANSPORTS,
@@ -199,20 +199,7 @@ def _replica_ids(placement: PlacementLike) -> list[int]:
 
 def dead_shards(shards: Sequence[Shard], timeout_s: float = 5.0) -> list[int]:
     """Replica ids of the shards whose actor does not answer a plain call within timeout_s."""
-    refs = {s.info.rid: s.handle.ready.remote() for s in shards}
-    if not refs:
-        return []
-    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-    out = []
-    for rid, ref in refs.items():
-        if ref not in ready:
-            out.append(rid)
-            continue
-        try:
-            ray.get(ref, timeout=timeout_s)
-        except ACTOR_FAILURES:
-            out.append(rid)
-    return out
+    return unanswered({s.info.rid: s.handle for s in shards}, timeout_s)
 
 
 @dataclass(frozen=True)

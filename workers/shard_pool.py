@@ -196,19 +196,27 @@ class ShardPool:
         """Replica ids (of `rids`, default all) whose actor does not answer a plain call within
         timeout_s: dead, on a lost node, or hung."""
         wanted = list(self.handles) if rids is None else list(rids)
-        refs = {rid: self.handles[rid].ready.remote() for rid in wanted}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        out = []
-        for rid, ref in refs.items():
-            if ref not in ready:
-                out.append(rid)
-                continue
-            try:
-                ray.get(ref, timeout=timeout_s)
-            except ACTOR_FAILURES:
-                out.append(rid)
-        return out
+        return unanswered({rid: self.handles[rid] for rid in wanted}, timeout_s)
 
     def close(self) -> None:
         for rid in list(self.handles):
             self.retire(rid)
+
+
+def unanswered(handles: dict[int, Any], timeout_s: float) -> list[int]:
+    """Replica ids of the shard actors (rid -> handle) that do not answer a plain `ready` call
+    within timeout_s: dead, on a lost node, or hung."""
+    refs = {rid: h.ready.remote() for rid, h in handles.items()}
+    if not refs:
+        return []
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    out = []
+    for rid, ref in refs.items():
+        if ref not in ready:
+            out.append(rid)
+            continue
+        try:
+            ray.get(ref, timeout=timeout_s)
+        except ACTOR_FAILURES:
+            out.append(rid)
+    return out

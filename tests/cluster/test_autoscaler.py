@@ -193,20 +193,25 @@ def quiet_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
-@pytest.fixture(scope="module")
-def stack(ray_cluster: Any, checkpoint: Path) -> Iterator[LocalStack]:
+def skewed_config(checkpoint: Path, autoscale: str) -> MoerayConfig:
+    """The served skewed tier: three shards, two engine replicas, short autoscaler intervals."""
     experts = {
-        "shards": 3, "autoscale": "advisory", "rebalance_interval_s": 1.0,
+        "shards": 3, "autoscale": autoscale, "rebalance_interval_s": 1.0,
         "rebalance_threshold": 0.05, "rebalance_cooldown_s": 2.0, "scale_down_idle_s": IDLE_S,
         "slots_per_shard": 4, "max_replicas": 3, "dispatch_deadline_s": 5.0,
     }  # fmt: skip
-    config = MoerayConfig(
+    return MoerayConfig(
         tiers=[{"name": TIER, "model": str(checkpoint), "experts": experts,
                 "engine": {**ENGINE, "replicas": 2}}],
         router={"fast_tier": TIER, "reasoning_tier": TIER},
         state={"load_window_s": 1.0, "load_push_every_steps": 2},
         serve={"grpc_port": quiet_port(), "http_port": quiet_port()},
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(ray_cluster: Any, checkpoint: Path) -> Iterator[LocalStack]:
+    config = skewed_config(checkpoint, "advisory")
     st = LocalStack(config, ray_address=ray_cluster.address)
     try:
         st.start(timeout_s=600)

@@ -20,20 +20,17 @@ from typing import Any
 import pytest
 import ray
 from moeray.cluster.app import LocalStack
-from moeray.cluster.config import MoerayConfig
 from moeray.cluster.expert_parallel import shard_namespace
 from moeray.cluster.state import ClusterState
 
 from tests.cluster.test_autoscaler import (
-    ENGINE,
-    IDLE_S,
     SLOT,
     TIER,
     Traffic,
     make_skewed_checkpoint,
     oracle,
-    quiet_port,
     single_thread,  # noqa: F401 (an autouse fixture)
+    skewed_config,
     wait_for,
 )
 
@@ -55,18 +52,7 @@ def stack(checkpoint: Path) -> Iterator[LocalStack]:
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
-    experts = {
-        "shards": 3, "autoscale": "active", "rebalance_interval_s": 1.0,
-        "rebalance_threshold": 0.05, "rebalance_cooldown_s": 2.0, "scale_down_idle_s": IDLE_S,
-        "slots_per_shard": 4, "max_replicas": 3, "dispatch_deadline_s": 5.0,
-    }  # fmt: skip
-    config = MoerayConfig(
-        tiers=[{"name": TIER, "model": str(checkpoint), "experts": experts,
-                "engine": {**ENGINE, "replicas": 2}}],
-        router={"fast_tier": TIER, "reasoning_tier": TIER},
-        state={"load_window_s": 1.0, "load_push_every_steps": 2},
-        serve={"grpc_port": quiet_port(), "http_port": quiet_port()},
-    )  # fmt: skip
+    config = skewed_config(checkpoint, "active")
     st = LocalStack(config, ray_address=cluster.address)
     try:
         for _ in range(3):
@@ -130,18 +116,24 @@ def test_controller_and_a_shard_killed_mid_plan_fail_no_request(
     )
     assert done, state.read_plan_counts(TIER)
     assert state.read_plan_counts(TIER).get(("active", "rolled_back"), 0) >= 1
-    # The killed shard was replaced (a new actor under its id, or dropped from the placement),
-    # and every shard of the current placement is in the directory.
-    assert wait_for(
-        lambda: (
-            state.shard_directory(TIER).get(killed["victim"]) != killed["name"]
-            or killed["victim"] not in (state.read_placement(TIER) or placement).replica_ids()
-        ),
-        120,
-    )
-    current = state.read_placement(TIER)
-    assert current is not None
-    assert wait_for(lambda: set(current.replica_ids()) <= set(state.shard_directory(TIER)), 60)
+    # The killed shard was replaced: every shard of the current placement is in the directory
+    # and its actor answers (the victim's id included, if the placement still uses it).
+    namespace = shard_namespace(stack.config.state.cluster)
+
+    def all_answer() -> bool:
+        current = state.read_placement(TIER)
+        directory = state.shard_directory(TIER)
+        if current is None or not set(current.replica_ids()) <= set(directory):
+            return False
+        try:
+            handles = [ray.get_actor(directory[r], namespace=namespace)
+                       for r in current.replica_ids()]  # fmt: skip
+            ray.get([h.ready.remote() for h in handles], timeout=10)
+        except Exception:  # not (yet) there, or dead: ask again
+            return False
+        return True
+
+    assert wait_for(all_answer, 120), (state.read_placement(TIER), state.shard_directory(TIER))
     # and the tier still serves the in-process tokens
     after = Traffic(stack, expected)
     try:

@@ -156,7 +156,11 @@ def test_queue_wait_refuses_and_cancels_the_engine_call(stack: LocalStack, stub:
     assert QUEUE_WAIT_S * 0.9 <= elapsed < QUEUE_WAIT_S + 10
     assert status == 429 and headers.get("retry-after") == "1"
     assert "max_queue_wait_s" in err["error"]["message"]
-    assert _engine_stats(stack, "slow").waiting == 0  # both engine calls were cancelled
+    # Both engine calls were cancelled: the aborts reach the engine between its steps.
+    deadline = time.monotonic() + 10
+    while _engine_stats(stack, "slow").waiting != 0:
+        assert time.monotonic() < deadline, "the refused requests still wait in the engine"
+        time.sleep(0.05)
     held.cancel()
     _wait_idle(stack, "slow")
 

@@ -46,31 +46,18 @@ from moeray.cluster.state import ClusterState
 from moeray.workers.engine import LLMEngine
 from moeray.workers.io_struct import SamplingParams
 
-HOT = (0, 3)
 MODEL = "default"
 
 
 def make_checkpoint(directory: Path) -> Path:
-    import transformers
-
+    """tests/cluster/test_autoscaler.py's skewed checkpoint (experts 0 and 3 hot), bigger."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.checkpoints import tiny_config, write_demo_tokenizer
+    from tests.cluster.test_autoscaler import make_skewed_checkpoint
 
-    config = tiny_config(
-        "mixtral", num_local_experts=8, num_experts_per_tok=2, hidden_size=256,
-        intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
+    return make_skewed_checkpoint(
+        directory, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
+        num_key_value_heads=4,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] += 2.0
-        for layer in model.model.layers:
-            for e in HOT:
-                layer.mlp.gate.weight[e, 0] += 3.0
-    model.config.dtype = "float32"
-    model.save_pretrained(directory)
-    write_demo_tokenizer(directory, config.vocab_size)
-    return directory
 
 
 class StepClock:

@@ -106,12 +106,13 @@ def test_autoscale_mode_replaces_the_boolean_and_errors_name_the_field() -> None
 
 
 # ---- the served tier ------------------------------------------------------------------------------
-def make_skewed_checkpoint(directory: Path) -> Path:
+def make_skewed_checkpoint(directory: Path, **sizes: int) -> Path:
     """A tiny Mixtral (8 experts, top-2) whose gate sends most tokens to experts 0 and 3: every
-    embedding gets a constant component, and those two gate rows read it."""
+    embedding gets a constant component, and those two gate rows read it. sizes: config fields
+    that differ from tests/checkpoints.py's tiny ones (bench/autoscale.py uses a bigger one)."""
     import transformers
 
-    config = tiny_config("mixtral", num_local_experts=8, num_experts_per_tok=2)
+    config = tiny_config("mixtral", num_local_experts=8, num_experts_per_tok=2, **sizes)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

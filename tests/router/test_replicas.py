@@ -134,6 +134,9 @@ def test_killed_replica_loses_no_request_that_had_not_started(
     [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
               if "engine-fast" in a["name"] and victim in a["name"]]  # fmt: skip
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    # ray.kill returns before the process is gone: a request sent meanwhile may still start
+    # there (and then rightly gets UNAVAILABLE). Wait until the victim no longer answers.
+    wait_until(lambda: victim not in replica_ids(stub, "fast"), 30, "the killed replica is gone")
     # Requests sent from now on never started anywhere: all must succeed, on the survivor (or on
     # the victim's replacement once Serve has restarted it).
     with concurrent.futures.ThreadPoolExecutor(6) as pool:

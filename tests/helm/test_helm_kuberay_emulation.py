@@ -237,9 +237,14 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 10
     while marked_pids() and time.monotonic() < deadline:
         time.sleep(0.25)
-    for pid in marked_pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    # SIGKILL is delivered asynchronously and a dying Ray process may still fork one last worker,
+    # so kill again until nothing carries the marker (bounded).
+    deadline = time.monotonic() + 15
+    while (left := marked_pids()) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.25)
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)

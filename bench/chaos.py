@@ -19,8 +19,18 @@ with --json, one JSON object per row). Scenarios (--scenarios, comma-separated):
 - engine_kill:  the reasoning tier's engine replica SIGKILLed during 8 streams: in-flight ones get
                 UNAVAILABLE, health turns 503 within a second, the tier serves again after Serve
                 restarts the replica.
-- shard_kill, node_removal: need a sharded tier (experts.shards > 0, issue 11); reported as not
-                run until they are written.
+- shard_kill:   on the sharded stack (below), 100 greedy streams of a fixed length; while they
+                stream, one expert-shard actor's process is SIGKILLed: 100/100 complete, their
+                tokens identical to a reference run of the same prompts (same stack, no fault),
+                the shard replaced.
+- node_removal: the same, removing a worker node that holds shards (`cluster.remove_node`).
+
+The other scenarios share one `moeray serve` on a Ray instance of its own. shard_kill and
+node_removal run afterwards on a second stack: a local multi-node Ray cluster
+(`ray.cluster_utils.Cluster`: a head holding the router and the engine replica, --workers worker
+raylets carrying the expert-slot resource) with `moeray serve --ray-address` serving one tier of
+--shards expert shards (a tiny demo checkpoint); the reference run comes first. Everything
+started (Ray clusters, redis-servers, servers) is stopped at the end.
 
     python bench/chaos.py                       # every scenario, --limit 256 --factor 10
     python bench/chaos.py --scenarios bad_input,overload --limit 32 --json
@@ -32,8 +42,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import itertools
 import json
+import logging
 import os
 import platform
 import random
@@ -46,7 +58,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import grpc
@@ -75,6 +87,9 @@ class Row:
 
 class Served:
     """`moeray serve` in a child process (own process group) with a redis-server of our own."""
+
+    #: "local": a Ray of its own, never one `ray start` left running (ShardedServed: its cluster)
+    ray_address = "local"
 
     def __init__(self, root: Path, limit: int, queue_wait_s: float) -> None:
         self.root, self.limit, self.queue_wait_s = root, limit, queue_wait_s
@@ -124,8 +139,8 @@ class Served:
             "--config",
             str(cfg),
             "--ray-address",
-            "local",
-        ]  # a Ray of its own, never one `ray start` left running
+            self.ray_address,
+        ]
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # fmt: skip
@@ -177,6 +192,108 @@ def _descendants(root: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+#: The custom resource expert shards ask for (experts.shard_resource's default): only the
+#: worker raylets of the sharded stack advertise it.
+SLOT = "moeray_expert_slot"
+#: Resources only the sharded stack's head advertises: its engine replica and router stay there,
+#: so that a worker node can go without taking either (losing those is Serve's business).
+HEAD_ENGINE, HEAD_ROUTER = "chaos_head_engine", "chaos_head_router"
+SHARDED_TIER = "sharded"
+
+
+class ShardedServed(Served):
+    """`moeray serve --ray-address <cluster>` on a local multi-node Ray cluster
+    (`ray.cluster_utils.Cluster`: a head holding the engine replica and the router, `workers`
+    worker raylets carrying the expert-slot resource), serving one sharded tier (a tiny demo
+    checkpoint, `shards` expert-shard actors); a redis-server of our own. This process joins the
+    cluster to find the shard actors and the nodes of Serve's replicas (Ray's state API)."""
+
+    def __init__(self, root: Path, workers: int, shards: int, seats: int) -> None:
+        super().__init__(root, seats, queue_wait_s=60.0)
+        self.workers, self.shards = workers, shards
+        self.cluster: Any = None
+        self.worker_nodes: list[Any] = []
+
+    def config(self) -> dict[str, Any]:
+        ckpt = self.root / SHARDED_TIER
+        if not (ckpt / "config.json").is_file():
+            build_demo_checkpoint(ckpt, preset="tiny", seed=3, num_layers=2)
+        # Prefix caching off: the fault runs repeat the reference run's prompts, and a fault
+        # must be the only difference between the two.
+        return {
+            "tiers": [{"name": SHARDED_TIER, "model": str(ckpt), "resource": HEAD_ENGINE,
+                       "engine": {"max_model_len": 256, "max_tokens_limit": 200,
+                                  "max_num_seqs": self.limit, "max_queue": self.limit,
+                                  "num_kv_blocks": self.limit * 8 + 64,
+                                  "enable_prefix_caching": False},
+                       "experts": {"shards": self.shards, "dispatch_deadline_s": 5.0}}],
+            "router": {"fast_tier": SHARDED_TIER, "reasoning_tier": SHARDED_TIER,
+                       "max_inflight_per_tier": self.limit,
+                       "max_queue_wait_s": self.queue_wait_s},
+            "state": {"redis_url": self.redis.url},
+            "serve": {"grpc_port": self.grpc_port, "http_port": self.http_port,
+                      "router_resource": HEAD_ROUTER},
+        }  # fmt: skip
+
+    def start(self, timeout_s: float = 600.0) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        # the dashboard serves Ray's state API (which node holds which Serve replica)
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 4, "include_dashboard": True,
+            "resources": {HEAD_ENGINE: 1, HEAD_ROUTER: 1}})  # fmt: skip
+        self.worker_nodes = [
+            self.cluster.add_node(num_cpus=4, resources={SLOT: 2 * self.shards + 2})
+            for _ in range(self.workers)
+        ]
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+        self.ray_address = self.cluster.address
+        super().start(timeout_s)
+
+    def state(self) -> Any:
+        from moeray.cluster.state import ClusterState
+
+        return ClusterState(self.redis.url)
+
+    def shard_where(self) -> dict[int, tuple[str, int]]:
+        """Replica id -> (Ray node id, pid) of every shard actor the tier's controller owns."""
+        import ray
+        from moeray.cluster.expert_parallel import shard_namespace
+
+        state = self.state()
+        try:
+            directory = state.shard_directory(SHARDED_TIER)
+        finally:
+            state.close()
+        out: dict[int, tuple[str, int]] = {}
+        for rid, name in directory.items():
+            handle = ray.get_actor(name, namespace=shard_namespace("default"))
+            where = cast(tuple[str, str, int], ray.get(handle.where.remote(), timeout=30))
+            out[rid] = (where[0], where[2])
+        return out
+
+    def moeray_actor_nodes(self) -> set[str]:
+        """Ray node ids holding a live Serve replica of the moeray app (router, engine, expert
+        controller)."""
+        from ray.util.state import list_actors
+
+        return {str(a.node_id) for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                                                raise_on_missing_output=False)
+                if a.class_name.startswith("ServeReplica:moeray:")}  # fmt: skip
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            super().close()
+        finally:
+            ray.shutdown()
+            if self.cluster is not None:
+                self.cluster.shutdown()
 
 
 # ---- clients -----------------------------------------------------------------------------------
@@ -772,10 +889,173 @@ def _s(x: float | None) -> str:
     return "never" if x is None else f"{x:.2f} s"
 
 
-def not_run(name: str) -> list[Row]:
-    return [Row(name, "grpc", "100/100 complete, identical tokens",
-                "not run: this scenario is not written yet (it needs a sharded tier, "
-                "experts.shards > 0, served since issue 11)", False)]  # fmt: skip
+# ---- shard faults (the sharded stack) ------------------------------------------------------------
+
+
+@dataclass
+class Streams:
+    """One round of concurrent gRPC streams of the sharded tier, and what the fault did."""
+
+    outcomes: list[tuple[str, list[int]]]  # per prompt: (status, every token id streamed)
+    in_flight: int = 0  # streams not yet finished when the fault struck
+    fault: str = ""  # what the fault did
+    stall_s: float = 0.0  # longest pause of any stream after the fault
+
+
+def sharded_prompts(n: int) -> list[str]:
+    return [f"chaos stream {i}: the expert that serves this token may go away" for i in range(n)]
+
+
+async def sharded_streams(c: Clients, prompts: list[str], max_tokens: int,
+                          fault: Callable[[], Awaitable[str]] | None = None) -> Streams:  # fmt: skip
+    """Every prompt streamed at once (greedy, ignore_eos); with `fault`, it is awaited once every
+    stream has its first tokens (the prefill is behind them all) and before any has finished."""
+    got: list[list[int]] = [[] for _ in prompts]
+    stamps: list[list[float]] = [[] for _ in prompts]
+
+    async def one(i: int) -> tuple[str, list[int]]:
+        call = c._generate(gen_request(prompts[i], SHARDED_TIER, max_tokens), timeout=300)
+        try:
+            async for m in call:
+                got[i].extend(m.token_ids)
+                stamps[i].append(time.perf_counter())
+            return "OK", got[i]
+        except grpc.aio.AioRpcError as e:
+            return f"{e.code().name} {(e.details() or '')[:80]!r}", got[i]
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
+    out = Streams([])
+    if fault is not None:
+        deadline = time.monotonic() + 300
+        while not all(got) and not any(t.done() for t in tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        out.in_flight = sum(1 for t in tasks if not t.done())
+        struck = time.perf_counter()
+        out.fault = await fault()
+    out.outcomes = list(await asyncio.gather(*tasks))
+    if fault is not None:
+        gaps = [
+            b - max(a, struck) for ts in stamps for a, b in itertools.pairwise(ts) if b > struck
+        ]
+        out.stall_s = max(gaps, default=0.0)
+    return out
+
+
+def compare(name: str, expected: str, reference: Streams, run: Streams, max_tokens: int) -> Row:
+    """The fault run against the reference run of the same prompts on the same stack."""
+    n = len(run.outcomes)
+    complete = sum(1 for code, toks in run.outcomes if code == "OK" and len(toks) == max_tokens)
+    ref_ok = sum(1 for code, toks in reference.outcomes
+                 if code == "OK" and len(toks) == max_tokens)  # fmt: skip
+    differ = sum(1 for (_, a), (_, b) in zip(run.outcomes, reference.outcomes) if a != b)
+    errors = Counter(code for code, _ in run.outcomes if code != "OK")
+    observed = (f"{complete}/{n} complete, {differ} differ from the reference run "
+                f"({ref_ok}/{n} complete, no fault); {run.in_flight} in flight when {run.fault}; "
+                f"longest stall after it {run.stall_s:.2f} s"
+                + (f"; errors {dict(errors)}" if errors else ""))  # fmt: skip
+    ok = complete == n and ref_ok == n and differ == 0 and run.in_flight == n
+    return Row(name, "grpc", expected, observed, ok)
+
+
+async def shard_kill(c: Clients, served: ShardedServed, reference: Streams, prompts: list[str],
+                     max_tokens: int) -> list[Row]:  # fmt: skip
+    where = await asyncio.to_thread(served.shard_where)
+    rid = min(where)
+    _, pid = where[rid]
+
+    async def kill() -> str:
+        os.kill(pid, signal.SIGKILL)
+        return f"shard {rid} (pid {pid}) was SIGKILLed"
+
+    run = await sharded_streams(c, prompts, max_tokens, kill)
+    # the tier's controller replaced it: every shard of the directory answers again
+    replaced = await asyncio.to_thread(_wait_for, lambda: _answers(served, exclude_pid=pid), 120)
+    row = compare(
+        f"shard killed during {len(prompts)} streams",
+        f"{len(prompts)}/{len(prompts)} complete, tokens identical to a reference run",
+        reference,
+        run,
+        max_tokens,
+    )
+    row.observed += f"; shard replaced: {'yes' if replaced else 'NO (120 s)'}"
+    row.ok = row.ok and replaced
+    return [row]
+
+
+async def node_removal(c: Clients, served: ShardedServed, reference: Streams, prompts: list[str],
+                       max_tokens: int) -> list[Row]:  # fmt: skip
+    where = await asyncio.to_thread(served.shard_where)
+    busy = await asyncio.to_thread(served.moeray_actor_nodes)
+    holders = {node for node, _ in where.values()}
+    doomed = next((w for w in served.worker_nodes
+                   if w.node_id in holders and w.node_id not in busy), None)  # fmt: skip
+    name = f"worker node removed during {len(prompts)} streams"
+    if doomed is None:
+        return [Row(name, "grpc", "-", f"no worker node holds shards only (shards on {holders}, "
+                    f"Serve replicas on {busy})", False)]  # fmt: skip
+    lost = sorted(rid for rid, (node, _) in where.items() if node == doomed.node_id)
+
+    async def remove() -> str:
+        await asyncio.to_thread(served.cluster.remove_node, doomed)
+        return f"the node holding shards {lost} was removed"
+
+    run = await sharded_streams(c, prompts, max_tokens, remove)
+    replaced = await asyncio.to_thread(_wait_for, lambda: _answers(served, gone=doomed.node_id),
+                                       120)  # fmt: skip
+    row = compare(name, f"{len(prompts)}/{len(prompts)} complete, tokens identical to a "
+                  "reference run", reference, run, max_tokens)  # fmt: skip
+    row.observed += f"; shards back on the other workers: {'yes' if replaced else 'NO (120 s)'}"
+    row.ok = row.ok and replaced
+    return [row]
+
+
+def _answers(served: ShardedServed, exclude_pid: int = 0, gone: str = "") -> bool:
+    """Every shard of the controller's directory answers, none is `exclude_pid`, none is on
+    node `gone`, and there are `served.shards` of them."""
+    try:
+        where = served.shard_where()
+    except Exception:  # a shard not (yet) there, or dead: ask again
+        return False
+    return len(where) == served.shards and all(
+        pid != exclude_pid and node != gone for node, pid in where.values()
+    )
+
+
+def _wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+async def run_sharded(served: ShardedServed, args: argparse.Namespace,
+                      names: list[str]) -> list[Row]:  # fmt: skip
+    """The reference run (no fault), then each fault scenario on the same stack."""
+    c = Clients(served)
+    prompts = sharded_prompts(args.streams)
+    rows: list[Row] = []
+    try:
+        reference = await sharded_streams(c, prompts, args.sharded_tokens)
+        steps = {"shard_kill": shard_kill, "node_removal": node_removal}
+        for name in names:
+            step = functools.partial(steps[name], c, served, reference, prompts,
+                                     args.sharded_tokens)  # fmt: skip
+            rows += await _timed(name, step)
+    finally:
+        await c.close()
+    return rows
+
+
+async def _timed(name: str, step: Callable[[], Awaitable[list[Row]]]) -> list[Row]:
+    start = time.perf_counter()
+    try:
+        got = await step()
+    except Exception as e:  # one scenario's failure is a row, not the end of the run
+        got = [Row(name, "-", "-", f"scenario failed: {type(e).__name__}: {e}", False)]
+    print(f"# {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return got
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -784,7 +1064,12 @@ SCENARIOS = ["bad_input", "huge_prompt", "overload", "queue_wait", "cancel_storm
              "engine_kill", "shard_kill", "node_removal"]  # fmt: skip
 
 
-async def run(served: Served, args: argparse.Namespace) -> list[Row]:
+#: Scenarios on the sharded stack (a local multi-node Ray cluster); the others share one
+#: `moeray serve` on a local Ray instance.
+SHARDED = ("shard_kill", "node_removal")
+
+
+async def run(served: Served, args: argparse.Namespace, names: list[str]) -> list[Row]:
     c = Clients(served)
     steps: dict[str, Callable[[], Awaitable[list[Row]]]] = {
         "bad_input": lambda: bad_input(c, args.mutations),
@@ -794,25 +1079,13 @@ async def run(served: Served, args: argparse.Namespace) -> list[Row]:
         "cancel_storm": lambda: cancel_storm(c, args.cancels),
         "redis_kill": lambda: redis_kill(c, served),
         "engine_kill": lambda: engine_kill(c, served),
-        "shard_kill": lambda: _done(not_run("shard killed during 100 streams")),
-        "node_removal": lambda: _done(not_run("node removed during 100 streams")),
     }
     rows: list[Row] = []
     try:
-        for name in args.scenarios.split(","):
-            start = time.perf_counter()
-            try:
-                got = await steps[name]()
-            except Exception as e:  # one scenario's failure is a row, not the end of the run
-                got = [Row(name, "-", "-", f"scenario failed: {type(e).__name__}: {e}", False)]
-            print(f"# {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-            rows += got
+        for name in names:
+            rows += await _timed(name, steps[name])
     finally:
         await c.close()
-    return rows
-
-
-async def _done(rows: list[Row]) -> list[Row]:
     return rows
 
 
@@ -826,6 +1099,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -834,23 +1115,59 @@ def main() -> int:
     p.add_argument("--queue-wait-s", type=float, default=2.0, help="router.max_queue_wait_s")
     p.add_argument("--mutations", type=int, default=60, help="random mutations per protocol")
     p.add_argument("--cancels", type=int, default=100, help="streams in the cancel storm")
+    p.add_argument("--streams", type=int, default=100, help="shard_kill, node_removal: streams")
+    p.add_argument(
+        "--sharded-tokens",
+        type=int,
+        default=64,
+        help="shard_kill, node_removal: max_tokens of each stream",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="shard_kill, node_removal: worker raylets with expert slots (>= 2)",
+    )
+    p.add_argument("--shards", type=int, default=2, help="shard_kill, node_removal: shard actors")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and logs (temp dir)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per row")
     args = p.parse_args()
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         p.error(f"--scenarios: unknown {sorted(unknown)}; choose from {SCENARIOS}")
+    if args.workers < 2:
+        p.error(f"--workers must be at least 2 (one is removed), got {args.workers}")
+    if args.shards < 1 or args.streams < 1 or not 1 <= args.sharded_tokens <= 200:
+        p.error("--shards and --streams must be >= 1, --sharded-tokens in [1, 200]")
+    load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         root.mkdir(parents=True, exist_ok=True)
-        served = Served(root, args.limit, args.queue_wait_s)
-        try:
-            served.start()
-            rows = asyncio.run(run(served, args))
-        finally:
-            served.close()
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or '?'}; "
-          f"{datetime.date.today()}; limit {args.limit}, factor {args.factor}")  # fmt: skip
+        names = args.scenarios.split(",")
+        rows: list[Row] = []
+        plain = [n for n in names if n not in SHARDED]
+        if plain:
+            served = Served(root, args.limit, args.queue_wait_s)
+            try:
+                served.start()
+                rows += asyncio.run(run(served, args, plain))
+            finally:
+                served.close()
+        sharded = [n for n in names if n in SHARDED]
+        if sharded:
+            cluster = ShardedServed(root, args.workers, args.shards, args.streams + 28)
+            try:
+                cluster.start()
+                rows += asyncio.run(run_sharded(cluster, args, sharded))
+            except Exception as e:  # e.g. the cluster did not start: a row per scenario
+                rows += [Row(n, "-", "-", f"scenario failed: {type(e).__name__}: {e}", False)
+                         for n in sharded]  # fmt: skip
+            finally:
+                cluster.close()
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {_cpu_model()}; "
+          f"{datetime.date.today()}; load average {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end; limit "
+          f"{args.limit}, factor {args.factor}")  # fmt: skip
     print(table(rows))
     if args.json:
         for r in rows:

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from moeray.cluster.config import EngineConfig, ExpertsConfig
@@ -50,7 +51,7 @@ from moeray.cluster.expert_parallel import apply_expert_parallel
 from moeray.cluster.placement import initial_placement
 from moeray.workers.engine import LLMEngine
 from moeray.workers.expert_routing import dispatch_plan
-from moeray.workers.expert_shard import ShardBatch
+from moeray.workers.expert_shard import pack_batch, raw_rows
 from moeray.workers.moe import LocalExperts
 from moeray.workers.ray_experts import RayExperts, ShardResources, WeightSource
 
@@ -121,9 +122,13 @@ def bench_dispatch(dtype: torch.dtype) -> None:
                 h, w, ids = layer_inputs(T, D, E, K, dtype)
                 plan = dispatch_plan(backend.routes[0], ids.numpy())
 
+                masked = np.full(tuple(ids.shape), -1, dtype=np.int32)  # [T, K]
+
                 def round_trip() -> Any:
-                    # every shard gets the whole batch with no expert of its own: bytes only
-                    msgs = [ShardBatch(0, h, w, torch.full_like(ids, -1)).pack()] * SHARDS  # noqa: B023
+                    # every shard gets the whole batch with no expert of its own: bytes only,
+                    # packed per shard from numpy views as RayExperts.forward_layer packs them
+                    raw, wts = raw_rows(h), w.float().numpy()  # noqa: B023
+                    msgs = [pack_batch(0, raw, h.dtype, wts, masked) for _ in range(SHARDS)]  # noqa: B023
                     return backend._active.round_trip(msgs, 1.0)  # noqa: B023
 
                 dispatch = timed_us(round_trip)

@@ -13,7 +13,9 @@ in-process kernel does: workers/expert_routing.py). Only bytes cross (Ray's nump
 serializers cost more than the data at these sizes). The same bytes travel over either
 transport (workers/shard_transport.py): a plain Ray call (`run`), or a stream connection the
 actor serves itself (`serve_stream`: a Unix socket when the engine is on this node, TCP
-otherwise; length-prefixed frames).
+otherwise; length-prefixed frames). On one node the payloads go through a shared-memory area
+(`SharedArea`: a file in /dev/shm both processes map, one half per direction) and the socket
+carries only the 8-byte frame headers; a payload larger than its half falls back to the socket.
 
 Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard, n = its slots).
 """
@@ -21,9 +23,11 @@ Shape letters: docs/SHAPES.md (t = the rows of the batch bound for this shard, n
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import socket
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -60,11 +64,12 @@ class ShardBatch:
         )
 
     @classmethod
-    def unpack(cls, msg: bytes | bytearray) -> ShardBatch:
+    def unpack(cls, msg: bytes | bytearray | memoryview) -> ShardBatch:
         """Inverse of `pack`; the tensors are views of one private copy of `msg` (of `msg` itself
-        when it is a bytearray, e.g. a frame fresh from `recv_frame`: the caller hands it over)."""
+        when it is writable, e.g. a frame fresh from `recv_frame`: the caller hands it over)."""
         # writable, so torch.frombuffer needs no copy and warns about nothing
-        buf = msg if isinstance(msg, bytearray) else bytearray(msg)
+        writable = isinstance(msg, bytearray) or (isinstance(msg, memoryview) and not msg.readonly)
+        buf = msg if writable else bytearray(msg)
         layer, t, k, d, code = np.frombuffer(buf, dtype=np.int32, count=_HEADER).tolist()
         dtype = _DTYPES[code]
         if t == 0:  # torch.frombuffer refuses count=0
@@ -106,16 +111,63 @@ def pack_batch(
 
 
 _FRAME = struct.Struct("<Q")  # socket transport: every message is a length-prefixed frame
+_IN_AREA = 1 << 63  # header flag: the payload is in the shared-memory area, not on the socket
+SHARED_AREA_BYTES = 8 << 20  # per direction; tmpfs pages are only used once a payload touches them
 
 
-def send_frame(sock: socket.socket, payload: bytes | bytearray | memoryview) -> None:
-    """Length prefix and payload in one sendmsg (scatter-gather: the payload is not copied)."""
+class SharedArea:
+    """One same-node connection's shared memory: a file in /dev/shm (the temp dir where there is
+    none) mapped by the engine and the shard; the first half carries requests, the second half
+    replies. Only one message per direction is in flight, so a half is free again once its reader
+    has consumed the frame. The engine creates it, the shard opens it by path, and the engine
+    unlinks the name once both have it mapped."""
+
+    def __init__(self, path: str, half: int, create: bool) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, 2 * half)
+            self._map = mmap.mmap(fd, 2 * half)
+        finally:
+            os.close(fd)
+        self.path = path
+        view = memoryview(self._map)
+        self.requests, self.replies = view[:half], view[half:]
+
+    @classmethod
+    def create(cls, name: str, half: int = SHARED_AREA_BYTES) -> SharedArea:
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        return cls(os.path.join(base, name), half, create=True)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        """Releases the mapping once no frame view into it is alive any more (until then the
+        garbage collector keeps it)."""
+        with contextlib.suppress(BufferError):
+            self.requests.release()
+            self.replies.release()
+            self._map.close()
+
+
+def send_frame(
+    sock: socket.socket, payload: bytes | bytearray | memoryview, area: memoryview | None = None
+) -> None:
+    """Length prefix and payload: into `area` (one copy) with only the prefix on the socket, when
+    an area is given and the payload fits it; else both in one sendmsg (scatter-gather)."""
     view = memoryview(payload)
     n = view.nbytes
     if n == 0:  # (cast refuses views with a zero in their shape)
         sock.sendall(_FRAME.pack(0))
         return
     view = view.cast("B")
+    if area is not None and n <= area.nbytes:
+        area[:n] = view
+        sock.sendall(_FRAME.pack(n | _IN_AREA))
+        return
     sent = sock.sendmsg([_FRAME.pack(n), view]) - _FRAME.size
     if sent < 0:  # not even the prefix went out (a full socket buffer): plain sendall
         sock.sendall(_FRAME.pack(n)[sent:])
@@ -124,10 +176,15 @@ def send_frame(sock: socket.socket, payload: bytes | bytearray | memoryview) -> 
         sock.sendall(view[sent:])
 
 
-def recv_frame(sock: socket.socket) -> bytearray:
-    """One frame's payload, a fresh bytearray the caller owns; ConnectionError if the peer
-    closed (e.g. the shard died)."""
+def recv_frame(sock: socket.socket, area: memoryview | None = None) -> bytearray | memoryview:
+    """One frame's payload: a fresh bytearray the caller owns, or, for a frame sent through
+    `area`, a view of it that is valid until the peer's next frame (consume it first).
+    ConnectionError if the peer closed (e.g. the shard died)."""
     (n,) = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    if n & _IN_AREA:
+        if area is None:
+            raise ConnectionError("a shared-memory frame on a connection without an area")
+        return area[: n & ~_IN_AREA]
     return _recv_exact(sock, n)
 
 
@@ -199,12 +256,14 @@ class ExpertShard:
         ctx = ray.get_runtime_context()
         return str(ctx.get_node_id()), str(ray.util.get_node_ip_address()), os.getpid()
 
-    def serve_stream(self, kind: str, path: str = "") -> str:
+    def serve_stream(self, kind: str, path: str = "", area: str = "") -> str:
         """Serves `run` on one stream connection from a daemon thread: kind "unix" listens on
         the Unix socket `path` (the engine is on this node), "tcp" on a free port of this
         node's IP (the engine is elsewhere). Receives packed ShardBatch frames, answers each
-        with its result frame, stops when the engine closes the connection. Returns the
-        address to connect to ("path" or "host:port") once listening. Plain calls keep working."""
+        with its result frame, stops when the engine closes the connection. `area`: the path of
+        the engine's `SharedArea` for this connection (same node only), mapped before this
+        returns. Returns the address to connect to ("path" or "host:port") once listening.
+        Plain calls keep working."""
         if kind == "unix":
             srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             srv.bind(path)
@@ -218,19 +277,24 @@ class ExpertShard:
             address = f"{host}:{srv.getsockname()[1]}"
         else:
             raise ValueError(f"kind must be unix or tcp, got {kind!r}")
+        shared = SharedArea(area, os.path.getsize(area) // 2, create=False) if area else None
         srv.listen(1)
-        threading.Thread(target=self._serve, args=(srv, path), daemon=True).start()
+        threading.Thread(target=self._serve, args=(srv, path, shared), daemon=True).start()
         return address
 
-    def _serve(self, srv: socket.socket, path: str) -> None:
+    def _serve(self, srv: socket.socket, path: str, area: SharedArea | None = None) -> None:
+        requests = area.requests if area else None
+        replies = area.replies if area else None
         try:
             conn, _ = srv.accept()
             with conn:
                 if conn.family == socket.AF_INET:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 while True:
-                    out = self._compute(ShardBatch.unpack(recv_frame(conn)))  # [n, D] f32
-                    send_frame(conn, out.numpy().data)  # no copy
+                    batch = ShardBatch.unpack(recv_frame(conn, requests))
+                    out = self._compute(batch)  # [n, D] f32
+                    del batch  # (its tensors may view the request area)
+                    send_frame(conn, out.numpy().data, replies)  # no copy on the socket path
         except OSError:  # the engine closed the connection (or went away): this loop is done
             pass
         finally:
@@ -238,6 +302,8 @@ class ExpertShard:
             if path:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            if area is not None:
+                area.close()
 
     def run(self, msg: bytes) -> bytes:
         """Receives a packed ShardBatch, returns float32 [n, D] bytes: one weighted expert

@@ -4,6 +4,7 @@ dispatch deadline (a shard that never answers), a lost connection, and the shard
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -11,8 +12,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from moeray.workers.expert_shard import ExpertShard, ShardBatch, recv_frame, send_frame
-from moeray.workers.shard_transport import ShardLost, ShardTimeout, StreamTransport
+from moeray.workers.expert_shard import (
+    ExpertShard,
+    ShardBatch,
+    SharedArea,
+    recv_frame,
+    send_frame,
+)
+from moeray.workers.shard_transport import Link, ShardLost, ShardTimeout, StreamTransport
 
 
 def test_frames_cross_a_socket_whole_and_owned() -> None:
@@ -35,9 +42,7 @@ def test_frames_cross_a_socket_whole_and_owned() -> None:
 
 def _transport(socks: list[socket.socket]) -> StreamTransport:
     """A StreamTransport over connected sockets (the actors' part is tested with Ray)."""
-    t = StreamTransport.__new__(StreamTransport)
-    t.socks, t.kinds = socks, ["unix"] * len(socks)
-    return t
+    return StreamTransport([Link(s, "unix") for s in socks])
 
 
 def _echo(conn: socket.socket) -> None:
@@ -109,3 +114,66 @@ class _Listener:
 
     def close(self) -> None:
         pass
+
+
+def test_frames_through_a_shared_area_and_past_it() -> None:
+    """Same-node frames: a payload that fits the area crosses in it (only the header on the
+    socket) and arrives as a view of the area; a larger one falls back to the socket whole."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.settimeout(30)
+    b.settimeout(30)
+    engine = SharedArea.create(f"moeray-test-{os.getpid()}.shm", half=4096)
+    shard = SharedArea(engine.path, half=4096, create=False)
+    engine.unlink()
+    small = np.arange(1000, dtype=np.float32)  # 4000 bytes: fits
+    big = np.arange(5000, dtype=np.float32)  # 20000 bytes: does not
+    try:
+        send_frame(a, small.data, engine.requests)
+        b.setblocking(False)
+        header = b.recv(64)  # the socket carries the 8-byte header and nothing else
+        b.setblocking(True)
+        assert len(header) == 8
+        a.sendall(header)  # (replay it to the reader below)
+        got = recv_frame(b, shard.requests)
+        assert isinstance(got, memoryview)
+        assert np.array_equal(np.frombuffer(got, dtype=np.float32), small)
+        send_frame(a, big.data, engine.requests)
+        got = recv_frame(b, shard.requests)
+        assert isinstance(got, bytearray)
+        assert np.array_equal(np.frombuffer(got, dtype=np.float32), big)
+        assert not os.path.exists(engine.path)  # the name is gone, the mapping stays
+        del got
+    finally:
+        a.close()
+        b.close()
+        engine.close()
+        shard.close()
+
+
+def test_shard_serves_through_a_shared_area_as_run_does() -> None:
+    """The shard's loop with a shared area: request and reply cross in shared memory, and the
+    reply equals the plain `run` call's bytes; a batch bigger than the area still works."""
+    g = torch.Generator().manual_seed(2)
+    weights = {0: (torch.randn(3, 8, 4, generator=g), torch.randn(3, 4, 4, generator=g))}
+    shard = ExpertShard({0: [0, 1, 2]}, weights=weights)
+    ids = torch.tensor([[0, 2], [1, -1], [-1, -1]], dtype=torch.int32)
+    small = ShardBatch(0, torch.randn(3, 4, generator=g), torch.rand(3, 2, generator=g), ids)
+    big_ids = torch.randint(0, 3, (400, 2), generator=g, dtype=torch.int32)
+    big = ShardBatch(0, torch.randn(400, 4, generator=g), torch.rand(400, 2, generator=g), big_ids)
+    area = SharedArea.create(f"moeray-test-{os.getpid()}-serve.shm", half=4096)
+    engine, served = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    engine.settimeout(30)
+    served_area = SharedArea(area.path, half=4096, create=False)
+    area.unlink()
+    loop = threading.Thread(target=shard._serve, args=(_Listener(served), "", served_area))
+    loop.start()
+    transport = StreamTransport([Link(engine, "unix", area)])
+    try:
+        for batch in (small, big, small):
+            msg = batch.pack()
+            (reply,) = transport.round_trip([msg], 30.0)
+            assert bytes(reply) == shard.run(msg)
+    finally:
+        transport.close()
+    loop.join(timeout=30)
+    assert not loop.is_alive()

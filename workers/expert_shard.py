@@ -112,7 +112,7 @@ def pack_batch(
 
 _FRAME = struct.Struct("<Q")  # socket transport: every message is a length-prefixed frame
 _IN_AREA = 1 << 63  # header flag: the payload is in the shared-memory area, not on the socket
-SHARED_AREA_BYTES = 8 << 20  # per direction; tmpfs pages are only used once a payload touches them
+SHARED_AREA_BYTES = 4 << 20  # per direction and connection (larger payloads use the socket)
 
 
 class SharedArea:
@@ -126,9 +126,13 @@ class SharedArea:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
-            if create:
-                os.ftruncate(fd, 2 * half)
+            if create:  # reserved now: a full tmpfs fails here, not as SIGBUS on a later write
+                os.posix_fallocate(fd, 0, 2 * half)
             self._map = mmap.mmap(fd, 2 * half)
+        except OSError:
+            if create:
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self.path = path

@@ -795,15 +795,20 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
     before = await c.outcomes()
     rng = random.Random(7)
 
-    async def one_grpc() -> None:
+    async def one_grpc() -> bool:
+        """True if the client saw an answer (a message) before it left."""
         call = c._generate(gen_request("cancel me", "fast", 200), timeout=60)
+        answered = False
         with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
             async with asyncio.timeout(rng.uniform(0.0, 1.0)):
                 async for _ in call:
-                    pass
+                    answered = True
         call.cancel()
+        return answered
 
-    async def one_http() -> None:
+    async def one_http() -> bool:
+        """True if the client saw an answer (the response's headers) before it left."""
+        answered = False
         with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
             async with asyncio.timeout(rng.uniform(0.05, 1.0)):
                 async with c.http.post(
@@ -811,21 +816,35 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
                     data=http_body("cancel me", "fast", 200, stream=True),
                     headers={"content-type": "application/json"},
                 ) as r:
+                    answered = True
                     async for _ in r.content:
                         pass  # fmt: skip
+        return answered
 
-    await asyncio.gather(*(one_grpc() if i % 2 else one_http() for i in range(n)))
+    answered = await asyncio.gather(*(one_grpc() if i % 2 else one_http() for i in range(n)))
+    sent = {"grpc": n // 2, "http": n - n // 2}
+    unanswered = {"grpc": sum(1 for i, a in enumerate(answered) if i % 2 and not a),
+                  "http": sum(1 for i, a in enumerate(answered) if not i % 2 and not a)}  # fmt: skip
     freed = await c.kv_freed("fast")
     await asyncio.sleep(1.0)
+
+    def delta(after: Counter[tuple[str, str, str]], protocol: str = "", outcome: str = "") -> int:
+        return sum(after[k] - before.get(k, 0) for k in after if k[0] == "fast"
+                   and protocol in ("", k[1]) and outcome in ("", k[2]))  # fmt: skip
+
     after = await c.outcomes()
-    counted = sum(after[k] - before.get(k, 0) for k in after if k[0] == "fast")
-    cancelled = sum(after[k] - before.get(k, 0) for k in after
-                    if k[0] == "fast" and k[2] == "cancelled")  # fmt: skip
+    counted = delta(after)
+    per = "; ".join(f"{p} {delta(after, p)}/{sent[p]} ({unanswered[p]} left before any answer)"
+                    for p in sent)  # fmt: skip
+    late = ""
+    if counted != n:  # counted later (generators finalized), or never (the request never arrived)
+        await asyncio.sleep(10.0)
+        late = f"; {delta(await c.outcomes())}/{n} after 10 s more"
     ok = freed and counted == n
     return [Row(f"cancel storm ({n} streams)", "both",
                 "every KV block freed; every request counted",
-                f"KV {'freed' if freed else 'NOT freed'}; {counted}/{n} counted "
-                f"({cancelled} cancelled)", ok)]  # fmt: skip
+                f"KV {'freed' if freed else 'NOT freed'}; {counted}/{n} counted within 1 s "
+                f"({delta(after, outcome='cancelled')} cancelled): {per}{late}", ok)]  # fmt: skip
 
 
 # ---- faults ------------------------------------------------------------------------------------

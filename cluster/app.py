@@ -151,8 +151,13 @@ class LocalStack:
         self.ray_address = ray_address
         self.redis: Any = None
         self._ray_started = False
+        self._running = False
 
     def start(self, timeout_s: float = 300.0) -> LocalStack:
+        """Starts everything and waits until the front door serves; a second call (e.g. `with
+        LocalStack(...).start() as stack`) returns the running stack."""
+        if self._running:
+            return self
         import ray
         from ray import serve
 
@@ -180,6 +185,7 @@ class LocalStack:
         serve.start(proxy_location="Disabled", logging_config=_LOGGING)
         serve.run(build_app(self.config), name=APP_NAME, route_prefix=None, blocking=False)
         self._wait_running(timeout_s)
+        self._running = True
         return self
 
     def _wait_running(self, timeout_s: float) -> None:
@@ -226,6 +232,7 @@ class LocalStack:
         import ray
         from ray import serve
 
+        self._running = False
         try:
             if ray.is_initialized():
                 if self.ray_address:

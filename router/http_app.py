@@ -39,6 +39,7 @@ from moeray.router.metrics import CONTENT_TYPE
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,9 @@ def build_http_app(service: InferenceService) -> FastAPI:
         except HttpError as e:  # refused before routing: no tier yet
             service.metrics.requests.labels("", "http", "invalid").inc()
             return error_response(e.status, e.message, e.param, e.code)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            service.metrics.requests.labels("", "http", "cancelled").inc()
+            return Response(status_code=499)  # (never sent; no traceback logged)
         stream = service.generate(call, "http")  # counts its own outcomes from here on
         try:
             first = await anext(stream)

@@ -3,9 +3,10 @@ Retry-After; admitted requests that wait too long for a seat are refused and the
 cancelled; a huge prompt is refused without stalling other streams; cancels are counted.
 
 One served stack for the module: tier "fast" (4 seats, the router's limit of 4 in flight) and
-tier "slow" (1 seat, so requests queue behind it), router.max_queue_wait_s = 1.5 s. Timing bounds
-are generous (the machine is shared): they catch the multi-second stalls of the old path, while
-"before any engine work" is proven by the engine's own counters.
+tier "slow" (1 seat, so requests queue behind it), router.max_queue_wait_s = 1.5 s. The refusal
+latency at 10x the limit is held to issue 14's bound (p99 < 50 ms, asyncio clients); the other
+timing bounds are generous and catch the multi-second stalls of the old path, while "before any
+engine work" is proven by the engine's own counters.
 """
 
 from __future__ import annotations
@@ -205,7 +206,6 @@ def test_ten_times_overload_is_refused_within_50_ms(stack: LocalStack, stub: Any
         for protocol in ("grpc", "http"):
             times = asyncio.run(_refusal_latencies(stack, protocol))
             p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
-            print(f"\n{protocol}: p50 {p50 * 1e3:.1f} p99 {p99 * 1e3:.1f}")
             assert len(times) == REFUSALS
             assert p99 < 0.050, (
                 f"{protocol}: refusal p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"

@@ -7,7 +7,7 @@ process's node) advertises `moeray_bench_here`, one worker raylet `moeray_bench_
 actors land on the engine's node or on another raylet on demand.
 
 1. `dispatch`: one MoE layer of the "bench" preset shape (D=512, F=1024, E=8, top-2) over 2 shard
-   actors, per tokens-per-step T in 1, 8, 32, 128, for `same-node` (Unix sockets),
+   actors, per tokens-per-step T in 1, 8, 32, 128, for `same-node` (Unix sockets, payloads in shared memory),
    `across-raylets` (TCP) and `plain` (Ray actor calls, same node); `*_us` is the median,
    `*_min_us` the minimum:
    - dispatch_us: the round trip alone: pack one message per shard, send, receive, combine, with

@@ -792,39 +792,49 @@ async def huge_prompt(c: Clients) -> list[Row]:
 
 
 async def cancel_storm(c: Clients, n: int) -> list[Row]:
+    """n streams, half over each protocol, each cancelled by its client after a random time (before
+    or after its first answer). The HTTP clients use connections of their own: a keep-alive
+    connection left from an earlier scenario may have been closed by the server meanwhile, and a
+    request sent on it fails in the client (ServerDisconnectedError) without reaching moeray."""
     before = await c.outcomes()
     rng = random.Random(7)
 
-    async def one_grpc() -> bool:
-        """True if the client saw an answer (a message) before it left."""
+    async def one_grpc() -> str:
+        """How the client left: "answered" (after a message), "unanswered", or an error's name."""
         call = c._generate(gen_request("cancel me", "fast", 200), timeout=60)
-        answered = False
-        with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+        how = "unanswered"
+        with contextlib.suppress(asyncio.TimeoutError):
             async with asyncio.timeout(rng.uniform(0.0, 1.0)):
-                async for _ in call:
-                    answered = True
+                try:
+                    async for _ in call:
+                        how = "answered"
+                except grpc.aio.AioRpcError as e:
+                    how = e.code().name
         call.cancel()
-        return answered
+        return how
 
-    async def one_http() -> bool:
-        """True if the client saw an answer (the response's headers) before it left."""
-        answered = False
-        with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+    async def one_http(session: aiohttp.ClientSession) -> str:
+        how = "unanswered"
+        with contextlib.suppress(asyncio.TimeoutError):
             async with asyncio.timeout(rng.uniform(0.05, 1.0)):
-                async with c.http.post(
-                    c.served.http + "/v1/completions",
-                    data=http_body("cancel me", "fast", 200, stream=True),
-                    headers={"content-type": "application/json"},
-                ) as r:
-                    answered = True
-                    async for _ in r.content:
-                        pass  # fmt: skip
-        return answered
+                try:
+                    async with session.post(
+                        c.served.http + "/v1/completions",
+                        data=http_body("cancel me", "fast", 200, stream=True),
+                        headers={"content-type": "application/json"},
+                    ) as r:
+                        how = "answered"
+                        async for _ in r.content:
+                            pass
+                except aiohttp.ClientError as e:
+                    how = type(e).__name__
+        return how
 
-    answered = await asyncio.gather(*(one_grpc() if i % 2 else one_http() for i in range(n)))
-    sent = {"grpc": n // 2, "http": n - n // 2}
-    unanswered = {"grpc": sum(1 for i, a in enumerate(answered) if i % 2 and not a),
-                  "http": sum(1 for i, a in enumerate(answered) if not i % 2 and not a)}  # fmt: skip
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        hows = await asyncio.gather(*(one_grpc() if i % 2 else one_http(session)
+                                      for i in range(n)))  # fmt: skip
+    by = {"grpc": Counter(h for i, h in enumerate(hows) if i % 2),
+          "http": Counter(h for i, h in enumerate(hows) if not i % 2)}  # fmt: skip
     freed = await c.kv_freed("fast")
     await asyncio.sleep(1.0)
 
@@ -834,8 +844,8 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
 
     after = await c.outcomes()
     counted = delta(after)
-    per = "; ".join(f"{p} {delta(after, p)}/{sent[p]} ({unanswered[p]} left before any answer)"
-                    for p in sent)  # fmt: skip
+    per = "; ".join(f"{p} {delta(after, p)}/{sum(how.values())} ({_left(how)})"
+                    for p, how in by.items())  # fmt: skip
     late = ""
     if counted != n:  # counted later (generators finalized), or never (the request never arrived)
         await asyncio.sleep(10.0)
@@ -845,6 +855,12 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
                 "every KV block freed; every request counted",
                 f"KV {'freed' if freed else 'NOT freed'}; {counted}/{n} counted within 1 s "
                 f"({delta(after, outcome='cancelled')} cancelled): {per}{late}", ok)]  # fmt: skip
+
+
+def _left(how: Counter[str]) -> str:
+    """How a protocol's storm clients left: before any answer, and failures in the client."""
+    failed = [f", {k} {v}" for k, v in how.items() if k not in ("answered", "unanswered")]
+    return f"{how['unanswered']} left before any answer" + "".join(failed)
 
 
 # ---- faults ------------------------------------------------------------------------------------

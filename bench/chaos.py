@@ -815,6 +815,7 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
 
     async def one_http(session: aiohttp.ClientSession) -> str:
         how = "unanswered"
+        sent: dict[str, bool] = {}  # set by the trace once the request's headers are written
         with contextlib.suppress(asyncio.TimeoutError):
             async with asyncio.timeout(rng.uniform(0.05, 1.0)):
                 try:
@@ -822,15 +823,22 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
                         c.served.http + "/v1/completions",
                         data=http_body("cancel me", "fast", 200, stream=True),
                         headers={"content-type": "application/json"},
+                        trace_request_ctx=sent,
                     ) as r:
                         how = "answered"
                         async for _ in r.content:
                             pass
                 except aiohttp.ClientError as e:
                     how = type(e).__name__
-        return how
+        return how if how != "unanswered" or sent else "never sent"
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async def headers_sent(_: Any, ctx: Any, __: Any) -> None:
+        ctx.trace_request_ctx["sent"] = True
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(headers_sent)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     trace_configs=[trace]) as session:  # fmt: skip
         hows = await asyncio.gather(*(one_grpc() if i % 2 else one_http(session)
                                       for i in range(n)))  # fmt: skip
     by = {"grpc": Counter(h for i, h in enumerate(hows) if i % 2),
@@ -862,9 +870,10 @@ async def cancel_storm(c: Clients, n: int) -> list[Row]:
 
 
 def _left(how: Counter[str]) -> str:
-    """How a protocol's storm clients left: before any answer, and failures in the client."""
-    failed = [f", {k} {v}" for k, v in how.items() if k not in ("answered", "unanswered")]
-    return f"{how['unanswered']} left before any answer" + "".join(failed)
+    """How a protocol's storm clients left: before any answer, and the requests that never
+    left the client (HTTP: timed out before their headers were written) or failed in it."""
+    other = [f", {v} {k}" for k, v in how.items() if k not in ("answered", "unanswered")]
+    return f"{how['unanswered']} left before any answer" + "".join(other)
 
 
 # ---- faults ------------------------------------------------------------------------------------

@@ -45,6 +45,26 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def grpc_server_options(config: MoerayConfig) -> list[tuple[str, int]]:
+    """The front door's gRPC server arguments.
+
+    grpc-core queues calls that arrived but that the asyncio server has not picked up yet; past
+    `grpc.server.max_pending_requests` (default 1000) it drops a random share of new ones with a
+    bare CANCELLED (random early detection), before any moeray code can answer. A 10x burst
+    against the router's admission limit lost ~300 of 2304 calls that way, so the queue holds
+    10,000 calls or sixteen times everything the tiers admit, whichever is more: the router
+    refuses the excess itself, with RESOURCE_EXHAUSTED and a reason. Beyond three times that,
+    grpc-core still sheds load."""
+    admitted = config.router.max_inflight_per_tier * max(1, len(config.tiers))
+    pending = max(10_000, 16 * admitted)
+    return [
+        ("grpc.max_receive_message_length", config.router.max_message_bytes + 1024),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", 3 * pending),
+    ]
+
+
 class FrontDoor:
     """One router replica. config: the validated root config (state.redis_url set).
 
@@ -75,10 +95,7 @@ class FrontDoor:
         self.service = InferenceService(self.config, state)
         self.service.links.start()
         # gRPC
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", self.config.router.max_message_bytes
-                      + 1024), ("grpc.so_reuseport", 0)]
-        )  # fmt: skip
+        server = grpc.aio.server(options=grpc_server_options(self.config))
         add_to_server(InferenceServicer(self.service), server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

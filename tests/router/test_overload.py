@@ -216,6 +216,37 @@ def test_ten_times_overload_is_refused_within_50_ms(stack: LocalStack, stub: Any
     _wait_idle(stack, "fast")
 
 
+def test_a_burst_beyond_grpc_cores_pending_queue_gets_moerays_answers(stack: LocalStack) -> None:
+    """2000 calls at once (grpc-core's default pending queue holds 1000 and drops a random share
+    of the rest with a bare CANCELLED): every call gets an answer from moeray, a token or
+    RESOURCE_EXHAUSTED with its reason, and every refusal is counted."""
+    before = _metric(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
+    req = pb.GenerateRequest(prompt="burst", tier="fast", sampling=pb.SamplingParams(max_tokens=1))
+
+    async def burst() -> list[tuple[str, str]]:
+        async with grpc.aio.insecure_channel(stack.endpoints()["grpc"]) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+
+            async def one() -> tuple[str, str]:
+                try:
+                    async for _ in stub.Generate(req, timeout=120):
+                        pass
+                    return "OK", ""
+                except grpc.aio.AioRpcError as e:
+                    return e.code().name, e.details() or ""
+
+            return await asyncio.gather(*(one() for _ in range(2000)))
+
+    results = asyncio.run(burst())
+    codes = {code for code, _ in results}
+    assert codes <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    refused = [d for code, d in results if code == "RESOURCE_EXHAUSTED"]
+    assert refused and all("limit of 4" in d for d in refused)
+    counted = _metric(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
+    assert counted - before == len(refused)
+    _wait_idle(stack, "fast")
+
+
 def test_queue_wait_refuses_and_cancels_the_engine_call(stack: LocalStack, stub: Any) -> None:
     (held,) = _hold(stub, "slow", 1)  # the tier's one seat
     with ThreadPoolExecutor(2) as pool:

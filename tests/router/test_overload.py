@@ -2,7 +2,7 @@
 Retry-After; admitted requests that wait too long for a seat are refused and their engine calls
 cancelled; a huge prompt is refused without stalling other streams; cancels are counted.
 
-One served stack for the module: tier "fast" (4 seats, the router's limit of 4 in flight) and
+One served stack for the module: tier "fast" (4 seats, the router's limit of 3 in flight) and
 tier "slow" (1 seat, so requests queue behind it), router.max_queue_wait_s = 1.5 s. The refusal
 latency at 10x the limit is held to issue 14's bound (p99 < 50 ms, asyncio clients); the other
 timing bounds are generous and catch the multi-second stalls of the old path, while "before any
@@ -51,7 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             {"name": "fast", "model": str(ckpt), "engine": {**ENGINE, "max_num_seqs": 4}},
             {"name": "slow", "model": str(ckpt), "engine": {**ENGINE, "max_num_seqs": 1}},
         ],
-        router={"fast_tier": "fast", "reasoning_tier": "slow", "max_inflight_per_tier": 4,
+        router={"fast_tier": "fast", "reasoning_tier": "slow", "max_inflight_per_tier": 3,
                 "max_queue_wait_s": QUEUE_WAIT_S, "max_message_bytes": 5 * 2**20},
         serve={"grpc_port": free_port(), "http_port": free_port()},
     )  # fmt: skip
@@ -129,14 +129,14 @@ def _grpc_refusal(stub: pb_grpc.InferenceStub, tier: str) -> tuple[str, str, flo
 
 
 def test_overload_refused_before_engine_work(stack: LocalStack, stub: Any) -> None:
-    held = _hold(stub, "fast", 4)
+    held = _hold(stub, "fast", 3)
     before = _engine_stats(stack, "fast").prompt_tokens
     with ThreadPoolExecutor(16) as pool:
         grpc_results = list(pool.map(lambda _: _grpc_refusal(stub, "fast"), range(40)))
         body = {"model": "fast", "prompt": "one more", "max_tokens": 1}
         http_results = list(pool.map(lambda _: _http(stack, "/v1/completions", body), range(40)))
     assert {code for code, _, _ in grpc_results} == {"RESOURCE_EXHAUSTED"}
-    assert all("limit of 4" in details for _, details, _ in grpc_results)
+    assert all("limit of 3" in details for _, details, _ in grpc_results)
     assert max(t for _, _, t in grpc_results) < 5.0  # the old path: 15-23 s
     assert {status for status, _, _ in http_results} == {429}
     assert all(h.get("retry-after") == "1" for _, h, _ in http_results)
@@ -147,8 +147,8 @@ def test_overload_refused_before_engine_work(stack: LocalStack, stub: Any) -> No
     _wait_idle(stack, "fast")
 
 
-OVERLOAD_CLIENTS = 36  # with the 4 held streams: 40 requests in flight against 4 seats, 10x
-REFUSALS = 360
+OVERLOAD_CLIENTS = 27  # with the 3 held streams: 30 requests in flight against a limit of 3, 10x
+REFUSALS = 351
 
 
 async def _refusal_latencies(stack: LocalStack, protocol: str) -> list[float]:
@@ -200,8 +200,8 @@ async def _refusal_latencies(stack: LocalStack, protocol: str) -> list[float]:
 
 def test_ten_times_overload_is_refused_within_50_ms(stack: LocalStack, stub: Any) -> None:
     """Issue 14's bound: at 10x the tier's limit, p99 of the refusals under 50 ms on both
-    protocols (the machine otherwise idle but for the four streams holding the seats)."""
-    held = _hold(stub, "fast", 4)
+    protocols (the machine otherwise idle but for the three streams holding the seats)."""
+    held = _hold(stub, "fast", 3)
     try:
         for protocol in ("grpc", "http"):
             times = asyncio.run(_refusal_latencies(stack, protocol))
@@ -241,7 +241,7 @@ def test_a_burst_beyond_grpc_cores_pending_queue_gets_moerays_answers(stack: Loc
     codes = {code for code, _ in results}
     assert codes <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     refused = [d for code, d in results if code == "RESOURCE_EXHAUSTED"]
-    assert refused and all("limit of 4" in d for d in refused)
+    assert refused and all("limit of 3" in d for d in refused)
     counted = _metric(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
     assert counted - before == len(refused)
     _wait_idle(stack, "fast")

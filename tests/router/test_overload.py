@@ -211,9 +211,6 @@ def test_ten_times_overload_is_refused_within_50_ms(stack: LocalStack, stub: Any
             finally:
                 gc.enable()
             p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
-            print(
-                f"\n{protocol}: p50 {p50 * 1e3:.1f} p99 {p99 * 1e3:.1f} max {times[-1] * 1e3:.1f}"
-            )
             assert len(times) == REFUSALS
             assert p99 < 0.050, (
                 f"{protocol}: refusal p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,9 +46,9 @@ from moeray.cluster.state_messages import Placement
 from moeray.router.client import MoerayClient
 from moeray.workers.engine import LLMEngine
 from moeray.workers.io_struct import SamplingParams
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.checkpoints import tiny_config, write_demo_tokenizer
+from tests.scrape import by_name
 
 SLOT = "moeray_expert_slot"
 TIER = "skewed"
@@ -221,14 +220,6 @@ def stack(ray_cluster: Any, checkpoint: Path) -> Iterator[LocalStack]:
         st.close()
 
 
-@pytest.fixture(scope="module")
-def state(stack: LocalStack) -> Iterator[ClusterState]:
-    s = stack.config.state
-    cs = ClusterState(s.redis_url or "", s.cluster, load_window_s=s.load_window_s)
-    yield cs
-    cs.close()
-
-
 def wait_for(cond: Callable[[], Any], timeout_s: float = 60.0, every_s: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -277,17 +268,6 @@ class Traffic:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-
-
-def metrics(stack: LocalStack) -> dict[str, list[Any]]:
-    url = stack.endpoints()["http"].removesuffix("/v1") + "/metrics"
-    with urllib.request.urlopen(url, timeout=60) as r:
-        text = r.read().decode()
-    out: dict[str, list[Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append(sample)
-    return out
 
 
 def tier_value(m: dict[str, list[Any]], name: str, **labels: str) -> float | None:
@@ -339,7 +319,7 @@ def test_advisory_publishes_the_plan_and_changes_nothing(
     assert state.read_epoch(TIER) == epoch  # nothing changed
     assert len(state.shard_directory(TIER)) == 3
 
-    m = metrics(stack)
+    m = by_name(stack)
     assert (tier_value(m, "moeray_autoscaler_plans_total", mode="advisory", outcome="advised")
             or 0) >= 1  # fmt: skip
     assert (tier_value(m, "moeray_expert_balancedness") or 1.0) < 0.7
@@ -391,14 +371,14 @@ def test_active_applies_the_advised_plan_under_200_streams(
     def balanced() -> bool:
         traffic.send(8)
         traffic.wait()
-        return (tier_value(metrics(stack), "moeray_expert_balancedness") or 0) >= 0.9
+        return (tier_value(by_name(stack), "moeray_expert_balancedness") or 0) >= 0.9
 
     try:
         assert wait_for(balanced, 120, every_s=0.5)
         assert traffic.failures == []
     finally:
         traffic.close()
-    m = metrics(stack)
+    m = by_name(stack)
     assert (tier_value(m, "moeray_autoscaler_plans_total", mode="active", outcome="applied")
             or 0) >= 1  # fmt: skip
     assert tier_value(m, "moeray_expert_replicas", layer="0", expert="3") == 3.0

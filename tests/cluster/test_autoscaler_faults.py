@@ -67,14 +67,6 @@ def stack(checkpoint: Path) -> Iterator[LocalStack]:
         cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def state(stack: LocalStack) -> Iterator[ClusterState]:
-    s = stack.config.state
-    cs = ClusterState(s.redis_url or "", s.cluster, load_window_s=s.load_window_s)
-    yield cs
-    cs.close()
-
-
 def test_controller_and_a_shard_killed_mid_plan_fail_no_request(
     stack: LocalStack, state: ClusterState, expected: Any
 ) -> None:

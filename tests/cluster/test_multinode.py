@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,9 +40,9 @@ from moeray.cluster.state import ClusterState
 from moeray.router.client import MoerayClient
 from moeray.workers.engine import LLMEngine
 from moeray.workers.io_struct import SamplingParams
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.checkpoints import make_tiny_checkpoint
+from tests.scrape import by_name
 
 SLOT = "moeray_expert_slot"
 # tier -> (architecture, config overrides, shards): every architecture, K in {1, 2, 4, 8}, and
@@ -195,17 +194,6 @@ def test_served_sharded_tiers_equal_in_process_on_worker_nodes(
         state.close()
 
 
-def _metrics(stack: LocalStack) -> dict[str, list[Any]]:
-    url = stack.endpoints()["http"].removesuffix("/v1") + "/metrics"
-    with urllib.request.urlopen(url, timeout=60) as r:
-        text = r.read().decode()
-    out: dict[str, list[Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append(sample)
-    return out
-
-
 def test_metrics_and_cli_show_load_on_every_shard(
     stack: LocalStack, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -224,7 +212,7 @@ def test_metrics_and_cli_show_load_on_every_shard(
     shards = status.shard_tokens()
     assert len(shards) == 2 and all(n > 0 for n in shards.values())
 
-    metrics = _metrics(stack)
+    metrics = by_name(stack)
     totals = [s for s in metrics["moeray_expert_tokens_total"] if s.labels["tier"] == tier]
     assert {(int(s.labels["layer"]), int(s.labels["expert"])) for s in totals} == {
         (li, e) for li in range(status.placement.num_layers) for e in range(9)

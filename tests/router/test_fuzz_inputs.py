@@ -26,7 +26,8 @@ from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
 from moeray.v1 import inference_pb2 as pb
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.scrape import metric_sum
 
 FAST = {"max_model_len": 64, "max_tokens_limit": 8, "num_kv_blocks": 32, "block_size": 16}
 MAX_BYTES = 8192
@@ -76,12 +77,7 @@ def _post(stack: LocalStack, path: str, body: bytes) -> tuple[int, dict[str, Any
 
 
 def _requests_total(stack: LocalStack) -> float:
-    url = stack.endpoints()["http"].removesuffix("/v1") + "/metrics"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        text = r.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text)
-               if f.name == "moeray_requests" for s in f.samples
-               if s.name == "moeray_requests_total")  # fmt: skip
+    return metric_sum(stack, "moeray_requests_total")
 
 
 def _ld(field: int, payload: bytes) -> bytes:

@@ -37,7 +37,8 @@ from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers.engine_service import STATS, client_metadata, decode_stats, encode
 from moeray.workers.io_struct import StatsRequest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.scrape import metric_sum
 
 ENGINE = {"max_model_len": 4096, "max_tokens_limit": 4000, "num_kv_blocks": 1100}
 QUEUE_WAIT_S = 1.5
@@ -93,13 +94,6 @@ def _engine_stats(stack: LocalStack, tier: str) -> Any:
         return call(StatsRequest(), timeout=30, metadata=client_metadata(ep.token))
 
 
-def _metric(stack: LocalStack, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(stack.endpoints()["http"].removesuffix("/v1") + "/metrics") as r:
-        text = r.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))  # fmt: skip
-
-
 def _wait_idle(stack: LocalStack, tier: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -142,7 +136,7 @@ def test_overload_refused_before_engine_work(stack: LocalStack, stub: Any) -> No
     assert {status for status, _, _ in http_results} == {429}
     assert all(h.get("retry-after") == "1" for _, h, _ in http_results)
     assert _engine_stats(stack, "fast").prompt_tokens == before  # no refused prompt reached it
-    assert _metric(stack, "moeray_requests_total", tier="fast", outcome="overloaded") >= 80
+    assert metric_sum(stack, "moeray_requests_total", tier="fast", outcome="overloaded") >= 80
     for c in held:
         c.cancel()
     _wait_idle(stack, "fast")
@@ -225,7 +219,7 @@ def test_a_burst_beyond_grpc_cores_pending_queue_gets_moerays_answers(stack: Loc
     """2000 calls at once (grpc-core's default pending queue holds 1000 and drops a random share
     of the rest with a bare CANCELLED): every call gets an answer from moeray, a token or
     RESOURCE_EXHAUSTED with its reason, and every refusal is counted."""
-    before = _metric(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
+    before = metric_sum(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
     req = pb.GenerateRequest(prompt="burst", tier="fast", sampling=pb.SamplingParams(max_tokens=1))
 
     async def burst() -> list[tuple[str, str]]:
@@ -247,7 +241,7 @@ def test_a_burst_beyond_grpc_cores_pending_queue_gets_moerays_answers(stack: Loc
     assert codes <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     refused = [d for code, d in results if code == "RESOURCE_EXHAUSTED"]
     assert refused and all("limit of 3" in d for d in refused)
-    counted = _metric(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
+    counted = metric_sum(stack, "moeray_requests_total", outcome="overloaded", protocol="grpc")
     assert counted - before == len(refused)
     _wait_idle(stack, "fast")
 
@@ -311,11 +305,11 @@ def test_huge_prompt_refused_without_stalling_a_stream(stack: LocalStack, stub: 
 
 
 def test_client_cancels_are_counted(stack: LocalStack, stub: Any) -> None:
-    before = _metric(stack, "moeray_requests_total", outcome="cancelled")
+    before = metric_sum(stack, "moeray_requests_total", outcome="cancelled")
     for c in _hold(stub, "fast", 3):
         c.cancel()
     deadline = time.monotonic() + 20  # their seats are free again (the router's limit is 3)
-    while _metric(stack, "moeray_requests_total", outcome="cancelled") - before < 3:
+    while metric_sum(stack, "moeray_requests_total", outcome="cancelled") - before < 3:
         assert time.monotonic() < deadline, "gRPC cancels not counted"
         time.sleep(0.05)
     url = stack.endpoints()["http"].removesuffix("/v1") + "/v1/completions"
@@ -326,13 +320,13 @@ def test_client_cancels_are_counted(stack: LocalStack, stub: Any) -> None:
         with urllib.request.urlopen(req, timeout=60) as r:
             r.readline()  # the first event, then the connection closes
     deadline = time.monotonic() + 20
-    while _metric(stack, "moeray_requests_total", outcome="cancelled") - before < 5:
+    while metric_sum(stack, "moeray_requests_total", outcome="cancelled") - before < 5:
         assert time.monotonic() < deadline, "cancels not counted"
         time.sleep(0.2)
     _wait_idle(stack, "fast")
     # a client that leaves while sending its body: cancelled before routing (tier "")
     labels = {"tier": "", "protocol": "http", "outcome": "cancelled"}
-    early = _metric(stack, "moeray_requests_total", **labels)
+    early = metric_sum(stack, "moeray_requests_total", **labels)
     for _ in range(2):
         address = ("127.0.0.1", stack.config.serve.http_port)
         with socket.create_connection(address, timeout=10) as sock:
@@ -340,6 +334,6 @@ def test_client_cancels_are_counted(stack: LocalStack, stub: Any) -> None:
                          b"application/json\r\ncontent-length: 200\r\n\r\n{\"model\": ")  # fmt: skip
             time.sleep(0.2)  # the handler is reading the body
     deadline = time.monotonic() + 20
-    while _metric(stack, "moeray_requests_total", **labels) - early < 2:
+    while metric_sum(stack, "moeray_requests_total", **labels) - early < 2:
         assert time.monotonic() < deadline, "clients that left mid-body not counted"
         time.sleep(0.2)

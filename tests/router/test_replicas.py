@@ -24,9 +24,8 @@ from moeray.cluster.redis_server import free_port
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers import LLM, SamplingParams
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.router.test_serving import _http
+from tests.scrape import samples
 
 ENGINE = {"max_model_len": 512, "num_kv_blocks": 128, "block_size": 16, "max_tokens_limit": 400}
 SYSTEM = "You are moeray's test assistant; answer briefly and precisely. " * 5  # ~320 chars
@@ -65,12 +64,7 @@ def stub(stack: LocalStack) -> Iterator[pb_grpc.InferenceStub]:
 
 
 def metrics(stack: LocalStack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = _http(stack.endpoints()["http"].removesuffix("/v1") + "/metrics")[2].decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples(stack)}
 
 
 def replica_ids(stub: pb_grpc.InferenceStub, tier: str) -> list[str]:

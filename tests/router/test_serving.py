@@ -32,7 +32,8 @@ from moeray.cluster.redis_server import free_port
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers import LLM, SamplingParams
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.scrape import samples
 
 FAST = {"max_model_len": 64, "max_tokens_limit": 32, "num_kv_blocks": 16, "block_size": 16}
 REASONING = {"max_model_len": 4096, "max_tokens_limit": 4000, "num_kv_blocks": 300}
@@ -107,14 +108,11 @@ def _http(url: str, body: bytes | None = None) -> tuple[int, dict[str, str], byt
 
 
 def _engine_gauges(stack: LocalStack, tier: str) -> dict[str, float]:
-    text = _http(stack.endpoints()["http"].removesuffix("/v1") + "/metrics")[2].decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "moeray_engine":
-            for s in fam.samples:
-                if s.labels["tier"] == tier:
-                    out[s.labels["field"]] = s.value
-    return out
+    return {
+        s.labels["field"]: s.value
+        for s in samples(stack)
+        if s.name == "moeray_engine" and s.labels["tier"] == tier
+    }
 
 
 def _wait_kv_freed(stack: LocalStack, tier: str, timeout_s: float = 60.0) -> dict[str, float]:

@@ -51,7 +51,7 @@ from moeray.cluster.expert_parallel import apply_expert_parallel
 from moeray.cluster.placement import initial_placement
 from moeray.workers.engine import LLMEngine
 from moeray.workers.expert_routing import dispatch_plan
-from moeray.workers.expert_shard import pack_parts, raw_rows
+from moeray.workers.expert_shard import pack_batch, raw_rows
 from moeray.workers.moe import LocalExperts
 from moeray.workers.ray_experts import RayExperts, ShardResources, WeightSource
 
@@ -128,7 +128,7 @@ def bench_dispatch(dtype: torch.dtype) -> None:
                     # every shard gets the whole batch with no expert of its own: bytes only,
                     # packed per shard from numpy views as RayExperts.forward_layer packs them
                     raw, wts = raw_rows(h), w.float().numpy()  # noqa: B023
-                    msgs = [pack_parts(0, raw, h.dtype, wts, masked) for _ in range(SHARDS)]  # noqa: B023
+                    msgs = [pack_batch(0, raw, h.dtype, wts, masked) for _ in range(SHARDS)]  # noqa: B023
                     return backend._active.round_trip(msgs, 1.0)  # noqa: B023
 
                 dispatch = timed_us(round_trip)

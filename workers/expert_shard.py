@@ -89,32 +89,6 @@ def raw_rows(hidden: torch.Tensor) -> np.ndarray:
     return hidden.contiguous().view(torch.uint8).numpy()
 
 
-Parts = tuple[memoryview, ...]  # one message as its pieces in order (header, ids, weights, rows)
-
-
-def pack_parts(
-    layer: int,
-    hidden_raw: np.ndarray,
-    dtype: torch.dtype,
-    weights: np.ndarray,
-    local_ids: np.ndarray,
-) -> Parts:
-    """ShardBatch.pack on numpy views, left in pieces (the engine's per-layer hot path): a stream
-    connection writes them into its shared area or hands them to one sendmsg, so the rows are
-    copied once on their way, not joined first. hidden_raw [t, D * itemsize] uint8, weights
-    [t, K] float32, local_ids [t, K] int32."""
-    t = hidden_raw.shape[0]
-    d = hidden_raw.shape[1] // dtype.itemsize
-    header = np.array([layer, t, local_ids.shape[1], d, _DTYPES.index(dtype)], dtype=np.int32)
-    arrays = (
-        header,
-        np.ascontiguousarray(local_ids, dtype=np.int32),
-        np.ascontiguousarray(weights, dtype=np.float32),
-        np.ascontiguousarray(hidden_raw),
-    )
-    return tuple(a.reshape(-1).view(np.uint8).data for a in arrays)  # flat byte views
-
-
 def pack_batch(
     layer: int,
     hidden_raw: np.ndarray,
@@ -122,8 +96,18 @@ def pack_batch(
     weights: np.ndarray,
     local_ids: np.ndarray,
 ) -> bytes:
-    """pack_parts as one bytes object (Ray calls and tests)."""
-    return b"".join(pack_parts(layer, hidden_raw, dtype, weights, local_ids))
+    """ShardBatch.pack on numpy views (the engine's per-layer hot path slices rows in numpy):
+    hidden_raw [t, D * itemsize] uint8, weights [t, K] float32, local_ids [t, K] int32."""
+    t = hidden_raw.shape[0]
+    d = hidden_raw.shape[1] // dtype.itemsize
+    header = np.array([layer, t, local_ids.shape[1], d, _DTYPES.index(dtype)], dtype=np.int32)
+    parts = (
+        header,
+        np.ascontiguousarray(local_ids, dtype=np.int32),
+        np.ascontiguousarray(weights, dtype=np.float32),
+        np.ascontiguousarray(hidden_raw),
+    )
+    return b"".join([p.data for p in parts])  # numpy buffers, one copy into the message
 
 
 _FRAME = struct.Struct("<Q")  # socket transport: every message is a length-prefixed frame
@@ -174,35 +158,26 @@ class SharedArea:
 
 
 def send_frame(
-    sock: socket.socket,
-    payload: bytes | bytearray | memoryview | Parts,
-    area: memoryview | None = None,
+    sock: socket.socket, payload: bytes | bytearray | memoryview, area: memoryview | None = None
 ) -> None:
-    """Length prefix and payload (one buffer, or a message's parts): into `area` (one copy) with
-    only the prefix on the socket, when an area is given and the payload fits it; else all in one
-    sendmsg (scatter-gather, no copy)."""
-    parts = payload if isinstance(payload, tuple) else (memoryview(payload),)
-    # (empty parts are dropped: cast refuses views with a zero in their shape)
-    views = [memoryview(b).cast("B") for b in parts if memoryview(b).nbytes]
-    n = sum(v.nbytes for v in views)
-    if area is not None and 0 < n <= area.nbytes:
-        at = 0
-        for v in views:
-            area[at : at + v.nbytes] = v
-            at += v.nbytes
+    """Length prefix and payload: into `area` (one copy) with only the prefix on the socket, when
+    an area is given and the payload fits it; else both in one sendmsg (scatter-gather)."""
+    view = memoryview(payload)
+    n = view.nbytes
+    if n == 0:  # (cast refuses views with a zero in their shape)
+        sock.sendall(_FRAME.pack(0))
+        return
+    view = view.cast("B")
+    if area is not None and n <= area.nbytes:
+        area[:n] = view
         sock.sendall(_FRAME.pack(n | _IN_AREA))
         return
-    sent = sock.sendmsg([_FRAME.pack(n), *views])
-    if sent < _FRAME.size:  # not even the prefix went out (a full socket buffer)
+    sent = sock.sendmsg([_FRAME.pack(n), view]) - _FRAME.size
+    if sent < 0:  # not even the prefix went out (a full socket buffer): plain sendall
         sock.sendall(_FRAME.pack(n)[sent:])
-        sent = _FRAME.size
-    sent -= _FRAME.size
-    for v in views:  # what sendmsg left: the rest of the view it stopped in, then the others
-        if sent >= v.nbytes:
-            sent -= v.nbytes
-            continue
-        sock.sendall(v[sent:])
         sent = 0
+    if sent < n:
+        sock.sendall(view[sent:])
 
 
 def recv_frame(sock: socket.socket, area: memoryview | None = None) -> bytearray | memoryview:

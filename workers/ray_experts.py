@@ -57,7 +57,7 @@ from moeray.workers.expert_routing import (
     combine_in_expert_order,
     dispatch_plan,
 )
-from moeray.workers.expert_shard import Parts, pack_parts, raw_rows
+from moeray.workers.expert_shard import pack_batch, raw_rows
 from moeray.workers.shard_pool import (
     ShardInfo,
     ShardPool,
@@ -236,7 +236,7 @@ class _Active:
         )
         return self
 
-    def round_trip(self, msgs: list[Parts | None], deadline_s: float) -> list[Reply]:
+    def round_trip(self, msgs: list[bytes | None], deadline_s: float) -> list[Reply]:
         assert self.transport is not None
         if not self.excluded:
             return self.transport.round_trip(msgs, deadline_s)
@@ -361,15 +361,15 @@ class RayExperts:
         for attempt in range(MAX_RECOVERIES + 1):
             a = self._active
             parts = dispatch_plan(a.routes[layer], ids, self.step, a.excluded)
-            msgs: list[Parts | None] = []
+            msgs: list[bytes | None] = []
             for p in parts:
                 if not p.mask.any():
                     msgs.append(None)
                 elif p.rows is None:
-                    msgs.append(pack_parts(layer, raw, hidden.dtype, weights, p.local_ids))
+                    msgs.append(pack_batch(layer, raw, hidden.dtype, weights, p.local_ids))
                 else:
                     msgs.append(
-                        pack_parts(layer, raw[p.rows], hidden.dtype, weights[p.rows], p.local_ids)
+                        pack_batch(layer, raw[p.rows], hidden.dtype, weights[p.rows], p.local_ids)
                     )
             start = time.monotonic()
             try:

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from moeray.workers.expert_shard import Parts, SharedArea, recv_frame, send_frame
+from moeray.workers.expert_shard import SharedArea, recv_frame, send_frame
 from ray.exceptions import GetTimeoutError, RayActorError
 
-Message = bytes | Parts  # one packed ShardBatch, whole or in its parts (expert_shard.pack_parts)
 Reply = bytes | bytearray | memoryview  # a shard's float32 [n, D]: a frame we own, or a view
 # of the connection's shared memory
 TRANSPORTS = ("socket", "plain")
@@ -116,7 +115,7 @@ class StreamTransport:
                     area.unlink()
         return cls(links)
 
-    def round_trip(self, msgs: Sequence[Message | None], deadline_s: float) -> list[Reply]:
+    def round_trip(self, msgs: Sequence[bytes | None], deadline_s: float) -> list[Reply]:
         """Sends msgs[j] to shard j (None: nothing for it this time, its reply is b""), returns
         every reply; ShardTimeout / ShardLost. A reply may view the connection's shared memory:
         consume it before the next round trip."""
@@ -189,11 +188,9 @@ class PlainTransport:
     def __init__(self, handles: Sequence[Any]) -> None:
         self.handles = list(handles)
 
-    def round_trip(self, msgs: Sequence[Message | None], deadline_s: float) -> list[Reply]:
+    def round_trip(self, msgs: Sequence[bytes | None], deadline_s: float) -> list[Reply]:
         refs = {
-            j: h.run.remote(m if isinstance(m, bytes) else b"".join(m))
-            for j, (h, m) in enumerate(zip(self.handles, msgs))
-            if m is not None
+            j: h.run.remote(m) for j, (h, m) in enumerate(zip(self.handles, msgs)) if m is not None
         }
         out: list[Reply] = [b""] * len(self.handles)
         if not refs:

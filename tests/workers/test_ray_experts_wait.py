@@ -16,9 +16,6 @@ from moeray.workers.expert_shard import (
     ExpertShard,
     ShardBatch,
     SharedArea,
-    pack_batch,
-    pack_parts,
-    raw_rows,
     recv_frame,
     send_frame,
 )
@@ -180,32 +177,3 @@ def test_shard_serves_through_a_shared_area_as_run_does() -> None:
         transport.close()
     loop.join(timeout=30)
     assert not loop.is_alive()
-
-
-def test_a_message_in_parts_crosses_whole_by_socket_and_by_area() -> None:
-    """pack_parts' pieces arrive as the same bytes as pack_batch's joined message: through one
-    sendmsg (larger than the socket buffer, so sendmsg stops inside a part) and through an area."""
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(40_000, 16, generator=g)  # 2.5 MB of rows
-    ids = torch.randint(-1, 4, (40_000, 2), generator=g, dtype=torch.int32)
-    args = (1, raw_rows(hidden), hidden.dtype, torch.rand(40_000, 2, generator=g).numpy(),
-            ids.numpy())  # fmt: skip
-    whole = pack_batch(*args)
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    a.settimeout(30)
-    b.settimeout(30)
-    area = SharedArea.create(f"moeray-test-{os.getpid()}-parts.shm", half=4 << 20)
-    area.unlink()
-    try:
-        sender = threading.Thread(target=send_frame, args=(a, pack_parts(*args)))
-        sender.start()
-        assert bytes(recv_frame(b)) == whole
-        sender.join(timeout=30)
-        send_frame(a, pack_parts(*args), area.requests)
-        got = recv_frame(b, area.requests)
-        assert isinstance(got, memoryview) and bytes(got) == whole
-        del got
-    finally:
-        a.close()
-        b.close()
-        area.close()

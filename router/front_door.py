@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import threading
@@ -90,6 +91,11 @@ class FrontDoor:
         self._tasks: list[asyncio.Task[Any]] = []
         started = asyncio.run_coroutine_threadsafe(self._start(state), self._loop)
         started.result(60.0)
+        # What startup built (Ray, gRPC, the policy) lives as long as the process: moved out of
+        # the collector's view, a full collection no longer walks it. Measured under 10x
+        # overload: a 145 ms gen-2 pause before, none over 2 ms after (docs/RELIABILITY.md).
+        gc.collect()
+        gc.freeze()
 
     async def _start(self, state: Any) -> None:
         self.service = InferenceService(self.config, state)

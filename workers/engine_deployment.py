@@ -14,6 +14,7 @@ another replica, since they had not started), and finishes its open streams befo
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -88,6 +89,11 @@ class EngineServer:
         self._announcer = registry.announce(tier.name, self.replica_id, address, self.service.token)
         self._drained = False
         log.info("engine %s of tier %s serves on %s", self.replica_id, tier.name, address)
+        # The model and everything startup built live as long as the replica: frozen, a full
+        # collection walks only what requests allocate and no longer stalls a decode step (as
+        # vLLM's engine core does after start-up).
+        gc.collect()
+        gc.freeze()
 
     def stats(self) -> EngineStats:
         """This replica's EngineStats (sent by the service's Stats call)."""

@@ -2,8 +2,8 @@
 
 `engine_actor_options(tier)` gives the `ray_actor_options` of a tier's engine deployment:
 the CPUs and GPUs of `tiers[].num_cpus` / `num_gpus`, and a `runtime_env` whose environment
-variables size torch's thread pools and stop idle OpenMP workers from spinning
-(`workers/cpu_tuning.cpu_process_env`): those must be set before the replica's process imports
+variables size torch's thread pools and, for a tier with expert shards, stop idle OpenMP
+workers from spinning (`workers/cpu_tuning.cpu_process_env`): those must be set before the replica's process imports
 torch, which only its creator can do. Whatever else the app puts in the runtime_env (e.g.
 logging setup) is merged by the caller.
 """
@@ -34,7 +34,12 @@ def engine_actor_options(tier: TierConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "num_cpus": tier.num_cpus,
         "num_gpus": tier.num_gpus,
-        "runtime_env": {"env_vars": cpu_process_env(engine_threads(tier))},
+        "runtime_env": {
+            # an engine with expert shards waits on them every layer: no spinning meanwhile
+            "env_vars": cpu_process_env(
+                engine_threads(tier), waits_on_peers=tier.experts.shards > 0
+            )
+        },
     }
     if tier.resource:
         options["resources"] = {tier.resource: 1}

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,24 +45,42 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self._max_queue = engine.config.max_queue
+    """build: makes the LLMEngine; it runs on the engine thread, which then owns the engine.
+
+    Building there matters on CPU: torch's OpenMP pool belongs to the thread that starts a
+    parallel region, so a model loaded on one thread and stepped on another leaves two pools in
+    the process, more OpenMP threads than cores, and libgomp then has idle workers sleep almost
+    at once instead of spinning between the hundreds of short parallel regions of a step:
+    a decode step of the bench model at 10 sequences took 64 ms instead of 35-38 ms
+    (docs/BENCHMARKS.md, "OpenMP's wait policy"). Raises what `build` raised.
+    """
+
+    def __init__(self, build: Callable[[], LLMEngine]) -> None:
         self._commands: deque[tuple[str, str, Any, Any]] = deque()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams and the pending-add count
         self._pending_adds = 0
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="moeray-engine", daemon=True)
+        built: list[LLMEngine | BaseException] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(build, built, ready), name="moeray-engine", daemon=True
+        )
         self._thread.start()
+        ready.wait()  # set by the thread once `build` returned or raised
+        if isinstance(built[0], BaseException):
+            self._thread.join()
+            raise built[0]
+        self.engine: LLMEngine = built[0]
+        self.tokenizer = self.engine.tokenizer
+        self._max_queue = self.engine.config.max_queue
 
     @classmethod
     def from_pretrained(
         cls, model_path: str | Path, config: EngineConfig | None = None, dtype: str = "auto"
     ) -> AsyncLLMEngine:
-        return cls(LLMEngine(model_path, config, dtype=dtype))
+        return cls(lambda: LLMEngine(model_path, config, dtype=dtype))
 
     # ---- caller side (any thread with a running event loop) ----------------------------------
 
@@ -179,8 +197,18 @@ class AsyncLLMEngine:
 
     # ---- engine thread -----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        engine = self.engine
+    def _run(
+        self, build: Callable[[], LLMEngine], built: list[Any], ready: threading.Event
+    ) -> None:
+        try:
+            built.append(build())
+        except BaseException as e:  # handed to the constructor, which raises it
+            built.append(e)
+        finally:
+            ready.set()
+        engine = built[0]
+        if isinstance(engine, BaseException):
+            return
         while not self._stopping:
             self._drain_commands()
             if not engine.has_unfinished():

@@ -9,10 +9,10 @@ applied afterwards, the way gpt-fast applies tensor parallelism to a finished mo
   (OpenBLAS) at one thread with threadpoolctl: numpy only does bookkeeping here, and a second
   BLAS thread pool busy-waits beside torch's OpenMP workers and starves them on a small node.
   Greedy tokens stay those of transformers (tests/workers/test_cpu_tuning.py).
-- `cpu_process_env(num_threads)` is the environment of a process that runs CPU torch work (an
-  engine replica, an expert shard): thread counts and the OpenMP wait policy must be set before
-  torch loads its OpenMP runtime, so they belong where the process is created (a Ray
-  `runtime_env`), not in code that runs after `import torch`.
+- `cpu_process_env(num_threads, waits_on_peers=...)` is the environment of a process that runs
+  CPU torch work (an engine replica, an expert shard): thread counts and the OpenMP wait policy
+  must be set before torch loads its OpenMP runtime, so they belong where the process is
+  created (a Ray `runtime_env`), not in code that runs after `import torch`.
 
 Nothing here changes per step: no thread counts flipped, no calls into an OpenMP runtime.
 """
@@ -62,22 +62,25 @@ def apply_cpu_tuning(model: nn.Module) -> nn.Module:
     return model
 
 
-def cpu_process_env(num_threads: int) -> dict[str, str]:
+def cpu_process_env(num_threads: int, *, waits_on_peers: bool) -> dict[str, str]:
     """Environment variables for a process that runs CPU torch work on `num_threads` cores.
 
-    For Ray: `runtime_env={"env_vars": cpu_process_env(n)}` where the engine replica or shard
-    actor is created. OMP_NUM_THREADS / MKL_NUM_THREADS size torch's intra-op pool;
-    OPENBLAS_NUM_THREADS=1 keeps numpy's BLAS single-threaded; OMP_WAIT_POLICY=PASSIVE makes
-    idle OpenMP workers sleep at once instead of busy-waiting for milliseconds after every
-    parallel region, so an engine waiting for its expert shards, or two processes sharing a
-    node, do not take each other's cores (measured in docs/BENCHMARKS.md).
+    For Ray: `runtime_env={"env_vars": cpu_process_env(n, ...)}` where the engine replica or
+    shard actor is created. OMP_NUM_THREADS / MKL_NUM_THREADS size torch's intra-op pool;
+    OPENBLAS_NUM_THREADS=1 keeps numpy's BLAS single-threaded.
+
+    waits_on_peers: the process spends its steps waiting for other processes' CPU work on the
+    same node (an engine dispatching to expert shards, a shard between its engine's layers).
+    Then OMP_WAIT_POLICY=PASSIVE: its idle OpenMP workers sleep at once instead of
+    busy-waiting for milliseconds after every parallel region on the cores its peers need.
+    Otherwise the OpenMP runtime's default stays: a step is hundreds of short parallel regions,
+    and waking sleeping workers for each one made an engine with in-process experts 1.7x slower
+    per decode step (docs/BENCHMARKS.md, "OpenMP's wait policy").
     """
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     n = str(num_threads)
-    return {
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }
+    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": "1"}
+    if waits_on_peers:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env

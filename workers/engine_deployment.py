@@ -78,11 +78,16 @@ class EngineServer:
     ) -> None:
         self.tier = tier
         self.replica_id = _replica_id()
-        engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype, device=tier.device)
-        self._experts = _expert_parallel(
-            engine, tier, registry, experts_controller, self.replica_id
-        )
-        self.engine = AsyncLLMEngine(engine)
+        self._experts: Any = None
+
+        def build() -> LLMEngine:  # on the engine's own thread (see AsyncLLMEngine)
+            engine = LLMEngine(tier.model, tier.engine, dtype=tier.dtype, device=tier.device)
+            self._experts = _expert_parallel(
+                engine, tier, registry, experts_controller, self.replica_id
+            )
+            return engine
+
+        self.engine = AsyncLLMEngine(build)
         self.node = socket.gethostname()
         self.service = EngineService(self.engine, self.stats, secrets.token_urlsafe(24), _node_ip())
         address = self.service.start()

@@ -72,9 +72,10 @@ class ShardResources:
         }
         if self.resource:
             opts["resources"] = {self.resource: 1}
-        # Thread counts and OpenMP's wait policy are set where the process is created.
+        # Thread counts and OpenMP's wait policy are set where the process is created; a shard
+        # idles between its engine's layers, so its workers must not spin meanwhile.
         threads = max(1, math.floor(self.num_cpus))
-        opts["runtime_env"] = {"env_vars": cpu_process_env(threads)}
+        opts["runtime_env"] = {"env_vars": cpu_process_env(threads, waits_on_peers=True)}
         return opts
 
 

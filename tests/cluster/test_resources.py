@@ -45,7 +45,9 @@ def test_engine_actor_options_ask_ray_for_the_tier_resources() -> None:
     cpu = engine_actor_options(TierConfig(name="a", model="/m", num_cpus=3.5))
     assert cpu["num_cpus"] == 3.5 and cpu["num_gpus"] == 0.0
     env = cpu["runtime_env"]["env_vars"]
-    assert env["OMP_NUM_THREADS"] == "3" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == "3" and "OMP_WAIT_POLICY" not in env  # experts in-process
+    sharded = TierConfig(name="s", model="/m", num_cpus=2, experts={"shards": 2})
+    assert engine_actor_options(sharded)["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     gpu = engine_actor_options(TierConfig(name="b", model="/m", device="cuda", num_gpus=1))
     assert gpu["num_gpus"] == 1 and gpu["num_cpus"] == 0.0
     # No CPUs reserved: every core of the machine, not the one thread Ray gives such actors.

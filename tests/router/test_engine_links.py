@@ -37,7 +37,7 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EngineSer
     servers = []
     try:
         for _ in range(2):
-            engine = AsyncLLMEngine(LLMEngine(path))
+            engine = AsyncLLMEngine(lambda: LLMEngine(path))
             server = EngineService(engine, _no_stats, secrets.token_hex(8))
             server.start()
             servers.append(server)

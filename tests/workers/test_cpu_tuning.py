@@ -68,10 +68,13 @@ def test_transform_keeps_plain_layers_under_the_torch_references(
     assert _linears(model)[1] == 0
 
 
-def test_process_env_sizes_the_pools_and_stops_spinning() -> None:
-    env = cpu_process_env(3)
+def test_process_env_sizes_the_pools_and_stops_spinning_only_for_waiters() -> None:
+    env = cpu_process_env(3, waits_on_peers=True)
     assert env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "3"
     assert env["OPENBLAS_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert all(isinstance(v, str) for v in env.values())
+    # A process that computes on its own keeps the runtime's spin-then-sleep default.
+    alone = cpu_process_env(2, waits_on_peers=False)
+    assert alone == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "1"}
     with pytest.raises(ValueError, match="num_threads"):
-        cpu_process_env(0)
+        cpu_process_env(0, waits_on_peers=False)

@@ -38,7 +38,7 @@ def path(tiny_checkpoint: Callable[..., Path]) -> Path:
 
 @pytest.fixture
 def served(path: Path) -> Iterator[tuple[AsyncLLMEngine, EngineService]]:
-    engine = AsyncLLMEngine(LLMEngine(path, EngineConfig(max_queue=2, max_num_seqs=2)))
+    engine = AsyncLLMEngine(lambda: LLMEngine(path, EngineConfig(max_queue=2, max_num_seqs=2)))
 
     def stats() -> EngineStats:
         s = engine.stats()

@@ -7,11 +7,14 @@ multiply against it (`torch.ops.mkldnn._linear_pointwise`): the same two ops tor
 inductor emits for `nn.Linear` on CPU when it freezes weights. Measured on the 2-core dev VM
 (2026-11-30, cold weights, 2 threads, fp32): an expert's [2048, 512] w1 at 8 rows 430 -> 190 us,
 the [32000, 512] LM head at 32 rows 13.5 -> 5.6 ms; bf16 gains 20-40 %.
-One row (batch-1 decode) is a GEMV bound by how fast the weight streams from DRAM, and there
-oneDNN's blocked layout is the slower one in fp32: on one thread the w1 GEMV takes 265 us packed,
-187 us as x @ W^T with W^T stored [in, out] contiguous (MKL's GEMV), 392 us row-major; the LM
-head 4.3 vs 2.8 vs 6.4 ms. So an fp32 PackedWeight also keeps that [in, out] copy for one-row
-inputs (twice the weight memory: the price of the fast path; bf16 keeps only the packed form).
+One row (batch-1 decode) is a GEMV bound by how fast the weight streams from memory. For a
+"wide" fp32 weight (more outputs than inputs: an expert's w1 [2048, 512], the [32000, 512] LM
+head) MKL's GEMV over the weight stored [in, out] streams at least as fast as oneDNN's blocked
+layout: 200 vs 291 us (w1) and 2.6 vs 4.6 ms (LM head) on one thread, a tie on two. For a
+"narrow" one (w2 [512, 1024]) the packed form is the faster on any thread count (160 vs 203 us on
+one thread, 103 vs 194 us on two; 2026-11-30, cold weights). So an fp32 PackedWeight keeps the
+[in, out] copy for one-row inputs only when the weight is wide (twice that weight's memory: the
+price of the fast path; bf16 keeps only the packed form).
 The numbers are those of a correct fp32 (or bf16 x bf16 -> fp32-accumulated) GEMM in another
 summation order than the reference's.
 
@@ -46,8 +49,9 @@ def supported(dtype: torch.dtype) -> bool:
 
 
 class PackedWeight:
-    """One [out, in] weight in oneDNN's blocked layout (packed once, here), plus, for fp32, the
-    same weight stored [in, out] for one-row inputs (see the module docstring)."""
+    """One [out, in] weight in oneDNN's blocked layout (packed once, here), plus, for a wide
+    fp32 weight (out > in), the same weight stored [in, out] for one-row inputs (see the module
+    docstring)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         if weight.dim() != 2 or weight.device.type != "cpu" or not supported(weight.dtype):
@@ -60,7 +64,7 @@ class PackedWeight:
         self.device = weight.device
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.columns: torch.Tensor | None = None  # [in, out]
-        if weight.dtype == torch.float32:
+        if weight.dtype == torch.float32 and weight.shape[0] > weight.shape[1]:
             self.columns = weight.detach().t().contiguous()
 
 

@@ -51,14 +51,19 @@ def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 33])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(dtype, rows, bias, close):
+@pytest.mark.parametrize(("out", "inp"), [(70, 24), (24, 70), (24, 24)])  # wide, narrow, square
+def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, close):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(70, 24, generator=g).to(dtype)
-    b = torch.randn(70, generator=g).to(dtype) if bias else None
-    x = torch.randn(rows, 48, generator=g).to(dtype)[:, ::2]  # strided input
+    w = torch.randn(out, inp, generator=g).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, 2 * inp, generator=g).to(dtype)[:, ::2]  # strided input
+    packed = PackedWeight(w)
+    # One-row inputs of a wide fp32 weight take MKL's GEMV over an [in, out] copy; the others
+    # the packed form (kernels/cpu_packed.py).
+    assert (packed.columns is not None) == (dtype == torch.float32 and out > inp)
     close(
-        f"packed linear rows={rows}",
-        kernels.packed_linear(x, PackedWeight(w), b),
+        f"packed linear rows={rows} [{out}, {inp}]",
+        kernels.packed_linear(x, packed, b),
         F.linear(x, w, b),
     )
 

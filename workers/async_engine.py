@@ -19,6 +19,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
 
@@ -62,17 +63,16 @@ class AsyncLLMEngine:
         self._pending_adds = 0
         self._wake = threading.Event()
         self._stopping = False
-        built: list[LLMEngine | BaseException] = []
-        ready = threading.Event()
+        built: Future[LLMEngine] = Future()  # completed by the thread once `build` ends
         self._thread = threading.Thread(
-            target=self._run, args=(build, built, ready), name="moeray-engine", daemon=True
+            target=self._run, args=(build, built), name="moeray-engine", daemon=True
         )
         self._thread.start()
-        ready.wait()  # set by the thread once `build` returned or raised
-        if isinstance(built[0], BaseException):
-            self._thread.join()
-            raise built[0]
-        self.engine: LLMEngine = built[0]
+        try:
+            self.engine = built.result()
+        except BaseException:
+            self._thread.join()  # it returned right after the failed build
+            raise
         self.tokenizer = self.engine.tokenizer
         self._max_queue = self.engine.config.max_queue
 
@@ -197,18 +197,13 @@ class AsyncLLMEngine:
 
     # ---- engine thread -----------------------------------------------------------------------
 
-    def _run(
-        self, build: Callable[[], LLMEngine], built: list[Any], ready: threading.Event
-    ) -> None:
+    def _run(self, build: Callable[[], LLMEngine], built: Future[LLMEngine]) -> None:
         try:
-            built.append(build())
+            engine = build()
         except BaseException as e:  # handed to the constructor, which raises it
-            built.append(e)
-        finally:
-            ready.set()
-        engine = built[0]
-        if isinstance(engine, BaseException):
+            built.set_exception(e)
             return
+        built.set_result(engine)
         while not self._stopping:
             self._drain_commands()
             if not engine.has_unfinished():

@@ -10,9 +10,10 @@ waits for every reply. Two transports carry the same bytes:
   the socket carries only the frame headers: at 32 tokens of D=512 that cuts a 2-shard round trip
   from ~160 to ~100 us on the 2-core dev machine (the kernel's two copies of each payload and the
   receiver's buffer are gone). All messages go out before any reply is read, and the replies are
-  collected with select() against ONE deadline. Idle shards sleep in recv() and cost no CPU. (Ray Compiled Graphs were used before: their channels spin
-  while idle, about half a core per actor, and a graph whose actor is hung cannot be torn down
-  within a deadline; see docs/ARCHITECTURE.md.)
+  collected with select() against ONE deadline. Idle shards sleep in recv() and cost no CPU.
+  (Ray Compiled Graphs were used before: their channels spin while idle, about half a core per
+  actor, and a graph whose actor is hung cannot be torn down within a deadline; see
+  docs/ARCHITECTURE.md.)
 - `PlainTransport` (transport "plain"): one Ray actor call per shard (~1 ms); for networks that
   allow only Ray's own ports.
 
@@ -78,7 +79,11 @@ class StreamTransport:
 
     def __init__(self, links: Sequence[Link]) -> None:
         self.links = list(links)
-        self.kinds = [link.kind for link in self.links]
+
+    @property
+    def kinds(self) -> list[str]:
+        """Each open link's kind, in dispatch order ("unix" or "tcp")."""
+        return [link.kind for link in self.links]
 
     @classmethod
     def connect(cls, handles: Sequence[Any], nodes: Sequence[str], here: str) -> StreamTransport:

@@ -7,14 +7,14 @@ multiply against it (`torch.ops.mkldnn._linear_pointwise`): the same two ops tor
 inductor emits for `nn.Linear` on CPU when it freezes weights. Measured on the 2-core dev VM
 (2026-11-30, cold weights, 2 threads, fp32): an expert's [2048, 512] w1 at 8 rows 430 -> 190 us,
 the [32000, 512] LM head at 32 rows 13.5 -> 5.6 ms; bf16 gains 20-40 %.
-One row (batch-1 decode) is a GEMV bound by how fast the weight streams from memory. For a
-"wide" fp32 weight (more outputs than inputs: an expert's w1 [2048, 512], the [32000, 512] LM
-head) MKL's GEMV over the weight stored [in, out] streams at least as fast as oneDNN's blocked
-layout: 200 vs 291 us (w1) and 2.6 vs 4.6 ms (LM head) on one thread, a tie on two. For a
-"narrow" one (w2 [512, 1024]) the packed form is the faster on any thread count (160 vs 203 us on
-one thread, 103 vs 194 us on two; 2026-11-30, cold weights). So an fp32 PackedWeight keeps the
-[in, out] copy for one-row inputs only when the weight is wide (twice that weight's memory: the
-price of the fast path; bf16 keeps only the packed form).
+One row (batch-1 decode) is a GEMV bound by how fast the weight streams from memory. On two
+threads the packed form is the fastest torch offers there too (2026-11-30, cold weights): an
+expert's w1 179 vs 200 us for MKL's GEMV over an [in, out] copy (392 us F.linear), the
+[32000, 512] LM head 2.2 vs 3.0 ms; a batch-1 decode step of the bench checkpoint 13.9 vs
+14.6 ms. On ONE thread MKL's GEMV wins for "wide" fp32 weights (more outputs than inputs:
+w1, the LM head; 187 vs 265 us for w1, step 15.5 vs 18.8 ms), so a process that runs torch on
+one thread keeps that [in, out] copy of its wide fp32 weights for one-row inputs (twice their
+memory); bf16 keeps only the packed form.
 The numbers are those of a correct fp32 (or bf16 x bf16 -> fp32-accumulated) GEMM in another
 summation order than the reference's.
 
@@ -50,8 +50,8 @@ def supported(dtype: torch.dtype) -> bool:
 
 class PackedWeight:
     """One [out, in] weight in oneDNN's blocked layout (packed once, here), plus, for a wide
-    fp32 weight (out > in), the same weight stored [in, out] for one-row inputs (see the module
-    docstring)."""
+    fp32 weight (out > in) in a process that runs torch on one thread, the same weight stored
+    [in, out] for one-row inputs (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         if weight.dim() != 2 or weight.device.type != "cpu" or not supported(weight.dtype):
@@ -64,8 +64,14 @@ class PackedWeight:
         self.device = weight.device
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.columns: torch.Tensor | None = None  # [in, out]
-        if weight.dtype == torch.float32 and weight.shape[0] > weight.shape[1]:
+        if keeps_columns(weight.dtype, weight.shape[0], weight.shape[1]):
             self.columns = weight.detach().t().contiguous()
+
+
+def keeps_columns(dtype: torch.dtype, out: int, inp: int) -> bool:
+    """Whether a PackedWeight made now keeps an [in, out] copy for one-row inputs: wide fp32
+    weights when torch runs one intra-op thread (the process's setting, fixed at start-up)."""
+    return dtype == torch.float32 and out > inp and torch.get_num_threads() == 1
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,20 +52,23 @@ def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
 @pytest.mark.parametrize("rows", [1, 2, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("out", "inp"), [(70, 24), (24, 70), (24, 24)])  # wide, narrow, square
-def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, close):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, threads, close):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(out, inp, generator=g).to(dtype)
     b = torch.randn(out, generator=g).to(dtype) if bias else None
     x = torch.randn(rows, 2 * inp, generator=g).to(dtype)[:, ::2]  # strided input
-    packed = PackedWeight(w)
-    # One-row inputs of a wide fp32 weight take MKL's GEMV over an [in, out] copy; the others
-    # the packed form (kernels/cpu_packed.py).
-    assert (packed.columns is not None) == (dtype == torch.float32 and out > inp)
-    close(
-        f"packed linear rows={rows} [{out}, {inp}]",
-        kernels.packed_linear(x, packed, b),
-        F.linear(x, w, b),
-    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed = PackedWeight(w)
+        got = kernels.packed_linear(x, packed, b)
+    finally:
+        torch.set_num_threads(before)
+    # On one thread, one-row inputs of a wide fp32 weight take MKL's GEMV over an [in, out]
+    # copy; everything else takes the packed form (kernels/cpu_packed.py).
+    assert (packed.columns is not None) == (dtype == torch.float32 and out > inp and threads == 1)
+    close(f"packed linear rows={rows} [{out}, {inp}] threads={threads}", got, F.linear(x, w, b))
 
 
 def test_prepare_packs_under_auto_only():

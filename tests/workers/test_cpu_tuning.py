@@ -1,5 +1,6 @@
 """workers/cpu_tuning.py: the engine with the CPU transform on and off gives transformers' greedy
-tokens, the transform swaps exactly the linear layers, and the process environment it asks for."""
+tokens, the transform swaps the linear layers (all but the small ones), and the process
+environment it asks for."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import threadpoolctl
 import torch
 from moeray import kernels
-from moeray.workers import LLM, SamplingParams
+from moeray.workers import LLM, SamplingParams, cpu_tuning
 from moeray.workers.cpu_tuning import PackedLinear, apply_cpu_tuning, cpu_process_env
 from moeray.workers.loader import load_model
 from torch import nn
@@ -26,10 +27,16 @@ def _linears(model: nn.Module) -> tuple[int, int]:
     return sum(type(m) is nn.Linear for m in mods), sum(type(m) is PackedLinear for m in mods)
 
 
+@pytest.fixture
+def pack_every_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny test models' weights are all under MIN_PACKED_ELEMENTS: pack them anyway."""
+    monkeypatch.setattr(cpu_tuning, "MIN_PACKED_ELEMENTS", 0)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "llama"])
 @pytest.mark.parametrize("tuning", [True, False])
 def test_greedy_matches_transformers_with_and_without_the_transform(
-    arch: str, tuning: bool, tiny_checkpoint: Callable[..., Path]
+    arch: str, tuning: bool, tiny_checkpoint: Callable[..., Path], pack_every_linear: None
 ) -> None:
     path = tiny_checkpoint(arch)
     llm = LLM(model=path, block_size=4, cpu_tuning=tuning)
@@ -40,7 +47,7 @@ def test_greedy_matches_transformers_with_and_without_the_transform(
 
 
 def test_transform_swaps_every_linear_and_keeps_the_logits(
-    tiny_checkpoint: Callable[..., Path],
+    tiny_checkpoint: Callable[..., Path], pack_every_linear: None
 ) -> None:
     """qwen2_moe has q/k/v biases, a shared expert and its gate: every nn.Linear is swapped and
     the logits stay within fp32 rounding of the plain model's; numpy's BLAS is capped at one
@@ -58,6 +65,14 @@ def test_transform_swaps_every_linear_and_keeps_the_logits(
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     blas = threadpoolctl.threadpool_info()
     assert all(lib["num_threads"] == 1 for lib in blas if lib["user_api"] == "blas")
+
+
+def test_small_weights_stay_plain() -> None:
+    """A router gate [8, 512] is faster through MKL than through a oneDNN call: not packed."""
+    model = nn.Sequential(nn.Linear(512, 8, bias=False), nn.Linear(512, 768), nn.Linear(512, 128))
+    apply_cpu_tuning(model)
+    assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "PackedLinear"]
+    assert cpu_tuning.MIN_PACKED_ELEMENTS == 512 * 128
 
 
 def test_transform_keeps_plain_layers_under_the_torch_references(

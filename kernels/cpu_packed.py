@@ -7,18 +7,24 @@ multiply against it (`torch.ops.mkldnn._linear_pointwise`): the same two ops tor
 inductor emits for `nn.Linear` on CPU when it freezes weights. Measured on the 2-core dev VM
 (2026-11-30, cold weights, 2 threads, fp32): an expert's [2048, 512] w1 at 8 rows 430 -> 190 us,
 the [32000, 512] LM head at 32 rows 13.5 -> 5.6 ms; bf16 gains 20-40 %.
-One row (batch-1 decode) is a GEMV bound by how fast the weight streams from memory. On two
-threads the packed form is the fastest torch offers there too (2026-11-30, cold weights): an
-expert's w1 179 vs 200 us for MKL's GEMV over an [in, out] copy (392 us F.linear), the
-[32000, 512] LM head 2.2 vs 3.0 ms; a batch-1 decode step of the bench checkpoint 13.9 vs
-14.6 ms. On ONE thread MKL's GEMV wins for "wide" fp32 weights (more outputs than inputs:
-w1, the LM head; 187 vs 265 us for w1, step 15.5 vs 18.8 ms), so a process that runs torch on
-one thread keeps that [in, out] copy of its wide fp32 weights for one-row inputs (twice their
-memory); bf16 keeps only the packed form.
+One row (batch-1 decode) is a GEMV bound by how fast the weight streams from memory. For a
+"wide" fp32 weight (more outputs than inputs: an expert's w1, the LM head) MKL's GEMV over the
+weight stored [in, out] is the faster on ONE thread (w1 187 vs 265 us), oneDNN's packed form on
+two (w1 179 vs 200 us, the [32000, 512] LM head 2.2 vs 3.0 ms; 2026-11-30, cold weights); a
+narrow one (w2) is faster packed on any thread count. The two round differently; the packed
+GEMM gives the same numbers on any thread count. So:
+- experts (PackedExperts) are always packed: a shard (usually one thread) must compute an
+  expert's rows exactly as the engine does in-process (bit for bit, workers/expert_routing.py),
+  and on two threads packed is the faster anyway (batch-1 step of the bench checkpoint 12.7-13.0
+  ms vs 13.5 ms with an [in, out] copy of every w1);
+- a dense layer (workers/cpu_tuning.py), computed only where it lives, keeps an [in, out] copy
+  of a wide fp32 weight (`columns=True`) in a process that runs torch on one thread (step on
+  one thread 15.5 ms with copies vs 18.8 without; on two 13.9 without vs 14.6 with).
+The copy costs that weight's memory again; bf16 keeps only the packed form.
 The numbers are those of a correct fp32 (or bf16 x bf16 -> fp32-accumulated) GEMM in another
 summation order than the reference's.
 
-    PackedWeight(w [out, in])            one weight, packed
+    PackedWeight(w [out, in], columns)   one weight, packed (+ an [in, out] copy if columns)
     PackedExperts(w [E, out, in])        one packed weight per expert; .shape/.dtype/.device as w
     linear(x [T, in], w: PackedWeight, bias [out] | None) -> [T, out]
     fused_moe(hidden [T, D], w1: PackedExperts [E, 2F, D], w2: PackedExperts [E, D, F],
@@ -48,30 +54,31 @@ def supported(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class PackedWeight:
-    """One [out, in] weight in oneDNN's blocked layout (packed once, here), plus, for a wide
-    fp32 weight (out > in) in a process that runs torch on one thread, the same weight stored
-    [in, out] for one-row inputs (see the module docstring)."""
+def is_wide_fp32(weight: torch.Tensor) -> bool:
+    """An fp32 [out, in] weight with out > in: the kind whose one-row products MKL's GEMV over
+    an [in, out] copy may do faster (see the module docstring)."""
+    return weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
 
-    def __init__(self, weight: torch.Tensor) -> None:
+
+class PackedWeight:
+    """One [out, in] weight in oneDNN's blocked layout (packed once, here); with columns=True
+    (wide fp32 weights only) also stored [in, out], and one-row inputs then take MKL's GEMV."""
+
+    def __init__(self, weight: torch.Tensor, *, columns: bool = False) -> None:
         if weight.dim() != 2 or weight.device.type != "cpu" or not supported(weight.dtype):
             raise ValueError(
                 f"weight must be a 2-d CPU tensor of a packable dtype, got {tuple(weight.shape)} "
                 f"{weight.dtype} on {weight.device}"
             )
+        if columns and not is_wide_fp32(weight):
+            raise ValueError(
+                f"columns is for wide fp32 weights, got {tuple(weight.shape)} {weight.dtype}"
+            )
         self.shape = weight.shape
         self.dtype = weight.dtype
         self.device = weight.device
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        self.columns: torch.Tensor | None = None  # [in, out]
-        if keeps_columns(weight.dtype, weight.shape[0], weight.shape[1]):
-            self.columns = weight.detach().t().contiguous()
-
-
-def keeps_columns(dtype: torch.dtype, out: int, inp: int) -> bool:
-    """Whether a PackedWeight made now keeps an [in, out] copy for one-row inputs: wide fp32
-    weights when torch runs one intra-op thread (the process's setting, fixed at start-up)."""
-    return dtype == torch.float32 and out > inp and torch.get_num_threads() == 1
+        self.columns = weight.detach().t().contiguous() if columns else None  # [in, out]
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,6 +102,8 @@ class PackedExperts:
         self.shape = weights.shape
         self.dtype = weights.dtype
         self.device = weights.device
+        # Packed only (no [in, out] copy): the same numbers on any thread count, so a shard
+        # computes an expert's rows exactly as the engine does in-process.
         self.experts = [PackedWeight(w) for w in weights.unbind(0)]
 
     def dim(self) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threadpoolctl
 import torch
 from moeray.kernels import PackedWeight, packed_linear, packs_cpu_weights
+from moeray.kernels.cpu_packed import is_wide_fp32
 from torch import nn
 
 #: Weights with fewer elements stay plain nn.Linear: a oneDNN call costs ~15 us whatever its
@@ -38,7 +39,11 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = PackedWeight(linear.weight.detach())
+        w = linear.weight.detach()
+        # A dense layer is computed only here, so its one-row path may follow this process's
+        # thread count: MKL's GEMV over an [in, out] copy on one thread, the packed form on more
+        # (kernels/cpu_packed.py).
+        self.packed = PackedWeight(w, columns=is_wide_fp32(w) and torch.get_num_threads() == 1)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

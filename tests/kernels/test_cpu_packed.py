@@ -52,23 +52,43 @@ def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
 @pytest.mark.parametrize("rows", [1, 2, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("out", "inp"), [(70, 24), (24, 70), (24, 24)])  # wide, narrow, square
-@pytest.mark.parametrize("threads", [1, 2])
-def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, threads, close):
+@pytest.mark.parametrize("columns", [False, True])
+def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, columns, close):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(out, inp, generator=g).to(dtype)
     b = torch.randn(out, generator=g).to(dtype) if bias else None
     x = torch.randn(rows, 2 * inp, generator=g).to(dtype)[:, ::2]  # strided input
+    if columns and not (dtype == torch.float32 and out > inp):
+        with pytest.raises(ValueError, match="columns is for wide fp32 weights"):
+            PackedWeight(w, columns=True)
+        return
+    # With columns, one-row inputs take MKL's GEMV over the [in, out] copy (kernels/cpu_packed.py).
+    packed = PackedWeight(w, columns=columns)
+    assert (packed.columns is not None) == columns
+    close(f"packed linear rows={rows} [{out}, {inp}] columns={columns}",
+          kernels.packed_linear(x, packed, b), F.linear(x, w, b))  # fmt: skip
+
+
+def test_experts_compute_the_same_on_any_thread_count():
+    """A shard (often one thread) and the engine (more) must give an expert's rows the same
+    numbers: experts are packed only, whatever the thread count, and so is their one-row path."""
+    w1, w2 = _experts(4, 16, 24, torch.float32)  # w1 [4, 48, 16] is wide, w2 [4, 16, 24] not
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 16, generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [2, 1]], dtype=torch.int32)  # 1-3 rows each
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    outs = []
     try:
-        packed = PackedWeight(w)
-        got = kernels.packed_linear(x, packed, b)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p1, p2 = PackedExperts(w1), PackedExperts(w2)
+            assert all(p.columns is None for p in p1.experts + p2.experts)
+            outs.append((kernels.fused_moe(hidden, p1, p2, weights, ids),
+                         kernels.fused_moe(hidden[:1], p1, p2, weights[:1], ids[:1])))  # fmt: skip
     finally:
         torch.set_num_threads(before)
-    # On one thread, one-row inputs of a wide fp32 weight take MKL's GEMV over an [in, out]
-    # copy; everything else takes the packed form (kernels/cpu_packed.py).
-    assert (packed.columns is not None) == (dtype == torch.float32 and out > inp and threads == 1)
-    close(f"packed linear rows={rows} [{out}, {inp}] threads={threads}", got, F.linear(x, w, b))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_prepare_packs_under_auto_only():

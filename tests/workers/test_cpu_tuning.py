@@ -67,6 +67,20 @@ def test_transform_swaps_every_linear_and_keeps_the_logits(
     assert all(lib["num_threads"] == 1 for lib in blas if lib["user_api"] == "blas")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_one_row_path_follows_the_thread_count(threads: int) -> None:
+    """A wide fp32 layer keeps an [in, out] copy for one-row inputs only on one thread (MKL's
+    GEMV is the faster there; oneDNN's packed form on more); a narrow one never does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        wide, narrow = PackedLinear(nn.Linear(512, 768)), PackedLinear(nn.Linear(1024, 512))
+    finally:
+        torch.set_num_threads(before)
+    assert (wide.packed.columns is not None) == (threads == 1)
+    assert narrow.packed.columns is None
+
+
 def test_small_weights_stay_plain() -> None:
     """A router gate [8, 512] is faster through MKL than through a oneDNN call: not packed."""
     model = nn.Sequential(nn.Linear(512, 8, bias=False), nn.Linear(512, 768), nn.Linear(512, 128))

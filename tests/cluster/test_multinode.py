@@ -45,6 +45,10 @@ from tests.checkpoints import make_tiny_checkpoint
 from tests.scrape import by_name
 
 SLOT = "moeray_expert_slot"
+#: Only the head advertises it; the router and every tier's engine ask for it, so they run on the
+#: head and the workers hold shards only (Serve would otherwise spread its replicas over the
+#: workers, and the node-removal test may then find no worker that holds a tier's shards alone).
+HEAD = "moeray_head"
 # tier -> (architecture, config overrides, shards): every architecture, K in {1, 2, 4, 8}, and
 # expert counts that the tier's shard count does not divide
 TIERS: dict[str, tuple[str, dict[str, Any], int]] = {
@@ -70,15 +74,17 @@ def single_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[tuple[Any, list[Any]]]:
-    """Head (no expert slots) + two workers with 10 slots each (the served app's 9 shards, the
-    failure tests' 5, and room for replacements when one worker is gone); this process joins."""
+    """Head (no expert slots; HEAD resource for the router and the engine replicas) + two
+    workers with 10 slots each (the served app's 9 shards, the failure tests' 5, and room for
+    replacements when one worker is gone); this process joins."""
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()  # another module's instance: this module needs its own cluster
     # the dashboard serves Ray's public state API (where the Serve replicas run)
     cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": True}
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "include_dashboard": True, "resources": {HEAD: 10}},
     )
     try:
         workers = [cluster.add_node(num_cpus=8, resources={SLOT: 10}) for _ in range(2)]
@@ -141,14 +147,15 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0) -> bool:
 def stack(ray_cluster: Any, checkpoints: dict[str, Path]) -> Iterator[LocalStack]:
     cluster, _ = ray_cluster
     tiers = [
-        {"name": tier, "model": str(checkpoints[tier]), "engine": ENGINE,
+        {"name": tier, "model": str(checkpoints[tier]), "engine": ENGINE, "resource": HEAD,
          "experts": {"shards": shards, "dispatch_deadline_s": 5.0}}
         for tier, (_, _, shards) in TIERS.items()
-    ] + [{"name": LOCAL_TIER, "model": str(checkpoints["mixtral-k8"]), "engine": ENGINE}]  # fmt: skip
+    ] + [{"name": LOCAL_TIER, "model": str(checkpoints["mixtral-k8"]), "engine": ENGINE,
+          "resource": HEAD}]  # fmt: skip
     config = MoerayConfig(
         tiers=tiers,
         router={"fast_tier": LOCAL_TIER, "reasoning_tier": "mixtral-k8"},
-        serve={"grpc_port": free_port(), "http_port": free_port()},
+        serve={"grpc_port": free_port(), "http_port": free_port(), "router_resource": HEAD},
     )
     st = LocalStack(config, ray_address=cluster.address)
     try:
@@ -186,6 +193,10 @@ def test_served_sharded_tiers_equal_in_process_on_worker_nodes(
             replicas = state.live_replicas(tier)
             assert len(replicas) == shards, tier
             assert {r.node_id for r in replicas} <= workers, tier  # never on the head
+        # tiers[].resource and serve.router_resource keep the engines and the router off them
+        actors = alive_actor_nodes()
+        for name in ["router", *(f"engine-{t}" for t in [*TIERS, LOCAL_TIER])]:
+            assert actors[f"ServeReplica:moeray:{name}"] not in workers, name
         # the same checkpoint served in-process, over the same front door
         local = served_tokens(stack, LOCAL_TIER, PROMPTS)
         assert local == in_process_tokens(checkpoints["mixtral-k8"])

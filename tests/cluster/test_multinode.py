@@ -13,8 +13,9 @@ only, a real redis-server, real gRPC.
    the in-process tokens.
 
 One cluster serves the module (its start takes most of the time); tests run in file order, the
-node removal last. Torch runs on one thread here as in the engine replicas and shards (Ray gives
-them OMP_NUM_THREADS=1): oneDNN's results can differ in the last bit between thread counts.
+node removal last. Torch runs on one thread here, in the engine replicas (`num_cpus: 1`) and in
+the shards (half a CPU each): the dense layers' one-row path follows the thread count
+(kernels/cpu_packed.py), so the oracle and the served engines must run the same count.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def ray_cluster() -> Iterator[tuple[Any, list[Any]]]:
     # the dashboard serves Ray's public state API (where the Serve replicas run)
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "include_dashboard": True, "resources": {HEAD: 10}},
+        head_node_args={"num_cpus": 8, "include_dashboard": True, "resources": {HEAD: 10}},
     )
     try:
         workers = [cluster.add_node(num_cpus=8, resources={SLOT: 10}) for _ in range(2)]
@@ -148,10 +149,10 @@ def stack(ray_cluster: Any, checkpoints: dict[str, Path]) -> Iterator[LocalStack
     cluster, _ = ray_cluster
     tiers = [
         {"name": tier, "model": str(checkpoints[tier]), "engine": ENGINE, "resource": HEAD,
-         "experts": {"shards": shards, "dispatch_deadline_s": 5.0}}
+         "num_cpus": 1, "experts": {"shards": shards, "dispatch_deadline_s": 5.0}}
         for tier, (_, _, shards) in TIERS.items()
     ] + [{"name": LOCAL_TIER, "model": str(checkpoints["mixtral-k8"]), "engine": ENGINE,
-          "resource": HEAD}]  # fmt: skip
+          "resource": HEAD, "num_cpus": 1}]  # fmt: skip
     config = MoerayConfig(
         tiers=tiers,
         router={"fast_tier": LOCAL_TIER, "reasoning_tier": "mixtral-k8"},

@@ -175,12 +175,16 @@ class EngineEndpoint:
     """One engine replica's gRPC endpoint (workers/engine_service.py), as it registers itself.
 
     address: host:port the router connects to; token: the secret every call must carry.
+    max_prompt_bytes: the longest prompt text (UTF-8 bytes) the engine would tokenize
+    (`LLMEngine.max_prompt_bytes`), so that routers refuse longer ones before they cross to the
+    engine; 0 when not announced (the engine alone checks).
     """
 
     tier: str
     replica_id: str
     address: str
     token: str
+    max_prompt_bytes: int = 0
 
     def __post_init__(self) -> None:
         check_name("tier", self.tier)
@@ -190,14 +194,18 @@ class EngineEndpoint:
             raise ValueError(f"address must be host:port, got {self.address!r}")
         if not self.token:
             raise ValueError("token must be a non-empty string")
+        limit = self.max_prompt_bytes
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError(f"max_prompt_bytes must be an integer >= 0, got {limit!r}")
 
     def to_json(self) -> str:
-        return json.dumps([self.tier, self.replica_id, self.address, self.token])
+        return json.dumps(
+            [self.tier, self.replica_id, self.address, self.token, self.max_prompt_bytes]
+        )
 
     @classmethod
     def from_json(cls, body: str) -> EngineEndpoint:
-        tier, replica_id, address, token = json.loads(body)
-        return cls(tier, replica_id, address, token)
+        return cls(*json.loads(body))
 
 
 @dataclass(frozen=True)

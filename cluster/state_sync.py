@@ -403,9 +403,12 @@ class EngineRegistry:
             load_window_s=self.load_window_s,
         )  # fmt: skip
 
-    def announce(self, tier: str, replica_id: str, address: str, token: str) -> EndpointAnnouncer:
+    def announce(
+        self, tier: str, replica_id: str, address: str, token: str, max_prompt_bytes: int = 0
+    ) -> EndpointAnnouncer:
         """Starts announcing; the caller closes the returned announcer on shutdown."""
         state = self.cluster_state()
-        announcer = EndpointAnnouncer(state, EngineEndpoint(tier, replica_id, address, token))
+        endpoint = EngineEndpoint(tier, replica_id, address, token, max_prompt_bytes)
+        announcer = EndpointAnnouncer(state, endpoint)
         announcer.owns_state = True
         return announcer.start()

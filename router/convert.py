@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,13 +92,35 @@ class Undecodable:
     error: RequestError
 
 
-def request_decoder(message: Any) -> Any:
+#: Bodies up to this size are parsed before their prompt's length is checked (in microseconds).
+PARSE_BEFORE_CHECK_BYTES = 65536
+
+
+def request_decoder(message: Any, prompt_limit: Callable[[], int] | None = None) -> Any:
     """A gRPC request deserializer for the protobuf class `message` that never raises: bytes
     that do not parse become `Undecodable(RequestError(field, ...))`, so the servicer answers
     INVALID_ARGUMENT naming the field (grpcio answers a raising deserializer with UNKNOWN and
-    the exception's class name)."""
+    the exception's class name).
+
+    prompt_limit: the longest prompt text (UTF-8 bytes) any tier takes, 0 while unknown. A body
+    whose `prompt` or `prompt_bytes` field is longer is refused as that field from its wire
+    header, unparsed: parsing and copying megabytes on the router's event loop would stall every
+    stream it forwards (the service checks shorter bodies after parsing, per tier)."""
+    prompts = {
+        fd.number: fd.name
+        for fd in message.DESCRIPTOR.fields
+        if fd.name in ("prompt", "prompt_bytes")
+    }
 
     def decode(data: bytes) -> Any:
+        if prompt_limit is not None and prompts and len(data) > PARSE_BEFORE_CHECK_BYTES:
+            limit = prompt_limit()
+            name = _field_longer_than(data, prompts, limit) if limit else None
+            if name is not None:
+                return Undecodable(RequestError(
+                    name, f"is over {limit} bytes of UTF-8; no text that long fits the "
+                    "context of any tier",
+                ))  # fmt: skip
         try:
             return message.FromString(data)
         except DecodeError:
@@ -170,6 +192,31 @@ def _bad_field(descriptor: Any, data: bytes) -> str | None:
                 return name + "!"
             if inner is not None:
                 return f"{name}.{inner}"
+    return None
+
+
+def _field_longer_than(data: bytes, fields: Mapping[int, str], limit: int) -> str | None:
+    """The name of a top-level length-delimited field among `fields` (number -> name) whose
+    payload is over `limit` bytes, read from the wire headers alone; None if none is (or the
+    structure is broken: the parser then says why)."""
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                if length > limit and number in fields:
+                    return fields[number]
+                pos += length
+            else:
+                return None
+    except _Broken:
+        return None
     return None
 
 
@@ -247,6 +294,24 @@ def build_route_input(
             f"has {len(ids)} tokens; the context of tier {candidates[0]!r} is {min(known)}",
         )
     return RouteInput(prompt_token_ids=ids, tier=tier)
+
+
+def check_prompt_size(inp: RouteInput, limit: int, where: str) -> None:
+    """Refuses a prompt text that the engines of `where` ("tier 'fast'", "any tier") would
+    refuse untokenized (limit: their announced max_prompt_bytes, see LLMEngine.encode_prompt),
+    so that it never crosses to an engine or reaches the policy."""
+    if inp.prompt is not None and (
+        len(inp.prompt) > limit or len(inp.prompt.encode("utf-8", "surrogatepass")) > limit
+    ):
+        raise RequestError(
+            "prompt",
+            f"is over {limit} bytes of UTF-8; no text that long fits the context of {where}",
+        )
+    if inp.messages is not None and sum(len(m.content) for m in inp.messages) > limit:
+        raise RequestError(
+            "messages",
+            f"hold over {limit} characters; no text that long fits the context of {where}",
+        )
 
 
 def check_sampling(

@@ -43,11 +43,15 @@ STATS_TIMEOUT_S = 1.0
 class EngineClient:
     """One gRPC channel from this router replica to one engine replica (on the router's loop).
 
-    `inflight` counts its open Generate streams (least-loaded picking).
+    `inflight` counts its open Generate streams (least-loaded picking); `max_prompt_bytes` is
+    the longest prompt text the replica announced it would take (0: not announced).
     """
 
-    def __init__(self, replica_id: str, address: str, token: str) -> None:
+    def __init__(
+        self, replica_id: str, address: str, token: str, max_prompt_bytes: int = 0
+    ) -> None:
         self.replica_id, self.address, self.token = replica_id, address, token
+        self.max_prompt_bytes = max_prompt_bytes
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._generate = self.channel.unary_stream(
             GENERATE, request_serializer=encode, response_deserializer=decode_event
@@ -173,6 +177,7 @@ class EngineLinks:
             client = current.get(ep.replica_id)
             if client is None or (client.address, client.token) != (ep.address, ep.token):
                 client = EngineClient(ep.replica_id, ep.address, ep.token)
+            client.max_prompt_bytes = ep.max_prompt_bytes
             client.missing_since = 0.0
             fresh[ep.replica_id] = client
         for rid, client in current.items():
@@ -236,6 +241,17 @@ class EngineLinks:
 
     def clients(self, tier: str) -> list[EngineClient]:
         return list(self._clients.get(tier, {}).values())
+
+    def prompt_limit(self, tier: str) -> int:
+        """The longest prompt text (UTF-8 bytes) some replica of `tier` takes; 0 when not known
+        (no replica yet, or one that announced no limit): then only the engine checks."""
+        limits = [c.max_prompt_bytes for c in self._clients.get(tier, {}).values()]
+        return 0 if not limits or 0 in limits else max(limits)
+
+    def largest_prompt_limit(self) -> int:
+        """The longest prompt text any tier takes; 0 unless every tier's limit is known."""
+        limits = [self.prompt_limit(t) for t in self.tiers]
+        return 0 if not limits or 0 in limits else max(limits)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -130,6 +130,25 @@ def _from_service_error(e: Exception, input_field: str) -> HttpError:
 
 # ---- JSON -> dataclasses ---------------------------------------------------------------------
 
+#: The most a request body holds besides its prompt text (roles, sampling fields, stop strings),
+#: and the most bytes JSON spends on one byte of text (a \uXXXX escape).
+BODY_OVERHEAD_BYTES, JSON_BYTES_PER_BYTE = 2**20, 6
+
+
+def _check_body_size(body: bytes, prompt_limit: int) -> bytes:
+    """The body, unless it is longer than any request a tier takes (the longest prompt any tier
+    announced, 0 while unknown): then refused unparsed, since decoding and validating megabytes
+    of JSON on the router's event loop stalls every stream it forwards. (Refusing on the
+    Content-Length header before reading would be sooner, but a client still sending its body
+    then gets a connection reset instead of the 400.)"""
+    bound = JSON_BYTES_PER_BYTE * prompt_limit + BODY_OVERHEAD_BYTES
+    if prompt_limit and len(body) > bound:
+        raise _invalid(
+            "body", f"is {len(body)} bytes; no tier takes a prompt over {prompt_limit} bytes "
+            f"of UTF-8, and no request holding one is over {bound} bytes",
+        )  # fmt: skip
+    return body
+
 
 def _parse(body: bytes, model: type[_Params]) -> Any:
     """The request body, validated strictly; HttpError naming the field (or `body`)."""
@@ -390,11 +409,12 @@ def build_http_app(service: InferenceService) -> FastAPI:
     async def serve(request: Request, kind: Literal["chat", "text"]) -> Response:
         input_field = "messages" if kind == "chat" else "prompt"
         try:
+            body = _check_body_size(await request.body(), service.links.largest_prompt_limit())
             if kind == "chat":
-                req: _Params = _parse(await request.body(), ChatCompletionRequest)
+                req: _Params = _parse(body, ChatCompletionRequest)
                 call = _chat_call(service, req)  # type: ignore[arg-type]
             else:
-                req = _parse(await request.body(), CompletionRequest)
+                req = _parse(body, CompletionRequest)
                 call = _completion_call(service, req)  # type: ignore[arg-type]
         except HttpError as e:  # refused before routing: no tier yet
             service.metrics.requests.labels("", "http", "invalid").inc()

@@ -53,8 +53,8 @@ def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """Registers moeray.v1.Inference like the generated `add_InferenceServicer_to_server`, but
     with request deserializers that never raise (convert.request_decoder): a body that is no
-    valid protobuf reaches the method as `Undecodable` and is refused with INVALID_ARGUMENT
-    naming the field, not UNKNOWN."""
+    valid protobuf, or whose prompt no tier takes, reaches the method as `Undecodable` and is
+    refused with INVALID_ARGUMENT naming the field, not UNKNOWN."""
     service = pb.DESCRIPTOR.services_by_name["Inference"]
     handlers = {}
     for method in service.methods:
@@ -64,7 +64,9 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
                 else grpc.unary_unary_rpc_method_handler)  # fmt: skip
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=convert.request_decoder(request_cls),
+            request_deserializer=convert.request_decoder(
+                request_cls, servicer.service.links.largest_prompt_limit
+            ),
             response_serializer=response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers(

@@ -28,7 +28,7 @@ import grpc
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.expert_load import read_expert_status
 from moeray.cluster.logs import REQUEST_ID
-from moeray.router.convert import RequestError, RequestLimits
+from moeray.router.convert import RequestError, RequestLimits, check_prompt_size
 from moeray.router.engine_links import EngineLinks, GenerateStream
 from moeray.router.messages import GenerateCall, RouteDecision, RouteInput, TierLoad
 from moeray.router.metrics import FrontDoorMetrics
@@ -144,14 +144,20 @@ class InferenceService:
         before the first. timeout_s: the client's deadline, passed on to the engine call."""
         REQUEST_ID.set(call.request_id)  # in this request's task: its log lines carry the id
         try:
+            # A prompt no candidate tier takes is refused before the policy reads its text.
+            self._check_prompt(call.input, self.limits.candidate_tiers(call.input.tier))
             decision = self.decide(call.input)  # 1
         except RequestError:
             self.metrics.requests.labels("", protocol, "invalid").inc()  # no tier chosen
             raise
         tier = decision.tier
-        if call.request_id in self._running:
+        try:
+            self._check_prompt(call.input, [tier])
+            if call.request_id in self._running:
+                raise RequestError("request_id", f"{call.request_id!r} is already in use")
+        except RequestError:
             self.metrics.requests.labels(tier, protocol, "invalid").inc()
-            raise RequestError("request_id", f"{call.request_id!r} is already in use")
+            raise
         limit = self.config.router.max_inflight_per_tier
         if self.inflight[tier] >= limit:  # 2
             self.metrics.requests.labels(tier, protocol, "overloaded").inc()
@@ -190,6 +196,18 @@ class InferenceService:
         finally:
             await outputs.aclose()  # cancels the engine call at once if it is still open
             self._leave(call.request_id, tier, protocol, outcome)
+
+    def _check_prompt(self, inp: RouteInput, tiers: list[str]) -> None:
+        """RequestError when the prompt is longer than every one of `tiers` takes (the limits
+        their engine replicas announced; nothing is checked while one is unknown)."""
+        limits = [self.links.prompt_limit(t) for t in tiers]
+        if limits and 0 not in limits:
+            where = (
+                f"tier {tiers[0]!r}"
+                if len(tiers) == 1
+                else "any of tiers " + ", ".join(repr(t) for t in tiers)
+            )
+            check_prompt_size(inp, max(limits), where)
 
     async def _engine_outputs(
         self, tier: str, call: GenerateCall, timeout_s: float | None

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 class EndpointRegistry(Protocol):
     """cluster.state.EngineRegistry, seen from here: announce() returns something to close()."""
 
-    def announce(self, tier: str, replica_id: str, address: str, token: str) -> Any: ...
+    def announce(
+        self, tier: str, replica_id: str, address: str, token: str, max_prompt_bytes: int
+    ) -> Any: ...
 
 
 def _node_ip() -> str:
@@ -91,7 +93,10 @@ class EngineServer:
         self.node = socket.gethostname()
         self.service = EngineService(self.engine, self.stats, secrets.token_urlsafe(24), _node_ip())
         address = self.service.start()
-        self._announcer = registry.announce(tier.name, self.replica_id, address, self.service.token)
+        limit = self.engine.engine.max_prompt_bytes  # announced: routers refuse longer prompts
+        self._announcer = registry.announce(
+            tier.name, self.replica_id, address, self.service.token, limit
+        )
         self._drained = False
         log.info("engine %s of tier %s serves on %s", self.replica_id, tier.name, address)
         # The model and everything startup built live as long as the replica: frozen, a full

@@ -227,11 +227,11 @@ def test_heartbeater_registers_and_advertises_state(cluster_state: ClusterState)
 
 def test_engine_endpoints_register_expire_and_leave(cluster_state: ClusterState) -> None:
     a = EngineEndpoint("fast", "rep-a", "10.0.0.1:4000", "tok-a")
-    b = EngineEndpoint("fast", "rep-b", "10.0.0.2:4001", "tok-b")
+    b = EngineEndpoint("fast", "rep-b", "10.0.0.2:4001", "tok-b", max_prompt_bytes=57344)
     cluster_state.register_engine(a, ttl_s=0.3)
     cluster_state.register_engine(b, ttl_s=5)
     cluster_state.register_engine(EngineEndpoint("reasoning", "rep-c", "h:1", "t"))
-    assert cluster_state.engine_endpoints("fast") == [a, b]
+    assert cluster_state.engine_endpoints("fast") == [a, b]  # max_prompt_bytes 0 and 57344
     assert wait_until(lambda: cluster_state.engine_endpoints("fast") == [b], 3)
     assert cluster_state.client.smembers(cluster_state.key("engines", "fast")) == {"rep-b"}
     cluster_state.remove_engine("fast", "rep-b")
@@ -239,7 +239,9 @@ def test_engine_endpoints_register_expire_and_leave(cluster_state: ClusterState)
     assert [e.replica_id for e in cluster_state.engine_endpoints("reasoning")] == ["rep-c"]
     for bad, field in ((("fast", "r", "nohost", "t"), "address"), (("fast", "r", "h:0", "t"), "address"),
                        (("fast", "r", "h:1", ""), "token"), (("fa st", "r", "h:1", "t"), "tier"),
-                       (("fast", "r/../x y", "h:1", "t"), "replica_id")):  # fmt: skip
+                       (("fast", "r/../x y", "h:1", "t"), "replica_id"),
+                       (("fast", "r", "h:1", "t", -1), "max_prompt_bytes"),
+                       (("fast", "r", "h:1", "t", True), "max_prompt_bytes")):  # fmt: skip
         with pytest.raises(ValueError, match=field):
             EngineEndpoint(*bad)
 

@@ -9,11 +9,14 @@ from moeray.cluster.config import MoerayConfig
 from moeray.router.convert import (
     RequestError,
     RequestLimits,
+    Undecodable,
     build_route_input,
+    check_prompt_size,
     finish_reason_from_proto,
     finish_reason_to_proto,
     generate_call_from_proto,
     output_to_proto,
+    request_decoder,
     route_decision_from_proto,
     route_decision_to_proto,
     route_input_from_proto,
@@ -166,6 +169,56 @@ def test_build_route_input_for_the_http_path() -> None:
         ChatMessage("user", "u"),
     ]
     assert inp.text() == "u"  # the system turn is not what the user asks
+
+
+def test_a_prompt_no_tier_takes_is_refused_from_its_wire_header() -> None:
+    limit = 100_000
+    decode = request_decoder(pb.GenerateRequest, lambda: limit)
+    # A `prompt` of bad UTF-8, which parsing would report: its length is read first.
+    number = pb.GenerateRequest.DESCRIPTOR.fields_by_name["prompt"].number
+    size = _varint(limit + 1)
+    bad = _varint(number << 3 | 2) + size + b"\xff" * (limit + 1)
+    raw = pb.GenerateRequest(prompt_bytes=b"z" * (limit + 1), tier="fast").SerializeToString()
+    for body, field in ((bad, "prompt"), (raw, "prompt_bytes")):
+        got = decode(body)
+        assert isinstance(got, Undecodable)
+        assert got.error.field == field
+        assert str(got.error) == (f"{field} is over {limit} bytes of UTF-8; no text that long "
+                                  "fits the context of any tier")  # fmt: skip
+    # At the limit, or while no limit is known, the body is parsed as always.
+    at_limit = pb.GenerateRequest(prompt="y" * limit, tier="fast")
+    assert decode(at_limit.SerializeToString()) == at_limit
+    unknown = request_decoder(pb.GenerateRequest, lambda: 0)
+    assert str(unknown(bad).error) == "prompt is not valid UTF-8"
+    assert unknown(raw) == pb.GenerateRequest.FromString(raw)
+    # Other fields may be long: only the prompt's length counts.
+    many = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(stop=["s" * 80_000] * 2))
+    assert decode(many.SerializeToString()) == many
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def test_check_prompt_size_matches_the_engines_rule() -> None:
+    check_prompt_size(RouteInput(prompt="é" * 50), 100, "tier 'fast'")  # 100 bytes: taken
+    with pytest.raises(RequestError) as e:
+        check_prompt_size(RouteInput(prompt="é" * 50 + "!"), 100, "tier 'fast'")
+    assert (e.value.field, str(e.value)) == (
+        "prompt",
+        "prompt is over 100 bytes of UTF-8; no text that long fits the context of tier 'fast'",
+    )
+    chat = (ChatMessage("system", "s" * 60), ChatMessage("user", "u" * 41))
+    with pytest.raises(RequestError) as e:
+        check_prompt_size(RouteInput(messages=chat), 100, "any tier")
+    assert e.value.field == "messages"
+    check_prompt_size(RouteInput(messages=chat[1:]), 100, "any tier")
+    check_prompt_size(RouteInput(prompt_token_ids=tuple(range(500))), 100, "any tier")
 
 
 def test_output_and_decision_to_proto() -> None:

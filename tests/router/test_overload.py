@@ -32,7 +32,7 @@ from moeray.cluster.app import LocalStack
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
-from moeray.cluster.state import ClusterState
+from moeray.cluster.state import ClusterState, EngineEndpoint
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers.engine_service import STATS, client_metadata, decode_stats, encode
@@ -82,13 +82,19 @@ def _http(stack: LocalStack, path: str, body: dict[str, Any]) -> tuple[int, dict
         return e.code, dict(e.headers.items()), json.loads(e.read())
 
 
-def _engine_stats(stack: LocalStack, tier: str) -> Any:
-    """The tier's engine replica's own EngineStats, over the internal Stats call."""
+def _endpoint(stack: LocalStack, tier: str) -> EngineEndpoint:
+    """The tier's one engine replica, as it announced itself in Redis."""
     state = ClusterState(stack.config.state.redis_url or "", stack.config.state.cluster)
     try:
         (ep,) = state.engine_endpoints(tier)
     finally:
         state.close()
+    return ep
+
+
+def _engine_stats(stack: LocalStack, tier: str) -> Any:
+    """The tier's engine replica's own EngineStats, over the internal Stats call."""
+    ep = _endpoint(stack, tier)
     with grpc.insecure_channel(ep.address) as ch:
         call = ch.unary_unary(STATS, request_serializer=encode, response_deserializer=decode_stats)
         return call(StatsRequest(), timeout=30, metadata=client_metadata(ep.token))
@@ -305,7 +311,12 @@ def test_huge_prompt_refused_without_stalling_a_stream(stack: LocalStack, stub: 
     time.sleep(0.3)
     call.cancel()
     reader.join(30)
-    assert code == "INVALID_ARGUMENT" and details.startswith("prompt is over")
+    # Refused by the router from the message's wire header, with the limit the engine replicas
+    # announced (the engine's own refusal names the context in tokens instead).
+    limit = _endpoint(stack, "fast").max_prompt_bytes
+    assert limit == _endpoint(stack, "slow").max_prompt_bytes > 0
+    assert (code, details) == ("INVALID_ARGUMENT", f"prompt is over {limit} bytes of UTF-8; "
+                                                   "no text that long fits the context of any tier")  # fmt: skip
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     step = sorted(gaps[:29])[14]
     during = [b - a for a, b in itertools.pairwise(arrivals)
@@ -314,6 +325,31 @@ def test_huge_prompt_refused_without_stalling_a_stream(stack: LocalStack, stub: 
     assert max(during, default=0.0) <= 2 * step + 0.5, (step, during)
     assert elapsed < 3.0
     _wait_idle(stack, "fast")
+
+
+def test_prompts_too_long_for_the_tier_are_refused_by_the_router(
+    stack: LocalStack, stub: Any
+) -> None:
+    limit = _endpoint(stack, "fast").max_prompt_bytes
+    invalid = metric_sum(stack, "moeray_requests_total", outcome="invalid")
+    text = "é" * (limit // 2) + "!"  # one byte over, in fewer characters than the limit
+    expected = f"is over {limit} bytes of UTF-8; no text that long fits the context of tier 'fast'"
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(prompt=text, tier="fast"), timeout=30))
+    assert (e.value.code(), e.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "prompt " + expected)  # fmt: skip
+    status, _, body = _http(stack, "/v1/completions", {"model": "fast", "prompt": text})
+    assert (status, body["error"]["param"]) == (400, "prompt")
+    assert body["error"]["message"] == "prompt " + expected
+    chat = [{"role": "user", "content": "x" * (limit + 1)}]
+    status, _, body = _http(stack, "/v1/chat/completions", {"model": "fast", "messages": chat})
+    assert (status, body["error"]["param"]) == (400, "messages")
+    assert body["error"]["message"].startswith(f"messages hold over {limit} characters")
+    # A body longer than any request holding a prompt any tier takes is refused unparsed.
+    big = "x" * (6 * limit + 2**20)
+    status, _, body = _http(stack, "/v1/completions", {"model": "fast", "prompt": big})
+    assert (status, body["error"]["param"]) == (400, "body")
+    assert metric_sum(stack, "moeray_requests_total", outcome="invalid") - invalid == 4
 
 
 def test_client_cancels_are_counted(stack: LocalStack, stub: Any) -> None:

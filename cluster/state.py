@@ -16,7 +16,7 @@
 | `plan:{model}` | string | the autoscaler's latest `PlanRecord` (JSON) |
 | `plans:{model}` | hash "mode,outcome" -> count | plans made, by mode and outcome (a counter) |
 | `engines:{tier}` | set | replica ids of a tier's engine replicas (their gRPC endpoints) |
-| `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON); expires unless refreshed |
+| `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON, with its prompt limit); expires unless refreshed |
 
 Every multi-step update is one Lua script (atomic, one round trip). Placement epochs only grow:
 `publish_placement` is a compare-and-set on the expected epoch, so two planners cannot both win.

@@ -547,7 +547,8 @@ def grpc_corpus() -> list[tuple[str, bytes, str, str]]:
         ("prompt_bytes lone surrogate", pb.GenerateRequest(prompt_bytes=b"\xed\xa0\x80"),
          "prompt"),
         ("prompt_bytes empty", pb.GenerateRequest(prompt_bytes=b""), "prompt"),
-        ("oversize prompt", pb.GenerateRequest(prompt="x" * (4 * 2**20 + 10)), "request"),
+        # Longer than any tier's context (the router reads the field's length, unparsed).
+        ("oversize prompt", pb.GenerateRequest(prompt="x" * (4 * 2**20 + 10)), "prompt"),
         ("empty messages", pb.GenerateRequest(messages=pb.ChatMessages()), "messages"),
         ("bad role", pb.GenerateRequest(messages=pb.ChatMessages(messages=[
             pb.ChatMessage(role="robot", content="hi")])), "messages[0].role"),
@@ -627,7 +628,8 @@ def http_corpus() -> list[tuple[str, str, bytes, str, str]]:
         ("token id beyond vocab", C, j(prompt=[10**6], model="fast"), "prompt"),
         ("token id negative", C, j(prompt=[-1], model="fast"), "prompt"),
         ("token id true", C, j(prompt=[True]), "prompt"),
-        ("oversize prompt", C, j(prompt="x" * (4 * 2**20 + 10)), "prompt"),
+        # A body longer than any request holding an acceptable prompt: refused unparsed.
+        ("oversize prompt", C, j(prompt="x" * (4 * 2**20 + 10)), "body"),
         ("max_tokens true", C, j(max_tokens=True), "max_tokens"),
         ("max_tokens false", C, j(max_tokens=False), "max_tokens"),
         ("max_tokens string", C, j(max_tokens="5"), "max_tokens"),

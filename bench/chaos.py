@@ -330,10 +330,14 @@ class Clients:
             GENERATE, request_serializer=None, response_deserializer=pb.GenerateResponse.FromString
         )
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # /metrics and /health on a new connection each: a keep-alive one left idle through a
+        # scenario may have been closed by the server (ServerDisconnectedError when reused).
+        self.control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
     async def close(self) -> None:
         await self.channel.close()
         await self.http.close()
+        await self.control.close()
 
     async def grpc_call(self, body: bytes, timeout: float = 120.0, hold: asyncio.Event | None = None,
                         first: asyncio.Event | None = None) -> Outcome:  # fmt: skip
@@ -380,7 +384,7 @@ class Clients:
             return Outcome(type(e).__name__, str(e), "", (time.perf_counter() - start) * 1e3)
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        async with self.http.get(self.served.http + "/metrics") as r:
+        async with self.control.get(self.served.http + "/metrics") as r:
             text = await r.text()
         out = {}
         for fam in text_string_to_metric_families(text):
@@ -390,7 +394,7 @@ class Clients:
 
     async def health(self) -> int:
         try:
-            async with self.http.get(self.served.http + "/health",
+            async with self.control.get(self.served.http + "/health",
                                      timeout=aiohttp.ClientTimeout(total=5)) as r:  # fmt: skip
                 return r.status
         except (aiohttp.ClientError, asyncio.TimeoutError):

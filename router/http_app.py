@@ -23,6 +23,8 @@ x-moeray-route-fallback; non-streamed responses also carry x-moeray-engine-time-
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -63,6 +65,9 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "repetition_penalty": (None, 1), "min_tokens": (None, 0), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }  # fmt: skip
+#: The most choices (`n`) one request may ask for, as OpenAI's API; each choice is an engine
+#: request of its own (and a seat of router.max_inflight_per_tier, which may lower this).
+MAX_CHOICES = 128
 #: OpenAI fields that change nothing moeray does: accepted and ignored whatever they hold.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
@@ -229,8 +234,9 @@ def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
 
 
 def _sampling(req: _Params, service: InferenceService, default_max: int) -> SamplingParams:
-    if req.n != 1:
-        raise _invalid("n", f"must be 1 (one choice per request), got {req.n}")
+    most = min(MAX_CHOICES, service.config.router.max_inflight_per_tier)
+    if not 1 <= req.n <= most:
+        raise _invalid("n", f"must be in [1, {most}] (each choice takes a seat), got {req.n}")
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
@@ -290,15 +296,6 @@ def _route_input(service: InferenceService, input_field: str, **kwargs: Any) -> 
 # ---- dataclasses -> JSON ---------------------------------------------------------------------
 
 
-def _usage(out: RequestOutput) -> dict[str, int]:
-    u = out.usage
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-
-
 def _route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
     return {
         "x-moeray-tier": d.tier,
@@ -308,12 +305,114 @@ def _route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
     }
 
 
-def _choice(kind: Literal["chat", "text"], text: str, finish: str | None, chunk: bool) -> dict:
+def _choice(
+    kind: Literal["chat", "text"], text: str, finish: str | None, chunk: bool, index: int = 0
+) -> dict:
     if kind == "text":
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
     key = "delta" if chunk else "message"
     body = {"content": text} if chunk else {"role": "assistant", "content": text}
-    return {"index": 0, key: body, "logprobs": None, "finish_reason": finish}
+    return {"index": index, key: body, "logprobs": None, "finish_reason": finish}
+
+
+def _usage(lasts: list[RequestOutput]) -> dict[str, int]:
+    """Usage of a request's choices: the prompt once, every choice's completion tokens."""
+    prompt = lasts[0].usage.prompt_tokens
+    completion = sum(out.usage.completion_tokens for out in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}  # fmt: skip
+
+
+#: One choice once started: its route decision and first output, and the rest of its stream.
+Started = tuple[
+    tuple[RouteDecision, RequestOutput], AsyncGenerator[tuple[RouteDecision, RequestOutput], None]
+]
+
+
+async def _start(service: InferenceService, call: GenerateCall, n: int) -> list[Started]:
+    """The request's n choices, each an engine request with its first output. With n > 1 every
+    choice runs on one tier (an auto request is routed once) with a request id and a seed of
+    its own; if any is refused, the others are ended and the refusal raised."""
+    if n == 1:
+        stream = service.generate(call, "http")  # counts its own outcomes from here on
+        return [(await anext(stream), stream)]
+    tier = service.decide(call.input).tier if call.input.auto else call.input.tier
+    calls = [_choice_call(call, i, tier) for i in range(n)]
+    streams = [service.generate(c, "http") for c in calls]
+    firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    errors = [f for f in firsts if isinstance(f, BaseException)]
+    if errors:
+        for s in streams:
+            await s.aclose()
+        raise errors[0]
+    return list(zip(firsts, streams))  # type: ignore[arg-type]
+
+
+def _choice_call(call: GenerateCall, index: int, tier: str) -> GenerateCall:
+    """Choice `index` of a request: on `tier`, with its own request id and seed (seed + index,
+    kept within the seed's 64-bit range), so that seeded choices differ and are reproducible."""
+    if index == 0:
+        return dataclasses.replace(call, input=dataclasses.replace(call.input, tier=tier))
+    seed = call.sampling.seed
+    if seed is not None:
+        seed = seed + index if seed + index < 2**64 else seed - index
+    return GenerateCall(
+        f"{call.request_id}-{index}",
+        dataclasses.replace(call.input, tier=tier),
+        dataclasses.replace(call.sampling, seed=seed),
+    )
+
+
+class _Choices:
+    """The remaining outputs of a request's choices as they come, tagged with the choice's
+    index; the first error of any choice is raised. aclose() ends every choice (engine calls
+    cancelled, KV freed, outcomes counted), whether or not iteration has begun."""
+
+    def __init__(self, streams: list[AsyncGenerator[tuple[RouteDecision, RequestOutput], None]]):
+        self.streams = streams
+        self._outputs = self._one() if len(streams) == 1 else self._merged()
+
+    def __aiter__(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        return self._outputs
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+        for s in self.streams:
+            await s.aclose()
+
+    async def _one(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """No task, no queue: the common case stays at its consumer's pace."""
+        async for _, out in self.streams[0]:
+            yield 0, out
+
+    async def _merged(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+        async def pump(
+            i: int, stream: AsyncGenerator[tuple[RouteDecision, RequestOutput], None]
+        ) -> None:
+            try:
+                async for _, out in stream:
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as e:
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:  # the tasks end before their streams are closed (a running one cannot be)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _envelope(
@@ -327,22 +426,25 @@ def _envelope(
 
 async def _sse(
     kind: Literal["chat", "text"],
-    first: tuple[RouteDecision, RequestOutput],
-    rest: AsyncGenerator[tuple[RouteDecision, RequestOutput], None],
+    started: list[Started],
+    rest: _Choices,
     include_usage: bool,
 ) -> AsyncGenerator[str, None]:
-    """Server-sent events: one chunk per engine delta, then usage (if asked), then [DONE]."""
-    decision, out = first
+    """Server-sent events: one chunk per engine delta (its choice's index), then usage (if
+    asked), then [DONE]."""
+    decision, out = started[0][0]
     env = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=True)
-    if kind == "chat":  # OpenAI opens a chat stream with the assistant role
-        yield _event({**env, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]})  # fmt: skip
-    last = out
+    lasts = [first[1] for first, _ in started]
+    if kind == "chat":  # OpenAI opens each choice of a chat stream with the assistant role
+        for i in range(len(started)):
+            yield _event({**env, "choices": [{"index": i, "delta": {"role": "assistant",
+                          "content": ""}, "logprobs": None, "finish_reason": None}]})  # fmt: skip
     try:
-        yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True)]})
-        async for _, out in rest:
-            last = out
-            yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True)]})
+        for i, out in enumerate(lasts):
+            yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True, i)]})
+        async for i, out in rest:
+            lasts[i] = out
+            yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True, i)]})
     except (Overloaded, EngineUnavailable) as e:  # the stream has begun: report it in-band
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
                                 "code": "unavailable"}})  # fmt: skip
@@ -353,7 +455,7 @@ async def _sse(
     finally:  # the client went away mid-stream: end the request now (cancel, KV freed, counted)
         await rest.aclose()
     if include_usage:
-        yield _event({**env, "choices": [], "usage": _usage(last)})
+        yield _event({**env, "choices": [], "usage": _usage(lasts)})
     yield "data: [DONE]\n\n"
 
 
@@ -367,17 +469,25 @@ def _finish(out: RequestOutput) -> str | None:
 
 async def _complete(
     kind: Literal["chat", "text"],
-    first: tuple[RouteDecision, RequestOutput],
-    rest: AsyncGenerator[tuple[RouteDecision, RequestOutput], None],
+    started: list[Started],
+    rest: _Choices,
 ) -> JSONResponse:
-    decision, out = first
-    parts = [out.delta_text]
-    async for _, out in rest:
-        parts.append(out.delta_text)
-    body = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=False)
-    body.update(choices=[_choice(kind, "".join(parts), _finish(out), False)], usage=_usage(out))
-    headers = _route_headers(decision, out.request_id)
-    headers[ENGINE_TIME_HEADER] = f"{out.engine_time_s * 1e3:.3f}"
+    decision = started[0][0][0]
+    lasts = [first[1] for first, _ in started]
+    parts = [[out.delta_text] for out in lasts]
+    try:
+        async for i, out in rest:
+            parts[i].append(out.delta_text)
+            lasts[i] = out
+    finally:
+        await rest.aclose()
+    rid = lasts[0].request_id
+    body = _envelope(kind, rid, int(time.time()), decision.tier, chunk=False)
+    body.update(choices=[_choice(kind, "".join(p), _finish(out), False, i)
+                         for i, (p, out) in enumerate(zip(parts, lasts))],
+                usage=_usage(lasts))  # fmt: skip
+    headers = _route_headers(decision, rid)
+    headers[ENGINE_TIME_HEADER] = f"{max(out.engine_time_s for out in lasts) * 1e3:.3f}"
     return JSONResponse(body, headers=headers)
 
 
@@ -389,7 +499,7 @@ class _ClosingStream(StreamingResponse):
     client goes away, generation stops at once (engine call cancelled, KV freed, outcome
     counted) instead of whenever the garbage collector finalizes the generators."""
 
-    def __init__(self, body: AsyncGenerator[str, None], source: AsyncGenerator[Any, None],
+    def __init__(self, body: AsyncGenerator[str, None], source: _Choices,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(body, **kwargs)
         self._body, self._source = body, source
@@ -422,24 +532,24 @@ def build_http_app(service: InferenceService) -> FastAPI:
         except ClientDisconnect:  # the client left while sending its body: nobody to answer
             service.metrics.requests.labels("", "http", "cancelled").inc()
             return Response(status_code=499)  # (never sent; no traceback logged)
-        stream = service.generate(call, "http")  # counts its own outcomes from here on
         try:
-            first = await anext(stream)
+            started = await _start(service, call, req.n)
         except (RequestError, Overloaded, EngineUnavailable) as e:
             err = _from_service_error(e, input_field)
             return error_response(err.status, err.message, err.param, err.code)
+        rest = _Choices([stream for _, stream in started])
         if not req.stream:
             try:
-                return await _complete(kind, first, stream)
+                return await _complete(kind, started, rest)
             except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
                 err = _from_service_error(e, input_field)
                 return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return _ClosingStream(
-            _sse(kind, first, stream, include_usage),
-            stream,
+            _sse(kind, started, rest, include_usage),
+            rest,
             media_type="text/event-stream",
-            headers=_route_headers(first[0], call.request_id),
+            headers=_route_headers(started[0][0][0], call.request_id),
         )
 
     @app.post("/v1/chat/completions")

@@ -196,6 +196,54 @@ def test_openai_completion_and_chat_equal_offline(client: openai.OpenAI, fast_ll
     assert unary.choices[0].message.content == oracle.text
 
 
+def test_openai_n_choices(stack: LocalStack, client: openai.OpenAI, fast_llm: LLM) -> None:
+    """n > 1: one engine request per choice on one tier; greedy choices equal the offline
+    engine's, seeded ones are reproducible, usage counts the prompt once."""
+    oracle = _greedy(fast_llm, "Once upon a time", 6)
+    done = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=6,
+                                     temperature=0, n=2)  # fmt: skip
+    assert [c.index for c in done.choices] == [0, 1]
+    assert [c.text for c in done.choices] == [oracle.text, oracle.text]
+    assert done.usage is not None and done.usage.completion_tokens == 2 * len(oracle.token_ids)
+    assert done.usage.prompt_tokens == len(oracle.prompt_token_ids)
+    seeded = [client.completions.create(model="auto", prompt="Once upon a time", max_tokens=8,
+                                        temperature=1.0, seed=7, n=2) for _ in range(2)]  # fmt: skip
+    assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
+    assert seeded[0].choices[0].text != seeded[0].choices[1].text  # seeds 7 and 8
+    messages = [{"role": "user", "content": "What is a mixture of experts?"}]
+    chat_oracle = _greedy(fast_llm, _chat_ids(fast_llm, messages), 5)
+    chunks = list(client.chat.completions.create(
+        model="fast", messages=messages, max_tokens=5, temperature=0, n=2, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks
+                     if c.choices and c.choices[0].index == i) for i in (0, 1)]  # fmt: skip
+    assert texts == [chat_oracle.text, chat_oracle.text]
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 2 * len(chat_oracle.token_ids)
+    # A client that leaves mid-stream ends every choice: both seats are free again at once.
+    stream = client.completions.create(model="reasoning", prompt="go", max_tokens=3000,
+                                       temperature=0, n=2, stream=True,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    seen = {next(iter(stream)).choices[0].index for _ in range(6)}
+    stream.close()
+    deadline = time.monotonic() + 3  # well before 3000 tokens would have ended them
+    while True:  # the router's limit is 2 in flight per tier
+        try:
+            again = client.completions.create(model="reasoning", prompt="go", max_tokens=2, n=2)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the choices of the closed stream kept their seats"
+            time.sleep(0.05)
+    assert seen <= {0, 1} and len(again.choices) == 2
+    with pytest.raises(openai.BadRequestError) as info:  # each choice takes one of the 2 seats
+        client.completions.create(model="fast", prompt="x", max_tokens=2, n=3)
+    assert info.value.body["param"] == "n"  # type: ignore[index]
+    assert "must be in [1, 2]" in info.value.body["message"]  # type: ignore[index]
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

@@ -205,7 +205,12 @@ class EngineEndpoint:
 
     @classmethod
     def from_json(cls, body: str) -> EngineEndpoint:
-        return cls(*json.loads(body))
+        """From to_json's list; fields a newer version appends are ignored (a rolling upgrade
+        mixes versions), a record without the first four is refused."""
+        fields = json.loads(body)
+        if not isinstance(fields, list) or len(fields) < 4:
+            raise ValueError(f"an engine endpoint record must be a list of >= 4 fields: {body!r}")
+        return cls(*fields[:5])
 
 
 @dataclass(frozen=True)

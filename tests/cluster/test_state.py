@@ -244,6 +244,11 @@ def test_engine_endpoints_register_expire_and_leave(cluster_state: ClusterState)
                        (("fast", "r", "h:1", "t", True), "max_prompt_bytes")):  # fmt: skip
         with pytest.raises(ValueError, match=field):
             EngineEndpoint(*bad)
+    # Fields a newer version appends are ignored; a record short of four fields is refused.
+    assert EngineEndpoint.from_json('["fast", "r", "h:1", "t", 9, "later"]').max_prompt_bytes == 9
+    assert EngineEndpoint.from_json('["fast", "r", "h:1", "t"]').max_prompt_bytes == 0
+    with pytest.raises(ValueError, match="record"):
+        EngineEndpoint.from_json('["fast", "r", "h:1"]')
 
 
 def test_announcer_keeps_an_endpoint_and_removes_it_on_close(redis_server: RedisServer) -> None:

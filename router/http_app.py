@@ -39,7 +39,7 @@ from moeray.router.convert import RequestError, build_route_input, check_samplin
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.metrics import CONTENT_TYPE
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
-from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams
+from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -59,7 +59,7 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReaso
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "echo": (None, False),
     "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1), "min_tokens": (None, 0), "audio": (None,),
@@ -97,10 +97,13 @@ class _ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(_Params):
     messages: list[_ChatMessageIn]
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Params):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(...)
+    logprobs: int | None = None
 
 
 class HttpError(Exception):
@@ -244,15 +247,27 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
     if max_tokens is None:
         max_tokens = min(default_max, limit) if limit else default_max
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    logprobs_field, logprobs = _logprobs_asked(req)
     params = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
+        seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
     )  # fmt: skip
     try:
         return check_sampling(params, limit, prefix="")
     except RequestError as e:
         given = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        raise _invalid(given if e.field == "max_tokens" else e.field, e.message) from None
+        field = {"max_tokens": given, "logprobs": logprobs_field}.get(e.field, e.field)
+        raise _invalid(field, e.message) from None
+
+
+def _logprobs_asked(req: _Params) -> tuple[str, int | None]:
+    """(the field that sets it, how many alternatives per token, None for no logprobs):
+    completions' `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k` (default 0)."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise _invalid("top_logprobs", "needs logprobs set to true")
+        return "top_logprobs", (req.top_logprobs or 0) if req.logprobs else None
+    return "logprobs", getattr(req, "logprobs", None)
 
 
 def _model_to_tier(service: InferenceService, model: str) -> str:
@@ -306,13 +321,46 @@ def _route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
 
 
 def _choice(
-    kind: Literal["chat", "text"], text: str, finish: str | None, chunk: bool, index: int = 0
+    kind: Literal["chat", "text"],
+    text: str,
+    finish: str | None,
+    chunk: bool,
+    index: int = 0,
+    logprobs: dict | None = None,
 ) -> dict:
     if kind == "text":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     key = "delta" if chunk else "message"
     body = {"content": text} if chunk else {"role": "assistant", "content": text}
-    return {"index": index, key: body, "logprobs": None, "finish_reason": finish}
+    return {"index": index, key: body, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _logprobs_json(
+    kind: Literal["chat", "text"], entries: list[TokenLogprob] | None, offset: int
+) -> dict | None:
+    """OpenAI's logprobs object for these tokens (None when the request asked for none):
+    completions' {tokens, token_logprobs, top_logprobs, text_offset} (offset: characters of
+    the choice's text before the first of them), chat's {content: [{token, logprob, bytes,
+    top_logprobs}]}."""
+    if entries is None:
+        return None
+    if kind == "chat":
+
+        def one(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [{**one(e.text, e.logprob), "top_logprobs": [one(t.text, t.logprob)
+                                                               for t in e.top]}
+                   for e in entries]  # fmt: skip
+        return {"content": content, "refusal": None}
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.text: t.logprob for t in e.top} for e in entries],
+            "text_offset": offsets}  # fmt: skip
 
 
 def _usage(lasts: list[RequestOutput]) -> dict[str, int]:
@@ -439,12 +487,20 @@ async def _sse(
         for i in range(len(started)):
             yield _event({**env, "choices": [{"index": i, "delta": {"role": "assistant",
                           "content": ""}, "logprobs": None, "finish_reason": None}]})  # fmt: skip
+    offsets = [0] * len(started)  # characters of each choice's text streamed so far
+
+    def chunk(i: int, out: RequestOutput) -> str:
+        lp = _logprobs_json(kind, out.delta_logprobs, offsets[i])
+        offsets[i] += len(out.delta_text)
+        return _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True, i,
+                                                  lp)]})  # fmt: skip
+
     try:
         for i, out in enumerate(lasts):
-            yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True, i)]})
+            yield chunk(i, out)
         async for i, out in rest:
             lasts[i] = out
-            yield _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True, i)]})
+            yield chunk(i, out)
     except (Overloaded, EngineUnavailable) as e:  # the stream has begun: report it in-band
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
                                 "code": "unavailable"}})  # fmt: skip
@@ -475,16 +531,22 @@ async def _complete(
     decision = started[0][0][0]
     lasts = [first[1] for first, _ in started]
     parts = [[out.delta_text] for out in lasts]
+    logprobs = [None if out.delta_logprobs is None else list(out.delta_logprobs)
+                for out in lasts]  # fmt: skip
     try:
         async for i, out in rest:
             parts[i].append(out.delta_text)
+            got = logprobs[i]  # None: the request asked for no logprobs
+            if got is not None and out.delta_logprobs:
+                got.extend(out.delta_logprobs)
             lasts[i] = out
     finally:
         await rest.aclose()
     rid = lasts[0].request_id
     body = _envelope(kind, rid, int(time.time()), decision.tier, chunk=False)
-    body.update(choices=[_choice(kind, "".join(p), _finish(out), False, i)
-                         for i, (p, out) in enumerate(zip(parts, lasts))],
+    body.update(choices=[_choice(kind, "".join(p), _finish(out), False, i,
+                                 _logprobs_json(kind, lp, 0))
+                         for i, (p, out, lp) in enumerate(zip(parts, lasts, logprobs))],
                 usage=_usage(lasts))  # fmt: skip
     headers = _route_headers(decision, rid)
     headers[ENGINE_TIME_HEADER] = f"{max(out.engine_time_s for out in lasts) * 1e3:.3f}"

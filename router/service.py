@@ -435,4 +435,5 @@ class _Outputs:
             finish_reason=d.finish_reason,
             usage=Usage(d.prompt_tokens, d.completion_tokens),
             engine_time_s=d.engine_time_s,
+            delta_logprobs=d.delta_logprobs,
         )

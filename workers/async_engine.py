@@ -270,6 +270,9 @@ def _merged(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         b,
         delta_token_ids=a.delta_token_ids + b.delta_token_ids,
         delta_text=a.delta_text + b.delta_text,
+        delta_logprobs=None
+        if b.delta_logprobs is None
+        else (a.delta_logprobs or []) + b.delta_logprobs,
     )
 
 

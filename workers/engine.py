@@ -22,10 +22,12 @@ from moeray.workers.io_struct import (
     InvalidRequest,
     RequestOutput,
     SamplingParams,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from moeray.workers.model_runner import ModelRunner, resolve_device
-from moeray.workers.sampler import Sampler
+from moeray.workers.sampler import Sampler, token_logprobs
 from moeray.workers.scheduler import Scheduler
 from moeray.workers.sequence import Sequence
 from moeray.workers.tokenizer import Tokenizer
@@ -100,6 +102,7 @@ class LLMEngine:
                 apply_cpu_tuning(model)
         self.model = model
         self.tokenizer = tokenizer or Tokenizer.from_pretrained(model_path)
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (logprobs)
         args = self.model.args
         self.vocab_size: int = args.vocab_size
         self.max_model_len = self._max_model_len(config, args.max_position_embeddings)
@@ -252,6 +255,8 @@ class LLMEngine:
         if logits is None:
             return outputs
         tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        if any(s.logprobs is not None for s in sampling):
+            self._record_logprobs(logits, tokens, sampling)
         for seq, token in zip(sampling, tokens):
             reason = self._append_token(seq, token)
             if reason is not None:
@@ -260,6 +265,29 @@ class LLMEngine:
             elif seq.stream:
                 outputs.append(self._output(seq))
         return outputs
+
+    def _record_logprobs(self, logits: Any, tokens: list[int], seqs: list[Sequence]) -> None:
+        """Appends, for each sequence that asked, its sampled token's log-probability and its
+        params.logprobs likeliest tokens (row b of logits [B, V] is seqs[b]'s)."""
+        rows = [b for b, s in enumerate(seqs) if s.logprobs is not None]
+        counts = [seqs[b].params.logprobs or 0 for b in rows]
+        found = token_logprobs(logits, rows, [tokens[b] for b in rows], max(counts))
+        for b, n, (chosen, top) in zip(rows, counts, found):
+            seq = seqs[b]
+            assert seq.logprobs is not None
+            alternatives = [TopLogprob(i, self._token_text(i), v) for i, v in top[:n]]
+            seq.logprobs.append(
+                TokenLogprob(tokens[b], self._token_text(tokens[b]), chosen, alternatives)
+            )
+
+    def _token_text(self, token: int) -> str:
+        """A token's text decoded alone (special tokens included), memoized."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode(
+                [token], skip_special_tokens=False
+            )
+        return text
 
     def _append_token(self, seq: Sequence, token: int) -> FinishReason | None:
         """Appends a sampled token; the finish reason it causes, if any."""
@@ -301,6 +329,9 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             usage=Usage(seq.num_prompt_tokens, len(out_ids)),
         )
+        if seq.logprobs is not None:
+            out.logprobs = list(seq.logprobs)
+            out.delta_logprobs = seq.logprobs[seq.num_sent_tokens :]
         seq.num_sent_tokens = len(out_ids)
         seq.num_sent_chars = max(seq.num_sent_chars, text_end)
         return out

@@ -194,6 +194,7 @@ class EngineService:
                     finish_reason=out.finish_reason,
                     prompt_token_ids=out.prompt_token_ids if first else None,
                     engine_time_s=time.perf_counter() - start if finished else 0.0,
+                    delta_logprobs=out.delta_logprobs,
                 )
                 first = False
         except InvalidRequest as e:  # refused on the engine thread (a duplicate request id)

@@ -19,6 +19,8 @@ import msgspec
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+#: The most alternatives per token a request may ask log-probabilities for (OpenAI's chat limit).
+MAX_LOGPROBS = 20
 
 
 class InvalidRequest(ValueError):
@@ -54,6 +56,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    #: None: no log-probabilities; k >= 0: each generated token's, with the k likeliest tokens'.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -107,11 +111,36 @@ class SamplingParams:
                 raise InvalidRequest("stop_token_ids", f"must be non-negative integers, got {t!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequest("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        if self.logprobs is not None and not (
+            _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequest(
+                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One candidate token: its id, its text (the token decoded alone) and log-probability."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """A generated token's log-probability under the model's distribution for that position
+    (log_softmax of the raw logits: before temperature, top-k and top-p, as vLLM reports
+    them), with the `SamplingParams.logprobs` likeliest tokens there, likeliest first."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[TopLogprob]
 
 
 @dataclass
@@ -141,6 +170,9 @@ class RequestOutput:
     delta_text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage = field(default_factory=Usage)
+    #: With SamplingParams.logprobs set: one entry per token of token_ids / delta_token_ids.
+    logprobs: list[TokenLogprob] | None = None
+    delta_logprobs: list[TokenLogprob] | None = None
     #: Seconds the engine deployment spent on the request (entry to last delta), set on the
     #: last message only; the front door reports it so overhead is measured per request.
     engine_time_s: float = 0.0
@@ -186,6 +218,7 @@ class GenerateDelta(msgspec.Struct, frozen=True, tag="delta"):
     finish_reason: FinishReason | None = None
     prompt_token_ids: list[int] | None = None
     engine_time_s: float = 0.0
+    delta_logprobs: list[TokenLogprob] | None = None
 
 
 class GenerateRejected(msgspec.Struct, frozen=True, tag="rejected"):

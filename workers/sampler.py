@@ -76,3 +76,19 @@ class Sampler:
                 row_noise = torch.empty(probs.shape[-1], dtype=probs.dtype, device=gen.device)
                 noise[row] = row_noise.exponential_(generator=gen)
         return noise
+
+
+def token_logprobs(
+    logits: torch.Tensor, rows: list[int], tokens: list[int], k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row r of logits [B, V] in `rows`: the log-probability of tokens[i] (the token
+    sampled there) and the k likeliest (token id, log-probability) pairs, likeliest first;
+    log_softmax of the raw logits in float32 (before temperature, top-k, top-p)."""
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)  # [R, V]
+    picked = torch.tensor(tokens, device=lp.device)[:, None]
+    chosen = lp.gather(1, picked)[:, 0].tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    top_lp, top_ids = lp.topk(k, dim=-1)
+    return [(c, list(zip(ids, lps))) for c, ids, lps in
+            zip(chosen, top_ids.tolist(), top_lp.tolist())]  # fmt: skip

@@ -18,7 +18,7 @@ import enum
 from typing import TYPE_CHECKING
 
 import torch
-from moeray.workers.io_struct import FinishReason, SamplingParams
+from moeray.workers.io_struct import FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from moeray.workers.detokenizer import IncrementalDetokenizer
@@ -37,6 +37,7 @@ class Sequence:
         "detokenizer",
         "finish_reason",
         "generator",
+        "logprobs",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_keyed_blocks",
@@ -75,6 +76,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_sent_tokens = 0  # output tokens already reported in a streamed delta
         self.num_sent_chars = 0  # output text already reported in a streamed delta
+        # One entry per output token when params.logprobs is set (the engine appends them).
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.detokenizer: IncrementalDetokenizer | None = None
         # A private generator makes a seeded request's samples independent of the batch.
         self.generator: torch.Generator | None = None

@@ -244,6 +244,49 @@ def test_openai_n_choices(stack: LocalStack, client: openai.OpenAI, fast_llm: LL
     assert "must be in [1, 2]" in info.value.body["message"]  # type: ignore[index]
 
 
+def test_openai_logprobs_equal_offline(client: openai.OpenAI, fast_llm: LLM) -> None:
+    """Completions' logprobs=k and chat's logprobs/top_logprobs carry the engine's own values
+    (tests/workers/test_engine.py holds those to transformers), streamed or not."""
+    want = fast_llm.generate("Once upon a time",
+                             SamplingParams(max_tokens=6, temperature=0, logprobs=2))[0]  # fmt: skip
+    assert want.logprobs is not None
+    done = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=6,
+                                     temperature=0, logprobs=2)  # fmt: skip
+    lp = done.choices[0].logprobs
+    assert lp is not None and lp.tokens == [e.text for e in want.logprobs]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-6)
+    assert lp.top_logprobs == [pytest.approx({t.text: t.logprob for t in e.top}, abs=1e-6)
+                               for e in want.logprobs]  # fmt: skip
+    assert lp.text_offset is not None and lp.text_offset[0] == 0
+    messages = [{"role": "user", "content": "What is a mixture of experts?"}]
+    chat_want = fast_llm.generate(_chat_ids(fast_llm, messages),
+                                  SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]  # fmt: skip
+    assert chat_want.logprobs is not None
+    chunks = list(client.chat.completions.create(
+        model="fast", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=3, stream=True,
+    ))  # fmt: skip
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content or []]  # fmt: skip
+    assert [c.token for c in streamed] == [e.text for e in chat_want.logprobs]
+    assert [c.logprob for c in streamed] == pytest.approx([e.logprob for e in chat_want.logprobs])
+    assert [[t.token for t in c.top_logprobs] for c in streamed] == [
+        [t.text for t in e.top] for e in chat_want.logprobs]  # fmt: skip
+    plain = client.chat.completions.create(model="fast", messages=messages, max_tokens=4,
+                                           temperature=0)  # fmt: skip
+    assert plain.choices[0].logprobs is None
+    for bad, field in (({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fast", prompt="x", max_tokens=2, extra_body=bad)
+        assert info.value.body["param"] == field  # type: ignore[index]
+    for bad, field in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                       ({"top_logprobs": 2}, "top_logprobs")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="fast", messages=messages, max_tokens=2,
+                                           extra_body=bad)  # fmt: skip
+        assert info.value.body["param"] == field  # type: ignore[index]
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

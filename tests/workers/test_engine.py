@@ -95,6 +95,48 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(
     assert llm.generate(prompt, other_seed)[0].token_ids != alone
 
 
+def test_logprobs_equal_transformers_log_softmax(checkpoint: Callable[..., Path]) -> None:
+    """Each generated token's logprob and the k likeliest are log_softmax of transformers'
+    logits at that position (raw: a sampled request at temperature 1.3 reports the model's
+    distribution, not the tempered one); streaming deltas add up to the whole."""
+    import transformers
+
+    path = checkpoint("mixtral")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    llm = LLM(model=path, block_size=4)
+    params = [SamplingParams(temperature=0.0, max_tokens=6, logprobs=3),
+              SamplingParams(temperature=1.3, seed=3, max_tokens=5, logprobs=0),
+              SamplingParams(temperature=0.0, max_tokens=4)]  # fmt: skip
+    outs = llm.generate(PROMPTS, params)
+    assert outs[2].logprobs is None
+    for prompt, out, sp in zip(PROMPTS, outs[:2], params):
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + out.token_ids])).logits[0].float()
+        expected = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # [N, V]
+        for pos, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert entry.token_id == tok
+            assert entry.text == llm.tokenizer.decode([tok], skip_special_tokens=False)
+            assert abs(entry.logprob - expected[pos, tok].item()) < 1e-4
+            top = expected[pos].topk(3)
+            assert [t.token_id for t in entry.top] == top.indices.tolist()[: sp.logprobs]
+            for t, v in zip(entry.top, top.values.tolist()):
+                assert abs(t.logprob - v) < 1e-4
+        if sp.temperature == 0.0:  # greedy: the token taken is the likeliest
+            assert all(e.top[0].token_id == e.token_id for e in out.logprobs)
+    with pytest.raises(ValueError, match="logprobs"):
+        llm.generate(PROMPTS[0], SamplingParams(logprobs=21))
+    two = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+    whole = llm.generate(PROMPTS[1], two)[0].logprobs
+    engine = llm.engine
+    engine.add_request("s", PROMPTS[1], two, stream=True)
+    deltas: list = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            deltas += o.delta_logprobs or []
+    assert whole is not None and len(whole) == 6 and deltas == whole
+
+
 def test_stop_token_ids_and_max_tokens(checkpoint: Callable[..., Path]) -> None:
     path = checkpoint("mixtral")
     llm = LLM(model=path)

@@ -21,11 +21,15 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from moeray.router.convert import finish_reason_from_proto, route_decision_from_proto
+from moeray.router.convert import (
+    finish_reason_from_proto,
+    route_decision_from_proto,
+    token_logprob_from_proto,
+)
 from moeray.router.messages import ChatMessage, RouteDecision
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
-from moeray.workers.io_struct import FinishReason, Usage
+from moeray.workers.io_struct import FinishReason, TokenLogprob, Usage
 
 
 class MoerayError(RuntimeError):
@@ -74,6 +78,7 @@ class GenerateDelta:
     finish_reason: FinishReason | None
     usage: Usage
     route: RouteDecision | None  # first message only
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (if asked)
 
 
 @dataclass
@@ -87,6 +92,7 @@ class GenerateResult:
     finish_reason: FinishReason | None = None
     usage: Usage = field(default_factory=Usage)
     route: RouteDecision | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def _request_input(
@@ -161,8 +167,10 @@ class MoerayClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        logprobs: int | None = None,
     ) -> Iterator[GenerateDelta]:
-        """Streams deltas. Breaking out of the loop (or closing it) cancels the generation."""
+        """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
+        logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens."""
         req = pb.GenerateRequest(request_id=request_id, tier=tier)
         _request_input(req, prompt, messages, prompt_token_ids)
         s = req.sampling
@@ -179,6 +187,8 @@ class MoerayClient:
             s.top_k = top_k
         if seed is not None:
             s.seed = seed
+        if logprobs is not None:
+            s.logprobs = logprobs
         return self._stream(req)
 
     def _stream(self, req: pb.GenerateRequest) -> Iterator[GenerateDelta]:
@@ -193,6 +203,7 @@ class MoerayClient:
                     finish_reason=finish_reason_from_proto(msg.finish_reason),
                     usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
                     route=route_decision_from_proto(msg.route) if msg.HasField("route") else None,
+                    logprobs=[token_logprob_from_proto(e) for e in msg.logprobs],
                 )
         except grpc.RpcError as e:
             raise _as_error(e) from None
@@ -209,6 +220,7 @@ class MoerayClient:
             out.usage = d.usage
             out.route = out.route or d.route
             out.finish_reason = d.finish_reason or out.finish_reason
+            out.logprobs.extend(d.logprobs)
         return out
 
     def route(

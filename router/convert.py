@@ -24,7 +24,14 @@ from moeray.cluster.config import MoerayConfig, RouterConfig
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.policy import resolve_tier
 from moeray.v1 import inference_pb2 as pb
-from moeray.workers.io_struct import FinishReason, InvalidRequest, RequestOutput, SamplingParams
+from moeray.workers.io_struct import (
+    FinishReason,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_REQUEST_ID_CHARS = 128
@@ -329,7 +336,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
     at most the tier's limit, as over HTTP)."""
     kwargs: dict[str, Any] = {
         name: getattr(msg, name)
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
         if msg.HasField(name)
     }
     if "max_tokens" not in kwargs and max_tokens_limit is not None:
@@ -441,9 +448,20 @@ def output_to_proto(
             completion_tokens=out.usage.completion_tokens,
         ),
     )
+    msg.logprobs.extend(token_logprob_to_proto(e) for e in out.delta_logprobs or ())
     if route is not None:
         msg.route.CopyFrom(route_decision_to_proto(route))
     return msg
+
+
+def token_logprob_to_proto(e: TokenLogprob) -> pb.TokenLogprob:
+    top = [pb.TopLogprob(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in e.top]
+    return pb.TokenLogprob(token_id=e.token_id, text=e.text, logprob=e.logprob, top=top)
+
+
+def token_logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
+    top = [TopLogprob(t.token_id, t.text, t.logprob) for t in msg.top]
+    return TokenLogprob(msg.token_id, msg.text, msg.logprob, top)
 
 
 def tiers_to_proto(cfg: MoerayConfig) -> pb.ListTiersResponse:

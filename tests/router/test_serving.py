@@ -29,6 +29,7 @@ from moeray.cluster.app import LocalStack
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
+from moeray.router.client import MoerayClient
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers import LLM, SamplingParams
@@ -244,7 +245,9 @@ def test_openai_n_choices(stack: LocalStack, client: openai.OpenAI, fast_llm: LL
     assert "must be in [1, 2]" in info.value.body["message"]  # type: ignore[index]
 
 
-def test_openai_logprobs_equal_offline(client: openai.OpenAI, fast_llm: LLM) -> None:
+def test_logprobs_equal_offline(
+    stack: LocalStack, client: openai.OpenAI, stub: pb_grpc.InferenceStub, fast_llm: LLM
+) -> None:
     """Completions' logprobs=k and chat's logprobs/top_logprobs carry the engine's own values
     (tests/workers/test_engine.py holds those to transformers), streamed or not."""
     want = fast_llm.generate("Once upon a time",
@@ -272,6 +275,24 @@ def test_openai_logprobs_equal_offline(client: openai.OpenAI, fast_llm: LLM) -> 
     assert [c.logprob for c in streamed] == pytest.approx([e.logprob for e in chat_want.logprobs])
     assert [[t.token for t in c.top_logprobs] for c in streamed] == [
         [t.text for t in e.top] for e in chat_want.logprobs]  # fmt: skip
+    # gRPC: the same values on the stream's messages (float32 on the wire).
+    sampling = pb.SamplingParams(max_tokens=6, temperature=0, logprobs=2)
+    got = [e for r in stub.Generate(pb.GenerateRequest(prompt="Once upon a time", tier="fast",
+                                                       sampling=sampling)) for e in r.logprobs]  # fmt: skip
+    assert [e.token_id for e in got] == [e.token_id for e in want.logprobs]
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-5)
+    assert [[t.text for t in e.top] for e in got] == [[t.text for t in e.top]
+                                                     for e in want.logprobs]  # fmt: skip
+    with MoerayClient(stack.endpoints()["grpc"]) as mc:  # the Python client carries them too
+        res = mc.generate_text("Once upon a time", tier="fast", max_tokens=6, temperature=0,
+                               logprobs=2)  # fmt: skip
+    assert [e.token_id for e in res.logprobs] == [e.token_id for e in want.logprobs]
+    assert [len(e.top) for e in res.logprobs] == [2] * len(want.logprobs)
+    with pytest.raises(grpc.RpcError) as rpc:
+        list(stub.Generate(pb.GenerateRequest(prompt="x", tier="fast",
+                                              sampling=pb.SamplingParams(logprobs=21))))  # fmt: skip
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (rpc.value.details() or "").startswith("sampling.logprobs must be")
     plain = client.chat.completions.create(model="fast", messages=messages, max_tokens=4,
                                            temperature=0)  # fmt: skip
     assert plain.choices[0].logprobs is None

@@ -168,6 +168,9 @@ class MoerayClient:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
     ) -> Iterator[GenerateDelta]:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
         logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens."""
@@ -189,6 +192,11 @@ class MoerayClient:
             s.seed = seed
         if logprobs is not None:
             s.logprobs = logprobs
+        for name, value in (("repetition_penalty", repetition_penalty),
+                            ("presence_penalty", presence_penalty),
+                            ("frequency_penalty", frequency_penalty)):  # fmt: skip
+            if value is not None:
+                setattr(s, name, value)
         return self._stream(req)
 
     def _stream(self, req: pb.GenerateRequest) -> Iterator[GenerateDelta]:

@@ -25,6 +25,7 @@ from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, Rou
 from moeray.router.policy import resolve_tier
 from moeray.v1 import inference_pb2 as pb
 from moeray.workers.io_struct import (
+    PENALTIES,
     FinishReason,
     InvalidRequest,
     RequestOutput,
@@ -336,7 +337,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
     at most the tier's limit, as over HTTP)."""
     kwargs: dict[str, Any] = {
         name: getattr(msg, name)
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", *PENALTIES)
         if msg.HasField(name)
     }
     if "max_tokens" not in kwargs and max_tokens_limit is not None:

@@ -61,8 +61,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "echo": (None, False),
     "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "min_tokens": (None, 0), "audio": (None,),
+    "min_tokens": (None, 0), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }  # fmt: skip
 #: The most choices (`n`) one request may ask for, as OpenAI's API; each choice is an engine
@@ -88,6 +87,9 @@ class _Params(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = 1
     ignore_eos: bool = False  # vLLM's extension
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extension
 
 
 class _ChatMessageIn(BaseModel):
@@ -251,6 +253,8 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
     params = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
     )  # fmt: skip
     try:
         return check_sampling(params, limit, prefix="")

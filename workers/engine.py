@@ -27,7 +27,7 @@ from moeray.workers.io_struct import (
     Usage,
 )
 from moeray.workers.model_runner import ModelRunner, resolve_device
-from moeray.workers.sampler import Sampler, token_logprobs
+from moeray.workers.sampler import Sampler, apply_penalties, token_logprobs
 from moeray.workers.scheduler import Scheduler
 from moeray.workers.sequence import Sequence
 from moeray.workers.tokenizer import Tokenizer
@@ -254,7 +254,12 @@ class LLMEngine:
         sampling = self.scheduler.finish_step(plan)
         if logits is None:
             return outputs
-        tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        params = [s.params for s in sampling]
+        scored = logits
+        if any(p.penalized for p in params):
+            scored = apply_penalties(logits, params, [s.token_ids for s in sampling],
+                                     [s.num_prompt_tokens for s in sampling])  # fmt: skip
+        tokens = self.sampler(scored, params, [s.generator for s in sampling])
         if any(s.logprobs is not None for s in sampling):
             self._record_logprobs(logits, tokens, sampling)
         for seq, token in zip(sampling, tokens):

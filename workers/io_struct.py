@@ -21,6 +21,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 #: The most alternatives per token a request may ask log-probabilities for (OpenAI's chat limit).
 MAX_LOGPROBS = 20
+PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 class InvalidRequest(ValueError):
@@ -58,6 +59,13 @@ class SamplingParams:
     ignore_eos: bool = False
     #: None: no log-probabilities; k >= 0: each generated token's, with the k likeliest tokens'.
     logprobs: int | None = None
+    #: vLLM's (and OpenAI's) penalties, applied to the logits before temperature: a token seen
+    #: in the prompt or the output has its logit divided by repetition_penalty when positive
+    #: (multiplied when negative); each output occurrence subtracts frequency_penalty, and any
+    #: occurrence presence_penalty once.
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,7 +87,7 @@ class SamplingParams:
             raise InvalidRequest(
                 "max_tokens", f"must be at most {max_tokens_limit}, got {self.max_tokens}"
             )
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", *PENALTIES):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidRequest(name, f"must be a number, got {value!r}")
@@ -111,6 +119,13 @@ class SamplingParams:
                 raise InvalidRequest("stop_token_ids", f"must be non-negative integers, got {t!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequest("ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
+        if self.repetition_penalty <= 0.0:
+            raise InvalidRequest(
+                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not (
             _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
         ):
@@ -122,6 +137,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)  # fmt: skip
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):

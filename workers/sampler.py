@@ -92,3 +92,32 @@ def token_logprobs(
     top_lp, top_ids = lp.topk(k, dim=-1)
     return [(c, list(zip(ids, lps))) for c, ids, lps in
             zip(chosen, top_ids.tolist(), top_lp.tolist())]  # fmt: skip
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    tokens: list[list[int]],
+    prompt_lens: list[int],
+) -> torch.Tensor:
+    """logits [B, V] with each penalized row's penalties applied (SamplingParams: repetition
+    over the prompt and output tokens, presence and frequency over the output tokens), as a new
+    tensor: the raw logits stay for logprobs. tokens[b]: row b's prompt + output ids so far."""
+    out = logits.clone()
+    vocab = out.shape[-1]
+    for b, p in enumerate(params):
+        if not p.penalized:
+            continue
+        row = out[b]
+        if p.repetition_penalty != 1.0 and tokens[b]:
+            seen = torch.tensor(sorted(set(tokens[b])), device=out.device)
+            picked = row[seen]
+            row[seen] = torch.where(
+                picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+            )
+        output = tokens[b][prompt_lens[b] :]
+        if output and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(output, device=out.device), minlength=vocab)
+            counts = counts[:vocab].to(out.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+    return out

@@ -308,6 +308,31 @@ def test_logprobs_equal_offline(
         assert info.value.body["param"] == field  # type: ignore[index]
 
 
+def test_penalties_equal_offline(
+    client: openai.OpenAI, stub: pb_grpc.InferenceStub, fast_llm: LLM
+) -> None:
+    """presence / frequency / repetition penalties reach the engine over both protocols
+    (tests/workers/test_engine.py holds the engine to transformers)."""
+    kw = {"presence_penalty": 1.5, "frequency_penalty": 2.0, "repetition_penalty": 4.0}
+    prompt = "the the the the the"
+    want = fast_llm.generate(prompt,
+                             SamplingParams(max_tokens=24, temperature=0, **kw))[0]  # fmt: skip
+    plain = _greedy(fast_llm, prompt, 24)
+    assert want.token_ids != plain.token_ids  # the penalties matter here
+    done = client.completions.create(
+        model="fast", prompt=prompt, max_tokens=24, temperature=0,
+        presence_penalty=1.5, frequency_penalty=2.0, extra_body={"repetition_penalty": 4.0},
+    )  # fmt: skip
+    assert done.choices[0].text == want.text
+    sampling = pb.SamplingParams(max_tokens=24, temperature=0, **kw)
+    got = [t for r in stub.Generate(pb.GenerateRequest(prompt=prompt, tier="fast",
+                                                       sampling=sampling)) for t in r.token_ids]  # fmt: skip
+    assert got == want.token_ids
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="fast", prompt="x", max_tokens=2, presence_penalty=2.5)
+    assert info.value.body["param"] == "presence_penalty"  # type: ignore[index]
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

@@ -137,6 +137,43 @@ def test_logprobs_equal_transformers_log_softmax(checkpoint: Callable[..., Path]
     assert whole is not None and len(whole) == 6 and deltas == whole
 
 
+def test_penalties_equal_transformers(checkpoint: Callable[..., Path]) -> None:
+    """repetition_penalty as transformers' generate() applies it (prompt and output tokens);
+    presence and frequency penalties (output tokens) as a greedy loop over transformers' own
+    logits computes them."""
+    import transformers
+
+    path = checkpoint("mixtral")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    llm = LLM(model=path, block_size=4)
+    prompt = PROMPTS[1]
+    plain = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    rep = SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.8)
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                       repetition_penalty=1.8)[0, len(prompt):].tolist()  # fmt: skip
+    assert llm.generate(prompt, rep)[0].token_ids == want
+    assert want != llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12))[0].token_ids
+    ids, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+            if expected:
+                counts = torch.bincount(torch.tensor(expected), minlength=logits.shape[0]).float()
+                logits = logits - 0.7 * counts - 0.5 * (counts > 0).float()
+            expected.append(int(logits.argmax()))
+            ids.append(expected[-1])
+    penalized = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                               frequency_penalty=0.7, presence_penalty=0.5)  # fmt: skip
+    got = llm.generate(prompt, penalized)[0].token_ids
+    assert got == expected
+    assert got != plain[0].token_ids  # the penalties changed what greedy picks
+    for bad, field in ((dict(repetition_penalty=0.0), "repetition_penalty"),
+                       (dict(presence_penalty=2.5), "presence_penalty"),
+                       (dict(frequency_penalty=float("nan")), "frequency_penalty")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            llm.generate(prompt, SamplingParams(**bad))  # type: ignore[arg-type]
+
+
 def test_stop_token_ids_and_max_tokens(checkpoint: Callable[..., Path]) -> None:
     path = checkpoint("mixtral")
     llm = LLM(model=path)

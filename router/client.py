@@ -171,6 +171,7 @@ class MoerayClient:
         repetition_penalty: float | None = None,
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> Iterator[GenerateDelta]:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
         logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens."""
@@ -179,6 +180,7 @@ class MoerayClient:
         s = req.sampling
         s.stop.extend(stop)
         s.ignore_eos = ignore_eos
+        s.logit_bias.update(logit_bias or {})
         # optional fields: set only what the caller gave, absence means the server's default
         if max_tokens is not None:
             s.max_tokens = max_tokens

@@ -347,6 +347,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
         stop=list(msg.stop),
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        logit_bias=dict(msg.logit_bias),
     )
     return check_sampling(params, max_tokens_limit)
 

@@ -60,7 +60,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "echo": (None, False),
-    "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
+    "best_of": (None, 1), "suffix": (None, ""),
     "min_tokens": (None, 0), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }  # fmt: skip
@@ -90,6 +90,7 @@ class _Params(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> bias
 
 
 class _ChatMessageIn(BaseModel):
@@ -254,7 +255,7 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=_logit_bias(req.logit_bias),
     )  # fmt: skip
     try:
         return check_sampling(params, limit, prefix="")
@@ -262,6 +263,16 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
         given = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         field = {"max_tokens": given, "logprobs": logprobs_field}.get(e.field, e.field)
         raise _invalid(field, e.message) from None
+
+
+def _logit_bias(given: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""
+    out = {}
+    for key, bias in (given or {}).items():
+        if not key.isdigit():
+            raise _invalid("logit_bias", f"keys must be token ids, got {key!r}")
+        out[int(key)] = bias
+    return out
 
 
 def _logprobs_asked(req: _Params) -> tuple[str, int | None]:

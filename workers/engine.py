@@ -188,6 +188,11 @@ class LLMEngine:
     ) -> tuple[list[int], SamplingParams]:
         """(prompt token ids, params), both checked once; InvalidRequest naming the field."""
         params = (params or SamplingParams()).validate(self.config.max_tokens_limit)
+        beyond = [t for t in params.logit_bias if t >= self.vocab_size]
+        if beyond:
+            raise InvalidRequest(
+                "logit_bias", f"token id {beyond[0]} is not in the vocabulary ({self.vocab_size})"
+            )
         return self.encode_prompt(prompt), params
 
     def add_request(

@@ -22,6 +22,7 @@ MAX_STOP_STRING_CHARS = 256
 #: The most alternatives per token a request may ask log-probabilities for (OpenAI's chat limit).
 MAX_LOGPROBS = 20
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
 
 class InvalidRequest(ValueError):
@@ -66,6 +67,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: token id -> a value in [-100, 100] added to its logit, after the penalties and before
+    #: temperature (as vLLM applies it).
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -126,6 +130,21 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise InvalidRequest(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(
+                "logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to biases"
+            )
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0:
+                raise InvalidRequest("logit_bias", f"keys must be token ids >= 0, got {token!r}")
+            if (
+                isinstance(bias, bool)
+                or not isinstance(bias, (int, float))
+                or not (-100.0 <= bias <= 100.0)
+            ):
+                raise InvalidRequest(
+                    "logit_bias", f"values must be numbers in [-100, 100], got {bias!r}"
+                )
         if self.logprobs is not None and not (
             _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
         ):
@@ -140,9 +159,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether any penalty changes the logits."""
+        """Whether any penalty or bias changes the logits."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)  # fmt: skip
+                or self.frequency_penalty != 0.0 or bool(self.logit_bias))  # fmt: skip
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):

@@ -101,8 +101,10 @@ def apply_penalties(
     prompt_lens: list[int],
 ) -> torch.Tensor:
     """logits [B, V] with each penalized row's penalties applied (SamplingParams: repetition
-    over the prompt and output tokens, presence and frequency over the output tokens), as a new
-    tensor: the raw logits stay for logprobs. tokens[b]: row b's prompt + output ids so far."""
+    over the prompt and output tokens, presence and frequency over the output tokens, then the
+    logit_bias), as a new tensor: the raw logits stay for logprobs. tokens[b]: row b's prompt +
+    output ids so far. Bias on ids beyond the logits' vocabulary is ignored (the engine refuses
+    such ids at admission)."""
     out = logits.clone()
     vocab = out.shape[-1]
     for b, p in enumerate(params):
@@ -120,4 +122,8 @@ def apply_penalties(
             counts = torch.bincount(torch.tensor(output, device=out.device), minlength=vocab)
             counts = counts[:vocab].to(out.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+        bias = {t: v for t, v in p.logit_bias.items() if t < vocab}
+        if bias:
+            ids = torch.tensor(list(bias), device=out.device)
+            row[ids] += torch.tensor(list(bias.values()), dtype=out.dtype, device=out.device)
     return out

@@ -328,9 +328,19 @@ def test_penalties_equal_offline(
     got = [t for r in stub.Generate(pb.GenerateRequest(prompt=prompt, tier="fast",
                                                        sampling=sampling)) for t in r.token_ids]  # fmt: skip
     assert got == want.token_ids
-    with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="fast", prompt="x", max_tokens=2, presence_penalty=2.5)
-    assert info.value.body["param"] == "presence_penalty"  # type: ignore[index]
+    # logit_bias: +100 makes one token every greedy choice, over both protocols.
+    forced = client.completions.create(model="fast", prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={"77": 100})  # fmt: skip
+    assert forced.choices[0].text == fast_llm.tokenizer.decode([77] * 4)
+    sampling = pb.SamplingParams(max_tokens=4, temperature=0, logit_bias={77: 100.0})
+    got = [t for r in stub.Generate(pb.GenerateRequest(prompt=prompt, tier="fast",
+                                                       sampling=sampling)) for t in r.token_ids]  # fmt: skip
+    assert got == [77] * 4
+    for bad in ({"presence_penalty": 2.5}, {"logit_bias": {"x": 1}}, {"logit_bias": {"7": 101}},
+                {"logit_bias": {str(10**7): 1}}):  # the last one refused by the engine  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fast", prompt="x", max_tokens=2, extra_body=bad)
+        assert info.value.body["param"] == next(iter(bad))  # type: ignore[index]
 
 
 def test_http_engine_time_header(stack: LocalStack) -> None:

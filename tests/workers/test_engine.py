@@ -167,7 +167,15 @@ def test_penalties_equal_transformers(checkpoint: Callable[..., Path]) -> None:
     got = llm.generate(prompt, penalized)[0].token_ids
     assert got == expected
     assert got != plain[0].token_ids  # the penalties changed what greedy picks
-    for bad, field in ((dict(repetition_penalty=0.0), "repetition_penalty"),
+    # logit_bias as transformers' sequence_bias on single tokens.
+    favoured = plain[0].token_ids[0] + 1
+    bias = SamplingParams(temperature=0.0, max_tokens=12, logit_bias={favoured: 3.0})
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                       sequence_bias={(favoured,): 3.0})[0, len(prompt):].tolist()  # fmt: skip
+    assert llm.generate(prompt, bias)[0].token_ids == want and favoured in want
+    for bad, field in ((dict(logit_bias={favoured: 100.5}), "logit_bias"),
+                       (dict(logit_bias={10**7: 1.0}), "logit_bias"),
+                       (dict(repetition_penalty=0.0), "repetition_penalty"),
                        (dict(presence_penalty=2.5), "presence_penalty"),
                        (dict(frequency_penalty=float("nan")), "frequency_penalty")):  # fmt: skip
         with pytest.raises(ValueError, match=field):

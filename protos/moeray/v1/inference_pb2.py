@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moeray/v1/inference.proto\x12\tmoeray.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.moeray.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xba\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.moeray.v1.ChatMessagesH\x00\x12/\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12\x16\n\x0cprompt_bytes\x18\x05 \x01(\x0cH\x00\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12+\n\x08sampling\x18\x07 \x01(\x0b\x32\x19.moeray.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"N\n\rRouteDecision\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\"\xfa\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.moeray.v1.Usage\x12\'\n\x05route\x18\x07 \x01(\x0b\x32\x18.moeray.v1.RouteDecision\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.moeray.v1.TokenLogprob\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.moeray.v1.TopLogprob\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xad\x01\n\x0cRouteRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.moeray.v1.ChatMessagesH\x00\x12/\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12\x16\n\x0cprompt_bytes\x18\x04 \x01(\x0cH\x00\x12\x0c\n\x04tier\x18\x05 \x01(\tB\x07\n\x05input\"\xa3\x01\n\rRouteResponse\x12\'\n\x05route\x18\x01 \x01(\x0b\x32\x18.moeray.v1.RouteDecision\x12\x38\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32&.moeray.v1.RouteResponse.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x12\n\x10ListTiersRequest\"{\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\r\"\x85\x01\n\x11ListTiersResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.moeray.v1.TierInfo\x12\x11\n\tfast_tier\x18\x02 \x01(\t\x12\x16\n\x0ereasoning_tier\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x0e\n\x06policy\x18\x05 \x01(\t\"\'\n\x17GetClusterStatusRequest\x12\x0c\n\x04tier\x18\x01 \x01(\t\"q\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\"M\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x10\n\x08replicas\x18\x04 \x01(\r\"v\n\x11\x45xpertLoadSummary\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x04\x12\x11\n\timbalance\x18\x02 \x01(\x02\x12\x10\n\x08window_s\x18\x03 \x01(\x02\x12&\n\x07hottest\x18\x04 \x03(\x0b\x32\x15.moeray.v1.ExpertLoad\"\xda\x01\n\nTierStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x03 \x01(\x04\x12\x10\n\x08inflight\x18\x04 \x01(\r\x12\x14\n\x0cmax_inflight\x18\x05 \x01(\r\x12\x11\n\tsaturated\x18\x06 \x01(\x08\x12(\n\x08replicas\x18\x07 \x03(\x0b\x32\x16.moeray.v1.ReplicaInfo\x12\x31\n\x0b\x65xpert_load\x18\x08 \x01(\x0b\x32\x1c.moeray.v1.ExpertLoadSummary\"Q\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12$\n\x05tiers\x18\x02 \x03(\x0b\x32\x15.moeray.v1.TierStatus\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xef\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.moeray.v1.GenerateRequest\x1a\x1b.moeray.v1.GenerateResponse0\x01\x12:\n\x05Route\x12\x17.moeray.v1.RouteRequest\x1a\x18.moeray.v1.RouteResponse\x12\x46\n\tListTiers\x12\x1b.moeray.v1.ListTiersRequest\x1a\x1c.moeray.v1.ListTiersResponse\x12[\n\x10GetClusterStatus\x12\".moeray.v1.GetClusterStatusRequest\x1a#.moeray.v1.GetClusterStatusResponse\x12:\n\x05\x41\x62ort\x12\x17.moeray.v1.AbortRequest\x1a\x18.moeray.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moeray/v1/inference.proto\x12\tmoeray.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.moeray.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xaa\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12<\n\nlogit_bias\x18\r \x03(\x0b\x32(.moeray.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.moeray.v1.ChatMessagesH\x00\x12/\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12\x16\n\x0cprompt_bytes\x18\x05 \x01(\x0cH\x00\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12+\n\x08sampling\x18\x07 \x01(\x0b\x32\x19.moeray.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"N\n\rRouteDecision\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\"\xfa\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.moeray.v1.Usage\x12\'\n\x05route\x18\x07 \x01(\x0b\x32\x18.moeray.v1.RouteDecision\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.moeray.v1.TokenLogprob\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.moeray.v1.TopLogprob\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xad\x01\n\x0cRouteRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.moeray.v1.ChatMessagesH\x00\x12/\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12\x16\n\x0cprompt_bytes\x18\x04 \x01(\x0cH\x00\x12\x0c\n\x04tier\x18\x05 \x01(\tB\x07\n\x05input\"\xa3\x01\n\rRouteResponse\x12\'\n\x05route\x18\x01 \x01(\x0b\x32\x18.moeray.v1.RouteDecision\x12\x38\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32&.moeray.v1.RouteResponse.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x12\n\x10ListTiersRequest\"{\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\r\"\x85\x01\n\x11ListTiersResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.moeray.v1.TierInfo\x12\x11\n\tfast_tier\x18\x02 \x01(\t\x12\x16\n\x0ereasoning_tier\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x0e\n\x06policy\x18\x05 \x01(\t\"\'\n\x17GetClusterStatusRequest\x12\x0c\n\x04tier\x18\x01 \x01(\t\"q\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\"M\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x10\n\x08replicas\x18\x04 \x01(\r\"v\n\x11\x45xpertLoadSummary\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x04\x12\x11\n\timbalance\x18\x02 \x01(\x02\x12\x10\n\x08window_s\x18\x03 \x01(\x02\x12&\n\x07hottest\x18\x04 \x03(\x0b\x32\x15.moeray.v1.ExpertLoad\"\xda\x01\n\nTierStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x03 \x01(\x04\x12\x10\n\x08inflight\x18\x04 \x01(\r\x12\x14\n\x0cmax_inflight\x18\x05 \x01(\r\x12\x11\n\tsaturated\x18\x06 \x01(\x08\x12(\n\x08replicas\x18\x07 \x03(\x0b\x32\x16.moeray.v1.ReplicaInfo\x12\x31\n\x0b\x65xpert_load\x18\x08 \x01(\x0b\x32\x1c.moeray.v1.ExpertLoadSummary\"Q\n\x18GetClusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12$\n\x05tiers\x18\x02 \x03(\x0b\x32\x15.moeray.v1.TierStatus\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xef\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.moeray.v1.GenerateRequest\x1a\x1b.moeray.v1.GenerateResponse0\x01\x12:\n\x05Route\x12\x17.moeray.v1.RouteRequest\x1a\x18.moeray.v1.RouteResponse\x12\x46\n\tListTiers\x12\x1b.moeray.v1.ListTiersRequest\x1a\x1c.moeray.v1.ListTiersResponse\x12[\n\x10GetClusterStatus\x12\".moeray.v1.GetClusterStatusRequest\x1a#.moeray.v1.GetClusterStatusResponse\x12:\n\x05\x41\x62ort\x12\x17.moeray.v1.AbortRequest\x1a\x18.moeray.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moeray.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_ROUTERESPONSE_FEATURESENTRY']._loaded_options = None
   _globals['_ROUTERESPONSE_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2764
-  _globals['_FINISHREASON']._serialized_end=2884
+  _globals['_FINISHREASON']._serialized_start=2876
+  _globals['_FINISHREASON']._serialized_end=2996
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -42,47 +44,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=144
   _globals['_TOKENIDS']._serialized_end=167
   _globals['_SAMPLINGPARAMS']._serialized_start=170
-  _globals['_SAMPLINGPARAMS']._serialized_end=612
-  _globals['_GENERATEREQUEST']._serialized_start=615
-  _globals['_GENERATEREQUEST']._serialized_end=856
-  _globals['_USAGE']._serialized_start=858
-  _globals['_USAGE']._serialized_end=915
-  _globals['_ROUTEDECISION']._serialized_start=917
-  _globals['_ROUTEDECISION']._serialized_end=995
-  _globals['_GENERATERESPONSE']._serialized_start=998
-  _globals['_GENERATERESPONSE']._serialized_end=1248
-  _globals['_TOKENLOGPROB']._serialized_start=1250
-  _globals['_TOKENLOGPROB']._serialized_end=1349
-  _globals['_TOPLOGPROB']._serialized_start=1351
-  _globals['_TOPLOGPROB']._serialized_end=1412
-  _globals['_ROUTEREQUEST']._serialized_start=1415
-  _globals['_ROUTEREQUEST']._serialized_end=1588
-  _globals['_ROUTERESPONSE']._serialized_start=1591
-  _globals['_ROUTERESPONSE']._serialized_end=1754
-  _globals['_ROUTERESPONSE_FEATURESENTRY']._serialized_start=1707
-  _globals['_ROUTERESPONSE_FEATURESENTRY']._serialized_end=1754
-  _globals['_LISTTIERSREQUEST']._serialized_start=1756
-  _globals['_LISTTIERSREQUEST']._serialized_end=1774
-  _globals['_TIERINFO']._serialized_start=1776
-  _globals['_TIERINFO']._serialized_end=1899
-  _globals['_LISTTIERSRESPONSE']._serialized_start=1902
-  _globals['_LISTTIERSRESPONSE']._serialized_end=2035
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=2037
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=2076
-  _globals['_REPLICAINFO']._serialized_start=2078
-  _globals['_REPLICAINFO']._serialized_end=2191
-  _globals['_EXPERTLOAD']._serialized_start=2193
-  _globals['_EXPERTLOAD']._serialized_end=2270
-  _globals['_EXPERTLOADSUMMARY']._serialized_start=2272
-  _globals['_EXPERTLOADSUMMARY']._serialized_end=2390
-  _globals['_TIERSTATUS']._serialized_start=2393
-  _globals['_TIERSTATUS']._serialized_end=2611
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=2613
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2694
-  _globals['_ABORTREQUEST']._serialized_start=2696
-  _globals['_ABORTREQUEST']._serialized_end=2730
-  _globals['_ABORTRESPONSE']._serialized_start=2732
-  _globals['_ABORTRESPONSE']._serialized_end=2762
-  _globals['_INFERENCE']._serialized_start=2887
-  _globals['_INFERENCE']._serialized_end=3254
+  _globals['_SAMPLINGPARAMS']._serialized_end=724
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=537
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=585
+  _globals['_GENERATEREQUEST']._serialized_start=727
+  _globals['_GENERATEREQUEST']._serialized_end=968
+  _globals['_USAGE']._serialized_start=970
+  _globals['_USAGE']._serialized_end=1027
+  _globals['_ROUTEDECISION']._serialized_start=1029
+  _globals['_ROUTEDECISION']._serialized_end=1107
+  _globals['_GENERATERESPONSE']._serialized_start=1110
+  _globals['_GENERATERESPONSE']._serialized_end=1360
+  _globals['_TOKENLOGPROB']._serialized_start=1362
+  _globals['_TOKENLOGPROB']._serialized_end=1461
+  _globals['_TOPLOGPROB']._serialized_start=1463
+  _globals['_TOPLOGPROB']._serialized_end=1524
+  _globals['_ROUTEREQUEST']._serialized_start=1527
+  _globals['_ROUTEREQUEST']._serialized_end=1700
+  _globals['_ROUTERESPONSE']._serialized_start=1703
+  _globals['_ROUTERESPONSE']._serialized_end=1866
+  _globals['_ROUTERESPONSE_FEATURESENTRY']._serialized_start=1819
+  _globals['_ROUTERESPONSE_FEATURESENTRY']._serialized_end=1866
+  _globals['_LISTTIERSREQUEST']._serialized_start=1868
+  _globals['_LISTTIERSREQUEST']._serialized_end=1886
+  _globals['_TIERINFO']._serialized_start=1888
+  _globals['_TIERINFO']._serialized_end=2011
+  _globals['_LISTTIERSRESPONSE']._serialized_start=2014
+  _globals['_LISTTIERSRESPONSE']._serialized_end=2147
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=2149
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=2188
+  _globals['_REPLICAINFO']._serialized_start=2190
+  _globals['_REPLICAINFO']._serialized_end=2303
+  _globals['_EXPERTLOAD']._serialized_start=2305
+  _globals['_EXPERTLOAD']._serialized_end=2382
+  _globals['_EXPERTLOADSUMMARY']._serialized_start=2384
+  _globals['_EXPERTLOADSUMMARY']._serialized_end=2502
+  _globals['_TIERSTATUS']._serialized_start=2505
+  _globals['_TIERSTATUS']._serialized_end=2723
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=2725
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2806
+  _globals['_ABORTREQUEST']._serialized_start=2808
+  _globals['_ABORTREQUEST']._serialized_end=2842
+  _globals['_ABORTRESPONSE']._serialized_start=2844
+  _globals['_ABORTRESPONSE']._serialized_end=2874
+  _globals['_INFERENCE']._serialized_start=2999
+  _globals['_INFERENCE']._serialized_end=3366
 # @@protoc_insertion_point(module_scope)

@@ -308,8 +308,10 @@ def check_prompt_size(inp: RouteInput, limit: int, where: str) -> None:
     """Refuses a prompt text that the engines of `where` ("tier 'fast'", "any tier") would
     refuse untokenized (limit: their announced max_prompt_bytes, see LLMEngine.encode_prompt),
     so that it never crosses to an engine or reaches the policy."""
-    if inp.prompt is not None and (
-        len(inp.prompt) > limit or len(inp.prompt.encode("utf-8", "surrogatepass")) > limit
+    text = inp.prompt
+    if text is not None and (  # encoded only when its length alone cannot settle it
+        len(text) > limit
+        or (4 * len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
     ):
         raise RequestError(
             "prompt",

@@ -142,8 +142,10 @@ def _from_service_error(e: Exception, input_field: str) -> HttpError:
 # ---- JSON -> dataclasses ---------------------------------------------------------------------
 
 #: The most a request body holds besides its prompt text (roles, sampling fields, stop strings),
-#: and the most bytes JSON spends on one byte of text (a \uXXXX escape).
-BODY_OVERHEAD_BYTES, JSON_BYTES_PER_BYTE = 2**20, 6
+#: and the most bytes JSON spends on one character of it (a surrogate pair, "\ud83d\ude00"). A
+#: tier's limit counts UTF-8 bytes of a prompt and characters of chat messages, never fewer
+#: than the characters, so JSON_BYTES_PER_CHAR x the limit bounds either.
+BODY_OVERHEAD_BYTES, JSON_BYTES_PER_CHAR = 2**20, 12
 
 
 def _check_body_size(body: bytes, prompt_limit: int) -> bytes:
@@ -152,7 +154,7 @@ def _check_body_size(body: bytes, prompt_limit: int) -> bytes:
     of JSON on the router's event loop stalls every stream it forwards. (Refusing on the
     Content-Length header before reading would be sooner, but a client still sending its body
     then gets a connection reset instead of the 400.)"""
-    bound = JSON_BYTES_PER_BYTE * prompt_limit + BODY_OVERHEAD_BYTES
+    bound = JSON_BYTES_PER_CHAR * prompt_limit + BODY_OVERHEAD_BYTES
     if prompt_limit and len(body) > bound:
         raise _invalid(
             "body", f"is {len(body)} bytes; no tier takes a prompt over {prompt_limit} bytes "
@@ -399,9 +401,9 @@ async def _start(service: InferenceService, call: GenerateCall, n: int) -> list[
     if n == 1:
         stream = service.generate(call, "http")  # counts its own outcomes from here on
         return [(await anext(stream), stream)]
-    tier = service.decide(call.input).tier if call.input.auto else call.input.tier
-    calls = [_choice_call(call, i, tier) for i in range(n)]
-    streams = [service.generate(c, "http") for c in calls]
+    decision = service.route(call.input, "http")  # one decision for all the choices
+    calls = [_choice_call(call, i) for i in range(n)]
+    streams = [service.generate(c, "http", decision=decision) for c in calls]
     firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
@@ -411,19 +413,16 @@ async def _start(service: InferenceService, call: GenerateCall, n: int) -> list[
     return list(zip(firsts, streams))  # type: ignore[arg-type]
 
 
-def _choice_call(call: GenerateCall, index: int, tier: str) -> GenerateCall:
-    """Choice `index` of a request: on `tier`, with its own request id and seed (seed + index,
-    kept within the seed's 64-bit range), so that seeded choices differ and are reproducible."""
+def _choice_call(call: GenerateCall, index: int) -> GenerateCall:
+    """Choice `index` of a request: its own request id and seed (seed + index, kept within the
+    seed's 64-bit range), so that seeded choices differ and are reproducible."""
     if index == 0:
-        return dataclasses.replace(call, input=dataclasses.replace(call.input, tier=tier))
+        return call
     seed = call.sampling.seed
     if seed is not None:
         seed = seed + index if seed + index < 2**64 else seed - index
-    return GenerateCall(
-        f"{call.request_id}-{index}",
-        dataclasses.replace(call.input, tier=tier),
-        dataclasses.replace(call.sampling, seed=seed),
-    )
+    sampling = dataclasses.replace(call.sampling, seed=seed)
+    return GenerateCall(f"{call.request_id}-{index}", call.input, sampling)
 
 
 class _Choices:

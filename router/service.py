@@ -137,27 +137,38 @@ class InferenceService:
 
     # ---- generation --------------------------------------------------------------------------
 
+    def route(self, inp: RouteInput, protocol: str) -> RouteDecision:
+        """Step 1 of Generate: the policy's decision, after refusing (RequestError, counted) a
+        prompt that no candidate tier takes (before the policy reads its text) or that the
+        chosen tier does not."""
+        try:
+            candidates = self.limits.candidate_tiers(inp.tier)
+            self._check_prompt(inp, candidates)
+            decision = self.decide(inp)
+            if candidates != [decision.tier]:
+                self._check_prompt(inp, [decision.tier])
+        except RequestError:
+            self.metrics.requests.labels("", protocol, "invalid").inc()  # refused before routing
+            raise
+        return decision
+
     async def generate(
-        self, call: GenerateCall, protocol: str, timeout_s: float | None = None
+        self,
+        call: GenerateCall,
+        protocol: str,
+        timeout_s: float | None = None,
+        decision: RouteDecision | None = None,
     ) -> AsyncGenerator[tuple[RouteDecision, RequestOutput], None]:
         """Streams (decision, delta) pairs; raises RequestError / Overloaded / EngineUnavailable
-        before the first. timeout_s: the client's deadline, passed on to the engine call."""
+        before the first. timeout_s: the client's deadline, passed on to the engine call.
+        decision: a `route` already taken for this input (the choices of one HTTP request share
+        one), else it is routed here."""
         REQUEST_ID.set(call.request_id)  # in this request's task: its log lines carry the id
-        try:
-            # A prompt no candidate tier takes is refused before the policy reads its text.
-            self._check_prompt(call.input, self.limits.candidate_tiers(call.input.tier))
-            decision = self.decide(call.input)  # 1
-        except RequestError:
-            self.metrics.requests.labels("", protocol, "invalid").inc()  # no tier chosen
-            raise
+        decision = decision or self.route(call.input, protocol)  # 1
         tier = decision.tier
-        try:
-            self._check_prompt(call.input, [tier])
-            if call.request_id in self._running:
-                raise RequestError("request_id", f"{call.request_id!r} is already in use")
-        except RequestError:
+        if call.request_id in self._running:
             self.metrics.requests.labels(tier, protocol, "invalid").inc()
-            raise
+            raise RequestError("request_id", f"{call.request_id!r} is already in use")
         limit = self.config.router.max_inflight_per_tier
         if self.inflight[tier] >= limit:  # 2
             self.metrics.requests.labels(tier, protocol, "overloaded").inc()

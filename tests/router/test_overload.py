@@ -346,7 +346,7 @@ def test_prompts_too_long_for_the_tier_are_refused_by_the_router(
     assert (status, body["error"]["param"]) == (400, "messages")
     assert body["error"]["message"].startswith(f"messages hold over {limit} characters")
     # A body longer than any request holding a prompt any tier takes is refused unparsed.
-    big = "x" * (6 * limit + 2**20)
+    big = "x" * (12 * limit + 2**20)
     status, _, body = _http(stack, "/v1/completions", {"model": "fast", "prompt": big})
     assert (status, body["error"]["param"]) == (400, "body")
     assert metric_sum(stack, "moeray_requests_total", outcome="invalid") - invalid == 4

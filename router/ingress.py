@@ -12,6 +12,7 @@ are grpcio's own servicers, wired in router/front_door.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 #: Trailing metadata of Generate: the engine's own time for the request, in ms, so clients and
 #: bench/frontdoor.py can compute the front door's overhead per request.
 ENGINE_TIME_KEY = "moeray-engine-time-ms"
+#: A Generate call that ends without its message is refused as missing `request` after this
+#: long, unless it turns out to be cancelled meanwhile (grpc.aio reads a cancel as the end of
+#: the messages and cancels the handler a moment later).
+MISSING_REQUEST_GRACE_S = 0.05
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -60,8 +65,12 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler)  # fmt: skip
+        if method.name == "Generate":  # request-streaming on this side: see Generate
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=convert.request_decoder(
@@ -89,10 +98,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # ---- moeray.v1.Inference -----------------------------------------------------------------
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, requests: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """Streams GenerateResponses; the route decision rides on the first."""
+        """Streams GenerateResponses; the route decision rides on the first.
+
+        Registered request-streaming (add_to_server): on the wire that is the same call as the
+        proto's unary-stream one (one message, then the client half-closes), but grpc.aio runs
+        this handler when the call starts instead of after its message arrives, so a client
+        that cancels before its message is read is counted (a unary handler would never run).
+        `requests` is not iterated: the one message is read with context.read()."""
         try:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                # A cancel reads as EOF too, and cancels this task just after: wait for it.
+                await asyncio.sleep(MISSING_REQUEST_GRACE_S)
+        except asyncio.CancelledError:  # the client left before its message arrived
+            self.service.metrics.requests.labels("", "grpc", "cancelled").inc()
+            raise
+        try:
+            if request is grpc.aio.EOF:  # half-closed without a message
+                raise RequestError("request", "is missing: Generate takes one GenerateRequest")
             if isinstance(request, convert.Undecodable):
                 raise request.error
             call = convert.generate_call_from_proto(request, self.service.limits)

@@ -352,6 +352,42 @@ def test_prompts_too_long_for_the_tier_are_refused_by_the_router(
     assert metric_sum(stack, "moeray_requests_total", outcome="invalid") - invalid == 4
 
 
+def test_grpc_calls_cancelled_before_their_message_are_counted(stack: LocalStack) -> None:
+    """A call whose client leaves before its request message arrives is counted as cancelled
+    (tier ""); one that half-closes without a message is refused naming `request`. Raw
+    request-streaming calls on Generate's path: the wire of a unary-stream call whose message
+    has not been sent yet."""
+    labels = {"tier": "", "protocol": "grpc", "outcome": "cancelled"}
+    before = metric_sum(stack, "moeray_requests_total", **labels)
+    path = "/moeray.v1.Inference/Generate"
+
+    async def calls() -> tuple[str, str]:
+        async with grpc.aio.insecure_channel(stack.endpoints()["grpc"]) as ch:
+            open_call = ch.stream_stream(path)
+            for _ in range(2):
+                call = open_call(timeout=30)
+                await call.wait_for_connection()  # its headers are sent, no message
+                await asyncio.sleep(0.2)  # the server has started the call
+                call.cancel()
+            call = open_call(timeout=30)
+            await call.done_writing()  # half-closed without a message
+            try:
+                await call.read()
+            except grpc.aio.AioRpcError as e:
+                return e.code().name, e.details() or ""
+            return "OK", ""
+
+    assert asyncio.run(calls()) == (
+        "INVALID_ARGUMENT",
+        "request is missing: Generate takes one GenerateRequest",
+    )
+    deadline = time.monotonic() + 20
+    while metric_sum(stack, "moeray_requests_total", **labels) - before < 2:
+        assert time.monotonic() < deadline, "calls cancelled before their message not counted"
+        time.sleep(0.05)
+    assert metric_sum(stack, "moeray_requests_total", **labels) - before == 2
+
+
 def test_client_cancels_are_counted(stack: LocalStack, stub: Any) -> None:
     before = metric_sum(stack, "moeray_requests_total", outcome="cancelled")
     for c in _hold(stub, "fast", 3):

@@ -167,6 +167,7 @@ class MoerayClient:
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        min_tokens: int | None = None,
         logprobs: int | None = None,
         repetition_penalty: float | None = None,
         presence_penalty: float | None = None,
@@ -194,6 +195,8 @@ class MoerayClient:
             s.seed = seed
         if logprobs is not None:
             s.logprobs = logprobs
+        if min_tokens is not None:
+            s.min_tokens = min_tokens
         for name, value in (("repetition_penalty", repetition_penalty),
                             ("presence_penalty", presence_penalty),
                             ("frequency_penalty", frequency_penalty)):  # fmt: skip

@@ -339,7 +339,16 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
     at most the tier's limit, as over HTTP)."""
     kwargs: dict[str, Any] = {
         name: getattr(msg, name)
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", *PENALTIES)
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "logprobs",
+            "min_tokens",
+            *PENALTIES,
+        )
         if msg.HasField(name)
     }
     if "max_tokens" not in kwargs and max_tokens_limit is not None:

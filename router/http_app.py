@@ -61,7 +61,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "echo": (None, False),
     "best_of": (None, 1), "suffix": (None, ""),
-    "min_tokens": (None, 0), "audio": (None,),
+    "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }  # fmt: skip
 #: The most choices (`n`) one request may ask for, as OpenAI's API; each choice is an engine
@@ -87,6 +87,7 @@ class _Params(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = 1
     ignore_eos: bool = False  # vLLM's extension
+    min_tokens: int = 0  # vLLM's extension
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension
@@ -255,7 +256,8 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
     logprobs_field, logprobs = _logprobs_asked(req)
     params = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        logprobs=logprobs,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=_logit_bias(req.logit_bias),
     )  # fmt: skip

@@ -21,7 +21,7 @@ _MAX_HELD_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    __slots__ = ("_ids", "_prefix", "_read", "_stop", "_tok", "stopped", "text")
+    __slots__ = ("_find_stop", "_ids", "_prefix", "_read", "_stop", "_tok", "stopped", "text")
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]) -> None:
         self._tok = tokenizer
@@ -30,11 +30,14 @@ class IncrementalDetokenizer:
         self._prefix = 0
         self._read = len(context)
         self._stop = stop
+        self._find_stop = True  # as the last add() said: whether new text may end a stop string
         self.text = ""
         self.stopped = False  # a stop string was found; text ends before it
 
-    def add(self, token_id: int) -> str:
-        """Appends one output token; returns the text it completed ("" while bytes are held)."""
+    def add(self, token_id: int, find_stop: bool = True) -> str:
+        """Appends one output token; returns the text it completed ("" while bytes are held).
+        find_stop=False: its text may not end a stop string (the request's min_tokens)."""
+        self._find_stop = find_stop
         self._ids.append(token_id)
         decode = self._tok.decode
         prefix_text = decode(self._ids[self._prefix : self._read])
@@ -60,6 +63,8 @@ class IncrementalDetokenizer:
     def _append(self, new: str) -> None:
         start = len(self.text)
         self.text += new
+        if not self._find_stop:
+            return
         for s in self._stop:
             # A stop string ending in the new piece starts at most len(s) - 1 chars before it.
             idx = self.text.find(s, max(0, start - len(s) + 1))

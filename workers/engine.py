@@ -261,9 +261,11 @@ class LLMEngine:
             return outputs
         params = [s.params for s in sampling]
         scored = logits
-        if any(p.penalized for p in params):
+        banned = {b: self._stop_ids(s.params) for b, s in enumerate(sampling)
+                  if s.num_output_tokens < s.params.min_tokens}  # fmt: skip
+        if banned or any(p.penalized for p in params):
             scored = apply_penalties(logits, params, [s.token_ids for s in sampling],
-                                     [s.num_prompt_tokens for s in sampling])  # fmt: skip
+                                     [s.num_prompt_tokens for s in sampling], banned)  # fmt: skip
         tokens = self.sampler(scored, params, [s.generator for s in sampling])
         if any(s.logprobs is not None for s in sampling):
             self._record_logprobs(logits, tokens, sampling)
@@ -299,8 +301,17 @@ class LLMEngine:
             )
         return text
 
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        """The token ids that end a request with these params (EOS unless ignored, and its
+        stop_token_ids)."""
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= self.eos_token_ids
+        return sorted(ids)
+
     def _append_token(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Appends a sampled token; the finish reason it causes, if any."""
+        """Appends a sampled token; the finish reason it causes, if any. Until min_tokens are
+        out, no stop token can have been sampled and stop strings are not looked for (vLLM)."""
         seq.token_ids.append(token)
         params = seq.params
         if (token in self.eos_token_ids and not params.ignore_eos) or (
@@ -309,7 +320,7 @@ class LLMEngine:
             return FinishReason.STOP  # the stop token's text is not part of the output
         detok = seq.detokenizer
         assert detok is not None
-        detok.add(token)
+        detok.add(token, find_stop=seq.num_output_tokens > params.min_tokens)
         if detok.stopped:
             return FinishReason.STOP
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:

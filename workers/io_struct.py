@@ -58,6 +58,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    #: vLLM's min_tokens: until this many tokens are out, EOS and stop_token_ids cannot be
+    #: sampled (their logits are -inf) and stop strings are not looked for.
+    min_tokens: int = 0
     #: None: no log-probabilities; k >= 0: each generated token's, with the k likeliest tokens'.
     logprobs: int | None = None
     #: vLLM's (and OpenAI's) penalties, applied to the logits before temperature: a token seen
@@ -90,6 +93,11 @@ class SamplingParams:
         if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
             raise InvalidRequest(
                 "max_tokens", f"must be at most {max_tokens_limit}, got {self.max_tokens}"
+            )
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(
+                "min_tokens",
+                f"must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}",
             )
         for name in ("temperature", "top_p", *PENALTIES):
             value = getattr(self, name)

@@ -99,14 +99,20 @@ def apply_penalties(
     params: list[SamplingParams],
     tokens: list[list[int]],
     prompt_lens: list[int],
+    banned: dict[int, list[int]] | None = None,
 ) -> torch.Tensor:
     """logits [B, V] with each penalized row's penalties applied (SamplingParams: repetition
     over the prompt and output tokens, presence and frequency over the output tokens, then the
     logit_bias), as a new tensor: the raw logits stay for logprobs. tokens[b]: row b's prompt +
     output ids so far. Bias on ids beyond the logits' vocabulary is ignored (the engine refuses
-    such ids at admission)."""
+    such ids at admission). banned: row -> token ids whose logits become -inf (the stop tokens
+    of a row still short of its min_tokens, as vLLM's MinTokensLogitsProcessor does)."""
     out = logits.clone()
     vocab = out.shape[-1]
+    for b, stop_ids in (banned or {}).items():
+        inside = [t for t in stop_ids if t < vocab]
+        if inside:
+            out[b, torch.tensor(inside, device=out.device)] = float("-inf")
     for b, p in enumerate(params):
         if not p.penalized:
             continue

@@ -104,6 +104,8 @@ BAD_GRPC = [
     (pb.GenerateRequest(prompt="hi", sampling=S(max_tokens=2, top_p=float("nan"))).SerializeToString(),
      "sampling.top_p"),
     (pb.GenerateRequest(prompt="hi", sampling=S(max_tokens=2, stop=[""])).SerializeToString(), "sampling.stop"),
+    (pb.GenerateRequest(prompt="hi", sampling=S(max_tokens=2, min_tokens=3)).SerializeToString(),
+     "sampling.min_tokens"),
     (pb.GenerateRequest(prompt="x" * (MAX_BYTES + 1)).SerializeToString(), "request"),
     (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**6])).SerializeToString(),
      "prompt_token_ids"),
@@ -146,6 +148,8 @@ BAD_HTTP = [
     (C, _j(logprobs=21), "logprobs"),
     (C, _j(logprobs=True), "logprobs"),
     (C, _j(suffix="x"), "suffix"),
+    (C, _j(min_tokens=-1), "min_tokens"),
+    (C, _j(min_tokens=True), "min_tokens"),
     (C, _j(logit_bias={"1": 500}), "logit_bias"),
     (C, _j(logit_bias={"-1": 5}), "logit_bias"),
     (C, _j(frequency_penalty=2.5), "frequency_penalty"),
@@ -198,7 +202,8 @@ _VALUES = st.one_of(
 )  # fmt: skip
 _KEYS = ["model", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
          "top_k", "seed", "stop", "stream", "n", "ignore_eos", "stream_options", "logprobs",
-         "echo", "best_of", "tools", "response_format", "suffix", "user", "zzz"]  # fmt: skip
+         "echo", "best_of", "tools", "response_format", "suffix", "user", "zzz",
+         "min_tokens"]  # fmt: skip
 _MESSAGES = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot", 5]),
                            "content": st.one_of(st.text(max_size=8), st.integers(), st.none())}),

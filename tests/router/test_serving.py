@@ -343,6 +343,37 @@ def test_penalties_equal_offline(
         assert info.value.body["param"] == next(iter(bad))  # type: ignore[index]
 
 
+def test_min_tokens_equal_offline(
+    client: openai.OpenAI, stub: pb_grpc.InferenceStub, fast_llm: LLM
+) -> None:
+    """min_tokens reaches the engine over both protocols (tests/workers/test_engine.py holds
+    the engine to transformers): a stop string that would end the text at once does not
+    within the first min_tokens tokens."""
+    prompt = "the the the the the"
+    plain = _greedy(fast_llm, prompt, 8)
+    stop = fast_llm.tokenizer.decode(plain.token_ids[:1])
+    assert stop and plain.text.startswith(stop)
+    want = fast_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, stop=[stop],
+                                                    min_tokens=4))[0]  # fmt: skip
+    assert len(want.token_ids) >= 4 and want.token_ids[:4] == plain.token_ids[:4]
+    done = client.completions.create(model="fast", prompt=prompt, max_tokens=8, temperature=0,
+                                     stop=[stop], extra_body={"min_tokens": 4})  # fmt: skip
+    assert done.choices[0].text == want.text and done.usage.completion_tokens == len(want.token_ids)
+    sampling = pb.SamplingParams(max_tokens=8, temperature=0, stop=[stop], min_tokens=4)
+    got = [t for r in stub.Generate(pb.GenerateRequest(prompt=prompt, tier="fast",
+                                                       sampling=sampling)) for t in r.token_ids]  # fmt: skip
+    assert got == want.token_ids
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="fast", prompt="x", max_tokens=2,
+                                  extra_body={"min_tokens": 3})  # fmt: skip
+    assert info.value.body["param"] == "min_tokens"  # type: ignore[index]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(prompt="x", tier="fast", sampling=pb.SamplingParams(
+            max_tokens=2, min_tokens=-1))))  # fmt: skip
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("sampling.min_tokens ")
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

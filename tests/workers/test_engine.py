@@ -182,6 +182,44 @@ def test_penalties_equal_transformers(checkpoint: Callable[..., Path]) -> None:
             llm.generate(prompt, SamplingParams(**bad))  # type: ignore[arg-type]
 
 
+def test_min_tokens_holds_back_stops_like_transformers(checkpoint: Callable[..., Path]) -> None:
+    """min_tokens as transformers' min_new_tokens: the stop tokens (EOS and stop_token_ids)
+    cannot be sampled until that many tokens are out; stop strings are not looked for until
+    then either (vLLM)."""
+    import transformers
+
+    path = checkpoint("mixtral")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    llm = LLM(model=path, block_size=4)
+    prompt = PROMPTS[1]
+    full = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    stop_id = full[0].token_ids[1]
+    plain = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12,
+                                                stop_token_ids=[stop_id]))[0]  # fmt: skip
+    assert plain.finish_reason is FinishReason.STOP and len(plain.token_ids) <= 2
+    held = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_id], min_tokens=5)
+    got = llm.generate(prompt, held)[0]
+    stops = sorted(llm.engine.eos_token_ids | {stop_id})
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                       min_new_tokens=5, eos_token_id=stops)[0, len(prompt):].tolist()  # fmt: skip
+    assert got.token_ids == want
+    assert len(want) > 5 and not set(want[:5]) & set(stops)
+    # Stop strings: the first token's text ends generation at once, but not within min_tokens.
+    tok = llm.tokenizer
+    first = tok.decode(full[0].token_ids[:1])
+    assert first and "\ufffd" not in first
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                              stop=[first]))[0]  # fmt: skip
+    assert (out.finish_reason, out.text) == (FinishReason.STOP, "")
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
+                                              stop=[first], min_tokens=3))[0]  # fmt: skip
+    assert out.finish_reason is FinishReason.LENGTH
+    assert (out.token_ids, out.text) == (full[0].token_ids[:3], tok.decode(full[0].token_ids[:3]))
+    for bad in (-1, 13, True, 2.5):
+        with pytest.raises(ValueError, match="min_tokens"):
+            llm.generate(prompt, SamplingParams(max_tokens=12, min_tokens=bad))  # type: ignore[arg-type]
+
+
 def test_stop_token_ids_and_max_tokens(checkpoint: Callable[..., Path]) -> None:
     path = checkpoint("mixtral")
     llm = LLM(model=path)

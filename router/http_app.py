@@ -88,6 +88,7 @@ class _Params(BaseModel):
     n: int = 1
     ignore_eos: bool = False  # vLLM's extension
     min_tokens: int = 0  # vLLM's extension
+    stop_token_ids: list[int] | None = None  # vLLM's extension
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension
@@ -256,7 +257,8 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
     logprobs_field, logprobs = _logprobs_asked(req)
     params = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
         logprobs=logprobs,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=_logit_bias(req.logit_bias),

@@ -363,6 +363,22 @@ def test_min_tokens_equal_offline(
     got = [t for r in stub.Generate(pb.GenerateRequest(prompt=prompt, tier="fast",
                                                        sampling=sampling)) for t in r.token_ids]  # fmt: skip
     assert got == want.token_ids
+    # stop_token_ids (vLLM's extension over HTTP; a gRPC field) with min_tokens
+    held = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=plain.token_ids[:1],
+                          min_tokens=2)  # fmt: skip
+    want = fast_llm.generate(prompt, held)[0]
+    assert len(want.token_ids) >= 2 and want.token_ids[0] != plain.token_ids[0]
+    done = client.completions.create(model="fast", prompt=prompt, max_tokens=8, temperature=0,
+                                     extra_body={"min_tokens": 2,
+                                                 "stop_token_ids": plain.token_ids[:1]})  # fmt: skip
+    assert done.choices[0].text == want.text
+    assert done.usage.completion_tokens == len(want.token_ids)
+    for bad, field in (({"stop_token_ids": [-1]}, "stop_token_ids"),
+                       ({"stop_token_ids": [1, "a"]}, "stop_token_ids[1]"),
+                       ({"min_tokens": 2.5}, "min_tokens")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fast", prompt="x", max_tokens=2, extra_body=bad)
+        assert info.value.body["param"] == field  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="fast", prompt="x", max_tokens=2,
                                   extra_body={"min_tokens": 3})  # fmt: skip

@@ -678,7 +678,7 @@ def http_corpus() -> list[tuple[str, str, bytes, str, str]]:
         ("top_logprobs without logprobs", CH, chat(top_logprobs=3), "top_logprobs"),
         ("top_logprobs 21", CH, chat(logprobs=True, top_logprobs=21), "top_logprobs"),
         ("logprobs 21 (completions)", C, j(logprobs=21), "logprobs"),
-        ("echo", C, j(echo=True), "echo"),
+        ("echo (chat)", CH, chat(echo=True), "echo"),
         ("best_of 2", C, j(best_of=2), "best_of"),
         ("logit_bias 101", C, j(logit_bias={"50": 101}), "logit_bias"),
         ("logit_bias key not an id", C, j(logit_bias={"a": 1}), "logit_bias"),

@@ -79,6 +79,8 @@ class GenerateDelta:
     usage: Usage
     route: RouteDecision | None  # first message only
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (if asked)
+    #: First message only (if asked): one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class GenerateResult:
     usage: Usage = field(default_factory=Usage)
     route: RouteDecision | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def _request_input(
@@ -169,13 +172,15 @@ class MoerayClient:
         ignore_eos: bool = False,
         min_tokens: int | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         repetition_penalty: float | None = None,
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
     ) -> Iterator[GenerateDelta]:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
-        logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens."""
+        logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens;
+        prompt_logprobs=k: the first carries the prompt tokens' (all but the first)."""
         req = pb.GenerateRequest(request_id=request_id, tier=tier)
         _request_input(req, prompt, messages, prompt_token_ids)
         s = req.sampling
@@ -197,6 +202,8 @@ class MoerayClient:
             s.logprobs = logprobs
         if min_tokens is not None:
             s.min_tokens = min_tokens
+        if prompt_logprobs is not None:
+            s.prompt_logprobs = prompt_logprobs
         for name, value in (("repetition_penalty", repetition_penalty),
                             ("presence_penalty", presence_penalty),
                             ("frequency_penalty", frequency_penalty)):  # fmt: skip
@@ -217,6 +224,7 @@ class MoerayClient:
                     usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
                     route=route_decision_from_proto(msg.route) if msg.HasField("route") else None,
                     logprobs=[token_logprob_from_proto(e) for e in msg.logprobs],
+                    prompt_logprobs=[token_logprob_from_proto(e) for e in msg.prompt_logprobs],
                 )
         except grpc.RpcError as e:
             raise _as_error(e) from None
@@ -234,6 +242,7 @@ class MoerayClient:
             out.route = out.route or d.route
             out.finish_reason = d.finish_reason or out.finish_reason
             out.logprobs.extend(d.logprobs)
+            out.prompt_logprobs.extend(d.prompt_logprobs)
         return out
 
     def route(

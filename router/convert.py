@@ -347,6 +347,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
             "seed",
             "logprobs",
             "min_tokens",
+            "prompt_logprobs",
             *PENALTIES,
         )
         if msg.HasField(name)
@@ -462,6 +463,8 @@ def output_to_proto(
         ),
     )
     msg.logprobs.extend(token_logprob_to_proto(e) for e in out.delta_logprobs or ())
+    if route is not None and out.prompt_logprobs is not None:  # the first message
+        msg.prompt_logprobs.extend(token_logprob_to_proto(e) for e in out.prompt_logprobs[1:] if e)
     if route is not None:
         msg.route.CopyFrom(route_decision_to_proto(route))
     return msg

@@ -109,6 +109,13 @@ class ChatCompletionRequest(_Params):
 class CompletionRequest(_Params):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(...)
     logprobs: int | None = None
+    #: The prompt before the completion (and its tokens' logprobs before theirs); with
+    #: max_tokens 0, the prompt alone (scoring a text: what lm-eval's loglikelihood asks).
+    echo: bool = False
+
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and 0 in (self.max_tokens, self.max_completion_tokens)
 
 
 class HttpError(Exception):
@@ -318,8 +325,12 @@ def _completion_call(service: InferenceService, req: CompletionRequest) -> Gener
         inp = _route_input(service, "prompt", prompt=_utf8("prompt", prompt), tier=req.model)
     else:
         inp = _route_input(service, "prompt", prompt_token_ids=list(prompt), tier=req.model)
+    if req.echo_only:  # the engine still computes one token (as vLLM does); it is not shown
+        req = req.model_copy(update={"max_tokens": 1, "max_completion_tokens": None})
     params = _sampling(req, service, DEFAULT_COMPLETION_MAX_TOKENS)
-    return GenerateCall(f"cmpl-{uuid.uuid4().hex}", inp, params)
+    if req.echo and params.logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
+    return GenerateCall(f"cmpl-{uuid.uuid4().hex}", inp, params, echo=req.echo)
 
 
 def _route_input(service: InferenceService, input_field: str, **kwargs: Any) -> RouteInput:
@@ -357,12 +368,16 @@ def _choice(
 
 
 def _logprobs_json(
-    kind: Literal["chat", "text"], entries: list[TokenLogprob] | None, offset: int
+    kind: Literal["chat", "text"],
+    entries: list[TokenLogprob] | None,
+    offset: int,
+    unscored: int = 0,
 ) -> dict | None:
     """OpenAI's logprobs object for these tokens (None when the request asked for none):
     completions' {tokens, token_logprobs, top_logprobs, text_offset} (offset: characters of
-    the choice's text before the first of them), chat's {content: [{token, logprob, bytes,
-    top_logprobs}]}."""
+    the choice's text before the first of them; the first `unscored` tokens, an echoed
+    prompt's first, have null logprob and top_logprobs), chat's {content: [{token, logprob,
+    bytes, top_logprobs}]}."""
     if entries is None:
         return None
     if kind == "chat":
@@ -379,15 +394,38 @@ def _logprobs_json(
         offsets.append(offset)
         offset += len(e.text)
     return {"tokens": [e.text for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.text: t.logprob for t in e.top} for e in entries],
+            "token_logprobs": [None if j < unscored else e.logprob
+                               for j, e in enumerate(entries)],
+            "top_logprobs": [None if j < unscored else {t.text: t.logprob for t in e.top}
+                             for j, e in enumerate(entries)],
             "text_offset": offsets}  # fmt: skip
 
 
-def _usage(lasts: list[RequestOutput]) -> dict[str, int]:
+#: How a completion shows its prompt: not at all, before the completion (echo), or alone (echo
+#: with max_tokens 0: the one token the engine computed is not shown or counted).
+Echo = Literal["", "prompt", "only"]
+
+
+def _echoed(
+    echo: Echo, out: RequestOutput, text: str, entries: list[TokenLogprob] | None
+) -> tuple[str, list[TokenLogprob] | None]:
+    """A choice's first text and logprobs with its prompt's (out: its first output) before
+    them, or alone for "only"."""
+    prompt_entries: list[TokenLogprob] | None = None
+    if entries is not None:  # the engine filled the first entry for echo (engine_service.py)
+        prompt_entries = [e for e in out.prompt_logprobs or () if e is not None]
+    if echo == "only":
+        return out.prompt or "", prompt_entries
+    return (out.prompt or "") + text, None if entries is None else [
+        *(prompt_entries or ()),
+        *entries,
+    ]
+
+
+def _usage(lasts: list[RequestOutput], echo: Echo = "") -> dict[str, int]:
     """Usage of a request's choices: the prompt once, every choice's completion tokens."""
     prompt = lasts[0].usage.prompt_tokens
-    completion = sum(out.usage.completion_tokens for out in lasts)
+    completion = 0 if echo == "only" else sum(out.usage.completion_tokens for out in lasts)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}  # fmt: skip
 
@@ -426,7 +464,7 @@ def _choice_call(call: GenerateCall, index: int) -> GenerateCall:
     if seed is not None:
         seed = seed + index if seed + index < 2**64 else seed - index
     sampling = dataclasses.replace(call.sampling, seed=seed)
-    return GenerateCall(f"{call.request_id}-{index}", call.input, sampling)
+    return dataclasses.replace(call, request_id=f"{call.request_id}-{index}", sampling=sampling)
 
 
 class _Choices:
@@ -495,9 +533,10 @@ async def _sse(
     started: list[Started],
     rest: _Choices,
     include_usage: bool,
+    echo: Echo = "",
 ) -> AsyncGenerator[str, None]:
-    """Server-sent events: one chunk per engine delta (its choice's index), then usage (if
-    asked), then [DONE]."""
+    """Server-sent events: one chunk per engine delta (its choice's index; an echoed prompt
+    rides on each choice's first), then usage (if asked), then [DONE]."""
     decision, out = started[0][0]
     env = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=True)
     lasts = [first[1] for first, _ in started]
@@ -507,15 +546,18 @@ async def _sse(
                           "content": ""}, "logprobs": None, "finish_reason": None}]})  # fmt: skip
     offsets = [0] * len(started)  # characters of each choice's text streamed so far
 
-    def chunk(i: int, out: RequestOutput) -> str:
-        lp = _logprobs_json(kind, out.delta_logprobs, offsets[i])
-        offsets[i] += len(out.delta_text)
-        return _event({**env, "choices": [_choice(kind, out.delta_text, _finish(out), True, i,
-                                                  lp)]})  # fmt: skip
+    def chunk(i: int, out: RequestOutput, first: bool = False) -> str:
+        text, entries = out.delta_text, out.delta_logprobs
+        if echo and first:
+            text, entries = _echoed(echo, out, text, entries)
+        lp = _logprobs_json(kind, entries, offsets[i], int(bool(echo) and first))
+        offsets[i] += len(text)
+        finish = "length" if echo == "only" and out.finished else _finish(out)
+        return _event({**env, "choices": [_choice(kind, text, finish, True, i, lp)]})
 
     try:
         for i, out in enumerate(lasts):
-            yield chunk(i, out)
+            yield chunk(i, out, first=True)
         async for i, out in rest:
             lasts[i] = out
             yield chunk(i, out)
@@ -529,7 +571,7 @@ async def _sse(
     finally:  # the client went away mid-stream: end the request now (cancel, KV freed, counted)
         await rest.aclose()
     if include_usage:
-        yield _event({**env, "choices": [], "usage": _usage(lasts)})
+        yield _event({**env, "choices": [], "usage": _usage(lasts, echo)})
     yield "data: [DONE]\n\n"
 
 
@@ -545,6 +587,7 @@ async def _complete(
     kind: Literal["chat", "text"],
     started: list[Started],
     rest: _Choices,
+    echo: Echo = "",
 ) -> JSONResponse:
     decision = started[0][0][0]
     lasts = [first[1] for first, _ in started]
@@ -562,10 +605,15 @@ async def _complete(
         await rest.aclose()
     rid = lasts[0].request_id
     body = _envelope(kind, rid, int(time.time()), decision.tier, chunk=False)
-    body.update(choices=[_choice(kind, "".join(p), _finish(out), False, i,
-                                 _logprobs_json(kind, lp, 0))
-                         for i, (p, out, lp) in enumerate(zip(parts, lasts, logprobs))],
-                usage=_usage(lasts))  # fmt: skip
+    choices = []
+    for i, (p, out, lp) in enumerate(zip(parts, lasts, logprobs)):
+        text = "".join(p)
+        if echo:
+            text, lp = _echoed(echo, out, text, lp)
+        finish = "length" if echo == "only" else _finish(out)
+        choices.append(_choice(kind, text, finish, False, i,
+                               _logprobs_json(kind, lp, 0, int(bool(echo)))))  # fmt: skip
+    body.update(choices=choices, usage=_usage(lasts, echo))
     headers = _route_headers(decision, rid)
     headers[ENGINE_TIME_HEADER] = f"{max(out.engine_time_s for out in lasts) * 1e3:.3f}"
     return JSONResponse(body, headers=headers)
@@ -618,15 +666,18 @@ def build_http_app(service: InferenceService) -> FastAPI:
             err = _from_service_error(e, input_field)
             return error_response(err.status, err.message, err.param, err.code)
         rest = _Choices([stream for _, stream in started])
+        echo: Echo = ""
+        if isinstance(req, CompletionRequest) and req.echo:
+            echo = "only" if req.echo_only else "prompt"
         if not req.stream:
             try:
-                return await _complete(kind, started, rest)
+                return await _complete(kind, started, rest, echo)
             except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
                 err = _from_service_error(e, input_field)
                 return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return _ClosingStream(
-            _sse(kind, started, rest, include_usage),
+            _sse(kind, started, rest, include_usage, echo),
             rest,
             media_type="text/event-stream",
             headers=_route_headers(started[0][0][0], call.request_id),

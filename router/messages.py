@@ -53,11 +53,14 @@ class RouteInput:
                     return m.content
         return self.text()
 
-    def engine_request(self, request_id: str, sampling: SamplingParams) -> GenerateRequest:
+    def engine_request(
+        self, request_id: str, sampling: SamplingParams, echo: bool = False
+    ) -> GenerateRequest:
         """The message an engine replica receives for this input."""
         return GenerateRequest(
             request_id=request_id,
             sampling=sampling,
+            echo=echo,
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids) if self.prompt_token_ids else None,
             messages=list(self.messages) if self.messages is not None else None,
@@ -85,6 +88,8 @@ class GenerateCall:
     request_id: str
     input: RouteInput
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    #: Return the prompt's text with the first output (RequestOutput.prompt): completions' echo.
+    echo: bool = False
 
 
 @dataclass(frozen=True)

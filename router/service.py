@@ -40,6 +40,7 @@ from moeray.workers.io_struct import (
     GenerateDelta,
     GenerateRejected,
     RequestOutput,
+    TokenLogprob,
     Usage,
 )
 
@@ -225,7 +226,7 @@ class InferenceService:
     ) -> AsyncGenerator[RequestOutput, None]:
         """The request's outputs from one engine replica (steps 3 and 4)."""
         running = self._running[call.request_id]
-        request = call.input.engine_request(call.request_id, call.sampling)
+        request = call.input.engine_request(call.request_id, call.sampling, call.echo)
         keys = prefix_keys(request) if self.links.prefix_routing else []
         tried: set[str] = set()
         self.links.start()
@@ -428,12 +429,16 @@ class _Outputs:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.prompt: str | None = None
         self.token_ids: list[int] = []
         self.text = ""
 
     def add(self, d: GenerateDelta) -> RequestOutput:
         if d.prompt_token_ids is not None:
             self.prompt_token_ids = d.prompt_token_ids
+            self.prompt_logprobs = d.prompt_logprobs
+            self.prompt = d.prompt_text
         self.token_ids.extend(d.delta_token_ids)
         self.text += d.delta_text
         return RequestOutput(
@@ -447,4 +452,6 @@ class _Outputs:
             usage=Usage(d.prompt_tokens, d.completion_tokens),
             engine_time_s=d.engine_time_s,
             delta_logprobs=d.delta_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt=self.prompt,
         )

@@ -33,6 +33,9 @@ from moeray.workers.sequence import Sequence
 from moeray.workers.tokenizer import Tokenizer
 
 Prompt = str | list[int]
+#: prompt_logprobs are computed over at most this many prompt positions at once ([rows, vocab]
+#: float32 logits: 64 MiB for a 32K vocabulary).
+PROMPT_LOGITS_ROWS = 512
 
 
 class StatsSnapshot(TypedDict):
@@ -253,7 +256,9 @@ class LLMEngine:
         experts = self.model.expert_backend  # None for a dense model
         if experts is not None:
             experts.begin_step()  # the one point where experts may move (between steps)
-        logits = self.runner.run(plan.seqs, plan.num_new_tokens)
+        logits, prompt_rows = self.runner.run(plan.seqs, plan.num_new_tokens)
+        for rows in prompt_rows:
+            self._record_prompt_logprobs(plan.seqs[rows.seq], rows.first, rows.hidden)
         if experts is not None:
             experts.end_step(self.model.take_expert_counts())  # [L, E] this step's load
         sampling = self.scheduler.finish_step(plan)
@@ -291,6 +296,23 @@ class LLMEngine:
             seq.logprobs.append(
                 TokenLogprob(tokens[b], self._token_text(tokens[b]), chosen, alternatives)
             )
+
+    def _record_prompt_logprobs(self, seq: Sequence, first: int, hidden: Any) -> None:
+        """Appends the log-probabilities of prompt tokens first+1.. given the hidden states
+        [n, D] of positions first.. (logits computed PROMPT_LOGITS_ROWS rows at a time, so a
+        long prompt never holds [prompt, vocab] float32 at once)."""
+        entries = seq.prompt_logprobs
+        assert entries is not None and len(entries) == first + 1
+        k = seq.params.prompt_logprobs or 0
+        prompt = seq.prompt_token_ids
+        for i in range(0, hidden.shape[0], PROMPT_LOGITS_ROWS):
+            part = hidden[i : i + PROMPT_LOGITS_ROWS]
+            targets = prompt[first + i + 1 : first + i + 1 + part.shape[0]]
+            logits = self.model.compute_logits(part)
+            found = token_logprobs(logits, list(range(len(targets))), targets, k)
+            for t, (chosen, top) in zip(targets, found):
+                alternatives = [TopLogprob(j, self._token_text(j), v) for j, v in top]
+                entries.append(TokenLogprob(t, self._token_text(t), chosen, alternatives))
 
     def _token_text(self, token: int) -> str:
         """A token's text decoded alone (special tokens included), memoized."""
@@ -350,6 +372,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             usage=Usage(seq.num_prompt_tokens, len(out_ids)),
         )
+        out.prompt_logprobs = seq.prompt_logprobs  # complete once the prompt is; do not mutate
         if seq.logprobs is not None:
             out.logprobs = list(seq.logprobs)
             out.delta_logprobs = seq.logprobs[seq.num_sent_tokens :]

@@ -39,6 +39,8 @@ from moeray.workers.io_struct import (
     GenerateRejected,
     GenerateRequest,
     InvalidRequest,
+    RequestOutput,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,8 @@ class EngineService:
                     prompt_token_ids=out.prompt_token_ids if first else None,
                     engine_time_s=time.perf_counter() - start if finished else 0.0,
                     delta_logprobs=out.delta_logprobs,
+                    prompt_logprobs=self._prompt_logprobs(req, out) if first else None,
+                    prompt_text=self._prompt_text(req, out) if first and req.echo else None,
                 )
                 first = False
         except InvalidRequest as e:  # refused on the engine thread (a duplicate request id)
@@ -207,6 +211,26 @@ class EngineService:
         since = time.perf_counter() - window_s
         recent = sorted(t for at, t in list(self._ttfts) if at >= since)
         return recent[int(0.9 * (len(recent) - 1))] if recent else 0.0
+
+    def _prompt_logprobs(
+        self, req: GenerateRequest, out: RequestOutput
+    ) -> list[TokenLogprob | None] | None:
+        """The prompt's logprobs as the engine gives them (None for the first token), except
+        that an echoed request's first entry carries that token's text (logprob 0, no
+        alternatives): the router has no tokenizer, and echo shows every prompt token."""
+        entries = out.prompt_logprobs
+        if entries is None or not req.echo:
+            return entries
+        first = out.prompt_token_ids[0]
+        text = self.engine.tokenizer.decode([first], skip_special_tokens=False)
+        return [TokenLogprob(first, text, 0.0, []), *entries[1:]]
+
+    def _prompt_text(self, req: GenerateRequest, out: RequestOutput) -> str:
+        """The prompt as text for echo: as given, or its token ids decoded (special tokens
+        kept, as OpenAI echoes them)."""
+        if req.prompt is not None:
+            return req.prompt
+        return self.engine.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
 
     async def _stats_call(self, body: bytes, context: grpc.aio.ServicerContext) -> EngineStats:
         """Receives a StatsRequest (empty); sends this replica's EngineStats."""

@@ -63,6 +63,10 @@ class SamplingParams:
     min_tokens: int = 0
     #: None: no log-probabilities; k >= 0: each generated token's, with the k likeliest tokens'.
     logprobs: int | None = None
+    #: vLLM's prompt_logprobs: None, or k >= 0: each prompt token's log-probability given the
+    #: tokens before it (none for the first), with the k likeliest tokens'. Such a request
+    #: computes its whole prompt (its prefix is not read from the prefix cache).
+    prompt_logprobs: int | None = None
     #: vLLM's (and OpenAI's) penalties, applied to the logits before temperature: a token seen
     #: in the prompt or the output has its logit divided by repetition_penalty when positive
     #: (multiplied when negative); each output occurrence subtracts frequency_penalty, and any
@@ -153,12 +157,12 @@ class SamplingParams:
                 raise InvalidRequest(
                     "logit_bias", f"values must be numbers in [-100, 100], got {bias!r}"
                 )
-        if self.logprobs is not None and not (
-            _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise InvalidRequest(
-                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                raise InvalidRequest(
+                    name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
         return self
 
     @property
@@ -221,6 +225,10 @@ class RequestOutput:
     #: With SamplingParams.logprobs set: one entry per token of token_ids / delta_token_ids.
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
+    #: With SamplingParams.prompt_logprobs set: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    #: The prompt's text, for a served request that asked to echo it (HTTP completions' echo).
+    prompt: str | None = None
     #: Seconds the engine deployment spent on the request (entry to last delta), set on the
     #: last message only; the front door reports it so overhead is measured per request.
     engine_time_s: float = 0.0
@@ -250,12 +258,14 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
+    #: Send the prompt's text (token ids decoded) with the first delta (completions' echo).
+    echo: bool = False
 
 
 class GenerateDelta(msgspec.Struct, frozen=True, tag="delta"):
     """Engine -> router: what one engine step added to a request (deltas only).
 
-    prompt_token_ids rides on the first delta only; finish_reason and engine_time_s (the engine
+    prompt_token_ids (and prompt_logprobs) ride on the first delta only; finish_reason and engine_time_s (the engine
     replica's time from receiving the request to this message) on the last.
     """
 
@@ -267,6 +277,10 @@ class GenerateDelta(msgspec.Struct, frozen=True, tag="delta"):
     prompt_token_ids: list[int] | None = None
     engine_time_s: float = 0.0
     delta_logprobs: list[TokenLogprob] | None = None
+    #: First delta only, when asked; None for the prompt's first token, except for an echoed
+    #: request: that token's text, logprob 0 and no alternatives.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_text: str | None = None  # first delta only, when the request asked for echo
 
 
 class GenerateRejected(msgspec.Struct, frozen=True, tag="rejected"):

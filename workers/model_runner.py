@@ -9,7 +9,7 @@ middle of a prompt needs none). `resolve_device` turns a configured device into 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from moeray.workers.forward_context import ForwardContext
@@ -36,6 +36,20 @@ def resolve_device(device: str, field: str = "device") -> torch.device:
             )
         return dev
     raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+class PromptRows(NamedTuple):
+    """Hidden states of a sequence's prompt positions first..first+n-1 (for prompt_logprobs:
+    row j predicts prompt token first + j + 1)."""
+
+    seq: int  # index in the step's sequences
+    first: int
+    hidden: torch.Tensor  # [n, D]
+
+
+class StepResult(NamedTuple):
+    logits: torch.Tensor | None  # [B', V] f32 of the sequences that sample, or None
+    prompt_rows: list[PromptRows]  # only for sequences that asked for prompt_logprobs
 
 
 class ModelRunner:
@@ -87,13 +101,34 @@ class ModelRunner:
         return input_ids, torch.tensor(positions, dtype=torch.int64, device=dev), ctx, sample_rows
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor | None:
+    def run(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepResult:
         """One forward step -> logits [B', V] f32 (on the model's device) for the B' sequences
-        that sample, or None."""
+        that sample (None if none does), and the hidden states of the prompt positions whose
+        log-probabilities a sequence asked for and does not have yet."""
         input_ids, positions, ctx, sample_rows = self.prepare(seqs, num_new_tokens)
         hidden = self.model(input_ids, positions, ctx)  # [T, D]
+        prompt_rows = _prompt_rows(seqs, num_new_tokens, ctx.query_start_loc, hidden)
         if not sample_rows:
-            return None
+            return StepResult(None, prompt_rows)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)]
-        return self.model.compute_logits(hidden)
+        return StepResult(self.model.compute_logits(hidden), prompt_rows)
+
+
+def _prompt_rows(
+    seqs: list[Sequence], num_new_tokens: list[int], starts: list[int], hidden: torch.Tensor
+) -> list[PromptRows]:
+    """The step's rows at prompt positions p (p + 1 still a prompt token) of sequences that
+    asked for prompt_logprobs, from the first position without one (a recomputed prompt after
+    preemption is not recorded twice)."""
+    out = []
+    for b, (seq, n) in enumerate(zip(seqs, num_new_tokens)):
+        if seq.prompt_logprobs is None:
+            continue
+        start = seq.num_computed_tokens  # this step computes positions start..start+n-1
+        first = max(start, len(seq.prompt_logprobs) - 1)
+        end = min(start + n, seq.num_prompt_tokens - 1)
+        if first < end:
+            row = starts[b] + first - start
+            out.append(PromptRows(b, first, hidden[row : row + end - first]))
+    return out

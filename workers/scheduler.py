@@ -180,7 +180,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = bm.lookup(seq)
+            # prompt_logprobs need every prompt position computed: no cached prefix (vLLM's rule)
+            hits = bm.lookup(seq) if seq.prompt_logprobs is None else []
             n = min(seq.num_tokens - len(hits) * bm.block_size, self.prefill_chunk_size, budget)
             if not bm.can_admit(seq, hits, n):
                 if not self.running and bm.num_free_blocks == bm.num_blocks:

@@ -45,6 +45,7 @@ class Sequence:
         "num_sent_chars",
         "num_sent_tokens",
         "params",
+        "prompt_logprobs",
         "prompt_token_ids",
         "request_id",
         "status",
@@ -78,6 +79,10 @@ class Sequence:
         self.num_sent_chars = 0  # output text already reported in a streamed delta
         # One entry per output token when params.logprobs is set (the engine appends them).
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # One entry per prompt token when params.prompt_logprobs is set (None for the first).
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
         self.detokenizer: IncrementalDetokenizer | None = None
         # A private generator makes a seeded request's samples independent of the batch.
         self.generator: torch.Generator | None = None

@@ -390,6 +390,69 @@ def test_min_tokens_equal_offline(
     assert err.value.details().startswith("sampling.min_tokens ")
 
 
+def test_completions_echo_and_prompt_logprobs_equal_offline(
+    stack: LocalStack, client: openai.OpenAI, stub: pb_grpc.InferenceStub, fast_llm: LLM
+) -> None:
+    """echo: the prompt before the completion and its tokens' logprobs before theirs (the
+    first null), as the offline engine's prompt_logprobs; with max_tokens 0 the prompt alone
+    (lm-eval's loglikelihood request); streamed, and for a prompt of token ids. gRPC's
+    sampling.prompt_logprobs: the same values on the first message."""
+    prompt = "the quick brown fox"
+    want = fast_llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=2,
+                                                    prompt_logprobs=2))[0]  # fmt: skip
+    assert want.prompt_logprobs is not None and want.logprobs is not None
+    P = len(want.prompt_token_ids)
+    scored = want.prompt_logprobs[1:]
+    done = client.completions.create(model="fast", prompt=prompt, max_tokens=4, temperature=0,
+                                     echo=True, logprobs=2)  # fmt: skip
+    c = done.choices[0]
+    assert c.text == prompt + want.text and c.logprobs is not None
+    lp = c.logprobs
+    first = fast_llm.tokenizer.decode(want.prompt_token_ids[:1])
+    assert lp.tokens == [first] + [e.text for e in scored] + [e.text for e in want.logprobs]
+    assert lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(
+        [e.logprob for e in scored] + [e.logprob for e in want.logprobs], abs=1e-5
+    )
+    assert lp.top_logprobs[1] == pytest.approx({t.text: t.logprob for t in scored[0].top}, abs=1e-5)
+    assert lp.text_offset is not None and lp.text_offset[P] == len(prompt)
+    assert done.usage is not None and done.usage.completion_tokens == len(want.token_ids)
+    # max_tokens 0: the prompt alone, scored
+    only = client.completions.create(model="fast", prompt=prompt, max_tokens=0, echo=True,
+                                     logprobs=0)  # fmt: skip
+    c = only.choices[0]
+    assert (c.text, c.finish_reason) == (prompt, "length") and c.logprobs is not None
+    got = c.logprobs.token_logprobs
+    assert got is not None and len(got) == P and got[0] is None
+    assert got[1:] == pytest.approx([e.logprob for e in scored], abs=1e-5)
+    assert only.usage is not None
+    assert (only.usage.prompt_tokens, only.usage.completion_tokens) == (P, 0)
+    # token ids in, streamed: the decoded prompt on the first chunk
+    chunks = list(client.completions.create(model="fast", prompt=want.prompt_token_ids,
+                                            max_tokens=4, temperature=0, echo=True,
+                                            stream=True))  # fmt: skip
+    decoded = fast_llm.tokenizer.decode(want.prompt_token_ids)
+    assert chunks[0].choices[0].text.startswith(decoded)
+    assert "".join(ch.choices[0].text for ch in chunks) == decoded + want.text
+    sampling = pb.SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=2)
+    msgs = list(stub.Generate(pb.GenerateRequest(prompt=prompt, tier="fast", sampling=sampling)))
+    assert [e.token_id for e in msgs[0].prompt_logprobs] == [e.token_id for e in scored]
+    assert [e.logprob for e in msgs[0].prompt_logprobs] == pytest.approx(
+        [e.logprob for e in scored], abs=1e-5)  # fmt: skip
+    assert [[t.token_id for t in e.top] for e in msgs[0].prompt_logprobs] == [
+        [t.token_id for t in e.top] for e in scored]  # fmt: skip
+    assert not any(m.prompt_logprobs for m in msgs[1:])
+    with MoerayClient(stack.endpoints()["grpc"]) as mc:
+        res = mc.generate_text(prompt, tier="fast", max_tokens=2, prompt_logprobs=0)
+    assert [e.token_id for e in res.prompt_logprobs] == [e.token_id for e in scored]
+    assert all(not e.top for e in res.prompt_logprobs)
+    for bad, field in (({"max_tokens": 0}, "max_tokens"), ({"echo": "yes"}, "echo")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fast", prompt="x", **bad)  # type: ignore[call-overload]
+        assert info.value.body["param"] == field  # type: ignore[index]
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

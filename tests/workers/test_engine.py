@@ -137,6 +137,44 @@ def test_logprobs_equal_transformers_log_softmax(checkpoint: Callable[..., Path]
     assert whole is not None and len(whole) == 6 and deltas == whole
 
 
+def test_prompt_logprobs_equal_transformers_log_softmax(checkpoint: Callable[..., Path]) -> None:
+    """prompt_logprobs: each prompt token's log-probability given the tokens before it (None
+    for the first) and the k likeliest, log_softmax of transformers' logits; the same when the
+    prompt is prefilled in chunks beside other requests, when it was cached by an earlier request
+    (such a request computes its whole prompt) and after preemption (recorded once)."""
+    import transformers
+
+    path = checkpoint("mixtral")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = list(range(3, 43))  # 40 tokens
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [P, V]
+
+    def check(entries: list, k: int) -> None:
+        assert len(entries) == len(prompt) and entries[0] is None
+        for p, e in enumerate(entries[1:]):
+            assert e.token_id == prompt[p + 1]
+            assert abs(e.logprob - lp[p, prompt[p + 1]].item()) < 1e-4
+            top = lp[p].topk(k)
+            assert [t.token_id for t in e.top] == top.indices.tolist()
+            assert all(abs(t.logprob - v) < 1e-4 for t, v in zip(e.top, top.values.tolist()))
+
+    llm = LLM(model=path, block_size=4, max_num_batched_tokens=8, prefill_chunk_size=5,
+              num_kv_blocks=24, max_num_seqs=3)  # fmt: skip
+    asked = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=3)
+    plain = SamplingParams(temperature=0.0, max_tokens=6)
+    first = llm.generate(prompt, plain)[0]  # caches the prompt's blocks
+    assert llm.engine.block_manager.num_cached_blocks > 0
+    outs = llm.generate([prompt, list(range(50, 80)), prompt], [asked, plain, asked])
+    for out in (outs[0], outs[2]):
+        check(out.prompt_logprobs, 3)
+        assert out.token_ids == first.token_ids
+    assert outs[1].prompt_logprobs is None and first.prompt_logprobs is None
+    assert llm.engine.scheduler.num_preemptions > 0
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate(prompt, SamplingParams(prompt_logprobs=21))
+
+
 def test_penalties_equal_transformers(checkpoint: Callable[..., Path]) -> None:
     """repetition_penalty as transformers' generate() applies it (prompt and output tokens);
     presence and frequency penalties (output tokens) as a greedy loop over transformers' own

@@ -672,7 +672,9 @@ def http_corpus() -> list[tuple[str, str, bytes, str, str]]:
         ("tools", CH, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
         ("tool_choice", CH, chat(tool_choice="required"), "tool_choice"),
         ("functions", CH, chat(functions=[{"name": "f"}]), "functions"),
-        ("response_format json", CH, chat(response_format={"type": "json_object"}),
+        ("response_format xml", CH, chat(response_format={"type": "xml"}), "response_format"),
+        ("response_format bad schema", CH, chat(response_format={
+            "type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),
          "response_format"),
         ("logprobs 1 (chat: a boolean)", CH, chat(logprobs=1), "logprobs"),
         ("top_logprobs without logprobs", CH, chat(top_logprobs=3), "top_logprobs"),

@@ -173,6 +173,7 @@ class MoerayClient:
         min_tokens: int | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        json_schema: str | None = None,
         repetition_penalty: float | None = None,
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
@@ -180,7 +181,8 @@ class MoerayClient:
     ) -> Iterator[GenerateDelta]:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
         logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens;
-        prompt_logprobs=k: the first carries the prompt tokens' (all but the first)."""
+        prompt_logprobs=k: the first carries the prompt tokens' (all but the first);
+        json_schema: the text of a JSON Schema the output must follow (structured output)."""
         req = pb.GenerateRequest(request_id=request_id, tier=tier)
         _request_input(req, prompt, messages, prompt_token_ids)
         s = req.sampling
@@ -204,6 +206,8 @@ class MoerayClient:
             s.min_tokens = min_tokens
         if prompt_logprobs is not None:
             s.prompt_logprobs = prompt_logprobs
+        if json_schema is not None:
+            s.json_schema = json_schema
         for name, value in (("repetition_penalty", repetition_penalty),
                             ("presence_penalty", presence_penalty),
                             ("frequency_penalty", frequency_penalty)):  # fmt: skip

@@ -348,6 +348,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
             "logprobs",
             "min_tokens",
             "prompt_logprobs",
+            "json_schema",
             *PENALTIES,
         )
         if msg.HasField(name)

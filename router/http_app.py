@@ -10,7 +10,7 @@ JSON is converted to the same dataclasses the gRPC path uses, with the same vali
 (router/convert.py: build_route_input, check_sampling). Parsing is strict: a boolean is no
 integer (`"max_tokens": true` is refused), a string no number; a body nested deeper than
 Python's JSON decoder goes is refused as `body`. OpenAI fields moeray does not implement
-(`tools`, `response_format`, `logprobs`, `echo`, `best_of`, ...) are refused by name unless they
+(`tools`, `best_of`, `suffix`, chat's `echo`, ...) are refused by name unless they
 hold their neutral value, and so are fields OpenAI does not define (OpenAI does the same).
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the field in
 `param` and in the message: 400 invalid_request_error, 429 rate_limit_exceeded and 503 (both
@@ -58,7 +58,7 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReaso
 #: ignored); any other value is refused naming the field.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "function_call": (None, "none", "auto"),
     "echo": (None, False),
     "best_of": (None, 1), "suffix": (None, ""),
     "audio": (None,),
@@ -89,6 +89,9 @@ class _Params(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     min_tokens: int = 0  # vLLM's extension
     stop_token_ids: list[int] | None = None  # vLLM's extension
+    #: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    #: {"name": ..., "schema": {...}}}: structured output (workers/guided.py)
+    response_format: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension
@@ -144,7 +147,8 @@ def _from_service_error(e: Exception, input_field: str) -> HttpError:
         return HttpError(503, str(e), None, "unavailable")
     assert isinstance(e, RequestError)
     field = {"tier": "model", "input": input_field, "prompt": input_field,
-             "prompt_token_ids": input_field}.get(e.field, e.field)  # fmt: skip
+             "prompt_token_ids": input_field, "json_schema": "response_format"}.get(
+        e.field, e.field)  # fmt: skip
     return HttpError(400, f"{field} {e.message}", field, "invalid_value")
 
 
@@ -269,13 +273,36 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
         logprobs=logprobs,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=_logit_bias(req.logit_bias),
+        json_schema=_json_schema(req.response_format),
     )  # fmt: skip
     try:
         return check_sampling(params, limit, prefix="")
     except RequestError as e:
         given = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        field = {"max_tokens": given, "logprobs": logprobs_field}.get(e.field, e.field)
+        field = {"max_tokens": given, "logprobs": logprobs_field,
+                 "json_schema": "response_format"}.get(e.field, e.field)  # fmt: skip
         raise _invalid(field, e.message) from None
+
+
+def _json_schema(fmt: dict[str, Any] | None) -> str | None:
+    """OpenAI's response_format -> the JSON Schema text the engine holds the output to (None
+    for plain text); SamplingParams.validate checks that llguidance can follow it."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind != "json_schema":
+        raise _invalid("response_format", "type must be text, json_object or json_schema")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _invalid("response_format", "json_schema must be an object with a schema")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, (dict, bool)):
+        raise _invalid("response_format", "json_schema.schema must be a JSON Schema object")
+    return json.dumps(schema)
 
 
 def _logit_bias(given: dict[str, float] | None) -> dict[int, float]:

@@ -17,6 +17,7 @@ from moeray.cluster.config import EngineConfig
 from moeray.workers.block_manager import BlockManager
 from moeray.workers.cpu_tuning import apply_cpu_tuning
 from moeray.workers.detokenizer import IncrementalDetokenizer
+from moeray.workers.guided import Guides, mask_disallowed
 from moeray.workers.io_struct import (
     FinishReason,
     InvalidRequest,
@@ -196,7 +197,14 @@ class LLMEngine:
             raise InvalidRequest(
                 "logit_bias", f"token id {beyond[0]} is not in the vocabulary ({self.vocab_size})"
             )
+        if params.json_schema is not None:
+            self.guides.matcher(params.json_schema)  # refused here, before it is queued
         return self.encode_prompt(prompt), params
+
+    @cached_property
+    def guides(self) -> Guides:
+        """Structured-output matchers over this engine's tokenizer (built on first use)."""
+        return Guides(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
 
     def add_request(
         self,
@@ -217,6 +225,8 @@ class LLMEngine:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, stream)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        if params.json_schema is not None:
+            seq.guide = self.guides.matcher(params.json_schema)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -268,9 +278,12 @@ class LLMEngine:
         scored = logits
         banned = {b: self._stop_ids(s.params) for b, s in enumerate(sampling)
                   if s.num_output_tokens < s.params.min_tokens}  # fmt: skip
-        if banned or any(p.penalized for p in params):
+        guided = [(b, s.guide) for b, s in enumerate(sampling) if s.guide is not None]
+        if banned or guided or any(p.penalized for p in params):
             scored = apply_penalties(logits, params, [s.token_ids for s in sampling],
                                      [s.num_prompt_tokens for s in sampling], banned)  # fmt: skip
+            for b, guide in guided:
+                mask_disallowed(scored[b], guide)
         tokens = self.sampler(scored, params, [s.generator for s in sampling])
         if any(s.logprobs is not None for s in sampling):
             self._record_logprobs(logits, tokens, sampling)
@@ -340,11 +353,15 @@ class LLMEngine:
             token in params.stop_token_ids
         ):
             return FinishReason.STOP  # the stop token's text is not part of the output
+        if seq.guide is not None:
+            seq.guide.consume_token(token)
         detok = seq.detokenizer
         assert detok is not None
         detok.add(token, find_stop=seq.num_output_tokens > params.min_tokens)
         if detok.stopped:
             return FinishReason.STOP
+        if seq.guide is not None and (seq.guide.is_stopped() or seq.guide.is_error()):
+            return FinishReason.STOP  # its grammar allows nothing more (an ignored EOS included)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None

@@ -77,6 +77,10 @@ class SamplingParams:
     #: token id -> a value in [-100, 100] added to its logit, after the penalties and before
     #: temperature (as vLLM applies it).
     logit_bias: dict[int, float] = field(default_factory=dict)
+    #: Structured output: the text of a JSON Schema the output must be a JSON value of
+    #: ('{"type": "object"}' is OpenAI's json_object); each step, llguidance gives the tokens
+    #: that keep the output on the grammar and the others get -inf (workers/guided.py).
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -157,6 +161,10 @@ class SamplingParams:
                 raise InvalidRequest(
                     "logit_bias", f"values must be numbers in [-100, 100], got {bias!r}"
                 )
+        if self.json_schema is not None:
+            from moeray.workers.guided import check_json_schema  # imports llguidance
+
+            check_json_schema(self.json_schema)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):

@@ -15,7 +15,7 @@ valid across preemption), and `num_keyed_blocks`, how many of its blocks were of
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from moeray.workers.io_struct import FinishReason, SamplingParams, TokenLogprob
@@ -37,6 +37,7 @@ class Sequence:
         "detokenizer",
         "finish_reason",
         "generator",
+        "guide",
         "logprobs",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -79,6 +80,7 @@ class Sequence:
         self.num_sent_chars = 0  # output text already reported in a streamed delta
         # One entry per output token when params.logprobs is set (the engine appends them).
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.guide: Any = None  # the llguidance matcher of a structured-output request
         # One entry per prompt token when params.prompt_logprobs is set (None for the first).
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] if params.prompt_logprobs is not None else None

@@ -98,6 +98,10 @@ class Tokenizer:
         """Text -> ids, with the checkpoint's post-processor (e.g. a BOS) when add_special_tokens."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance builds its token trie from)."""
+        return str(self._tok.to_str())
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -453,6 +453,50 @@ def test_completions_echo_and_prompt_logprobs_equal_offline(
         assert info.value.body["param"] == field  # type: ignore[index]
 
 
+def test_structured_output_equals_offline(
+    client: openai.OpenAI, stub: pb_grpc.InferenceStub, fast_llm: LLM
+) -> None:
+    """response_format json_schema / json_object (HTTP, both endpoints) and sampling.json_schema
+    (gRPC) hold the output to the schema, as the offline engine does (tests/workers/test_engine.py
+    holds that to a reference loop); a schema llguidance cannot follow is refused by name."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 8},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120}}}  # fmt: skip
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    want = fast_llm.generate(_chat_ids(fast_llm, messages), SamplingParams(
+        max_tokens=32, temperature=0, json_schema=json.dumps(schema)))[0]  # fmt: skip
+    value = json.loads(want.text)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    done = client.chat.completions.create(
+        model="fast", messages=messages, max_tokens=32, temperature=0,  # type: ignore[arg-type]
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": schema, "strict": True}},
+    )  # fmt: skip
+    assert done.choices[0].message.content == want.text
+    assert done.choices[0].finish_reason == "stop"
+    anything = client.completions.create(model="fast", prompt="JSON:", max_tokens=32,
+                                         temperature=1.0, seed=7,
+                                         extra_body={"response_format": {"type": "json_object"}})  # fmt: skip
+    free = fast_llm.generate("JSON:", SamplingParams(max_tokens=32, temperature=1.0, seed=7,
+                                                     json_schema='{"type": "object"}'))[0]  # fmt: skip
+    assert anything.choices[0].text == free.text and free.text.startswith("{")
+    sampling = pb.SamplingParams(max_tokens=32, temperature=0, json_schema=json.dumps(schema))
+    got = [t for r in stub.Generate(pb.GenerateRequest(
+        prompt_token_ids=pb.TokenIds(ids=_chat_ids(fast_llm, messages)), tier="fast",
+        sampling=sampling)) for t in r.token_ids]  # fmt: skip
+    assert got == want.token_ids
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(prompt="x", tier="fast", sampling=pb.SamplingParams(
+            json_schema='{"type": "nonsense"}'))))  # fmt: skip
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("sampling.json_schema is not a schema")
+    for fmt in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"schema": {"type": 3}}}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="fast", messages=messages, max_tokens=2,  # type: ignore[arg-type]
+                                           response_format=fmt)  # type: ignore[arg-type]  # fmt: skip
+        assert info.value.body["param"] == "response_format"  # type: ignore[index]
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

@@ -7,6 +7,7 @@ of the batch, the stop conditions with their finish reasons and usage, validatio
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -256,6 +257,63 @@ def test_min_tokens_holds_back_stops_like_transformers(checkpoint: Callable[...,
     for bad in (-1, 13, True, 2.5):
         with pytest.raises(ValueError, match="min_tokens"):
             llm.generate(prompt, SamplingParams(max_tokens=12, min_tokens=bad))  # type: ignore[arg-type]
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+          "properties": {"ok": {"type": "boolean"},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}  # fmt: skip
+
+
+def test_json_schema_output_equals_a_reference_loop_and_parses(
+    checkpoint: Callable[..., Path],
+) -> None:
+    """Structured output: greedy under a JSON Schema gives the tokens of a loop over
+    transformers' logits with llguidance's allowed tokens (bits decoded here, independently;
+    JSON written with ", " and ": " and no other whitespace), and every output, greedy or
+    sampled, is JSON that follows the schema."""
+    import llguidance
+    import transformers
+
+    path = checkpoint("mixtral")
+    llm = LLM(model=path, block_size=4)
+    text = json.dumps(SCHEMA)
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=60,
+                                                  json_schema=text))[0]  # fmt: skip
+    assert out.finish_reason is FinishReason.STOP
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    vocab, eos = llm.engine.vocab_size, sorted(llm.engine.eos_token_ids)
+    tok = llguidance.LLTokenizer(llm.tokenizer.to_json(), n_vocab=vocab, eos_token=eos)
+    options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=options)  # type: ignore[arg-type]
+    matcher = llguidance.LLMatcher(tok, grammar)
+    ids, expected = list(PROMPTS[1]), []
+    with torch.no_grad():
+        for _ in range(60):
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+            bits = matcher.compute_bitmask()
+            allowed = torch.tensor([bits[i // 8] >> (i % 8) & 1 for i in range(vocab)])
+            t = int(logits.masked_fill(allowed == 0, float("-inf")).argmax())
+            expected.append(t)
+            if t in eos:
+                break
+            matcher.consume_token(t)
+            ids.append(t)
+            if matcher.is_stopped():  # the JSON value is complete: nothing more to sample
+                break
+    assert out.token_ids == expected and expected[-1] not in eos
+    outs = [out, *llm.generate(["a", "b", "c", "d"], [
+        SamplingParams(temperature=1.0, seed=s, max_tokens=60, json_schema=text)
+        for s in range(4)])]  # fmt: skip
+    for o in outs:
+        value = json.loads(o.text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool)
+        assert isinstance(value["n"], int) and 0 <= value["n"] <= 99
+    free = llm.generate("x", SamplingParams(temperature=1.0, seed=0, max_tokens=30))[0]
+    with pytest.raises(json.JSONDecodeError):  # without the schema the model writes noise
+        json.loads(free.text)
+    for bad in ("{", '{"type": "nonsense"}', "[1]", 5):
+        with pytest.raises(ValueError, match="json_schema"):
+            llm.generate("x", SamplingParams(json_schema=bad))  # type: ignore[arg-type]
 
 
 def test_stop_token_ids_and_max_tokens(checkpoint: Callable[..., Path]) -> None:

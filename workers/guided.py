@@ -1,0 +1,88 @@
+"""Structured output: a request's output held to a grammar, as the tokens allowed at each step.
+
+A request whose SamplingParams.json_schema is set gets an llguidance matcher over the engine's
+tokenizer (`Guides`, one per engine: llguidance builds its token trie from tokenizer.json once,
+~30 ms for a 32K vocabulary). Each step the engine sets the logits of the tokens the grammar
+does not allow next to -inf (`mask_disallowed`, on the copy the penalties use, so logprobs stay
+those of the raw logits), samples, and feeds the token to the matcher (`consume_token`);
+when the grammar allows nothing more (the JSON value is closed) the request stops there, without
+a step to sample EOS. vLLM's structured outputs work the same way with the same library (its
+"guidance" backend) or xgrammar.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import torch
+from llguidance import LLMatcher, LLTokenizer
+from moeray.workers.io_struct import InvalidRequest
+from moeray.workers.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # a TypedDict of llguidance's type stubs only
+    from llguidance._lib import JsonCompileOptions
+
+_BITS = torch.arange(32, dtype=torch.int32)  # bit i of each 32-bit word of a token bitmask
+MAX_JSON_SCHEMA_CHARS = 65536
+#: JSON as Python's json.dumps writes it (", " and ": ", no other whitespace): with llguidance's
+#: default, any whitespace between tokens, a weak model can pad with spaces until max_tokens
+#: (vLLM's disable_any_whitespace).
+JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
+
+def grammar(json_schema: str) -> str:
+    """The llguidance grammar of JSON values following the schema (its text)."""
+    return LLMatcher.grammar_from_json_schema(json_schema, defaults=JSON_OPTIONS)
+
+
+def check_json_schema(text: object) -> None:
+    """InvalidRequest("json_schema") unless `text` is the JSON text of a schema llguidance can
+    compile (checked without a tokenizer, so the router can refuse it before any engine)."""
+    if not isinstance(text, str) or len(text) > MAX_JSON_SCHEMA_CHARS:
+        raise InvalidRequest(
+            "json_schema", f"must be the text of a JSON Schema of at most {MAX_JSON_SCHEMA_CHARS} "
+            "characters"
+        )  # fmt: skip
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise InvalidRequest("json_schema", f"is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidRequest("json_schema", "must be a JSON object (a JSON Schema)")
+    error = LLMatcher.validate_grammar(grammar(text))
+    if error:
+        raise InvalidRequest("json_schema", f"is not a schema moeray can follow: {error}")
+
+
+class Guides:
+    """Matchers for one engine's tokenizer and vocabulary (logit rows of vocab_size)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size
+        self.tokenizer = LLTokenizer(
+            tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_token_ids
+        )
+
+    def matcher(self, json_schema: str) -> LLMatcher:
+        """A fresh matcher for output following the JSON Schema (text); InvalidRequest naming
+        json_schema when llguidance cannot follow it with this tokenizer."""
+        m = LLMatcher(self.tokenizer, grammar(json_schema), log_level=0)
+        if m.is_error():
+            raise InvalidRequest(
+                "json_schema", f"is not a schema moeray can follow: {m.get_error()}"
+            )
+        return m
+
+
+def mask_disallowed(row: torch.Tensor, matcher: LLMatcher) -> None:
+    """Sets row [V]'s logits of the tokens `matcher` does not allow next to -inf (in place)."""
+    words = torch.frombuffer(
+        bytearray(matcher.compute_bitmask()), dtype=torch.int32
+    )  # [ceil(V/32)]
+    allowed = ((words[:, None] >> _BITS) & 1).view(-1)[: row.shape[0]]  # [V] 0/1
+    row.masked_fill_(allowed.to(row.device) == 0, float("-inf"))

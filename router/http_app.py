@@ -99,8 +99,18 @@ class _Params(BaseModel):
 
 
 class _ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")  # checked against MESSAGE_FIELDS, never dropped
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+
+#: Message fields beyond role and content, with the values that change nothing (accepted and
+#: ignored: `name` labels a participant, which chat templates do not render); any other value,
+#: e.g. an assistant turn's tool_calls, would change the conversation if dropped: refused.
+MESSAGE_FIELDS: dict[str, tuple[Any, ...]] = {
+    "name": (), "refusal": (None,), "tool_calls": (None, []), "tool_call_id": (None,),
+    "function_call": (None,), "audio": (None,),
+}  # fmt: skip
 
 
 class ChatCompletionRequest(_Params):
@@ -245,6 +255,17 @@ def _utf8(field: str, text: str) -> str:
 def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
     out = []
     for i, m in enumerate(req.messages):
+        for name, value in (m.model_extra or {}).items():
+            neutral = MESSAGE_FIELDS.get(name)
+            if neutral is None:
+                raise HttpError(400, f"messages[{i}].{name} is not a message field moeray knows",
+                                f"messages[{i}].{name}", "unknown_parameter")  # fmt: skip
+            if name == "name" and not isinstance(value, str):
+                raise _invalid(f"messages[{i}].name", "must be a string")
+            if neutral and not any(_same(value, v) for v in neutral):
+                raise HttpError(400, f"messages[{i}].{name} is not supported by moeray (tool "
+                                "calls are not implemented)", f"messages[{i}].{name}",
+                                "unsupported_parameter")  # fmt: skip
         content = m.content
         if isinstance(content, list):  # OpenAI content parts: only text parts are supported
             if any(p.get("type") != "text" for p in content):

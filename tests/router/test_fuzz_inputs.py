@@ -160,6 +160,14 @@ BAD_HTTP = [
     (C, _j(prompt=[True]), "prompt"),
     (CH, _chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (CH, _chat(response_format={"type": "xml"}), "response_format"),
+    (CH, _chat(messages=[{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+     "messages[0].tool_calls"),
+    (CH, _chat(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}]),
+     "messages[0].tool_call_id"),
+    (CH, _chat(messages=[{"role": "user", "content": "hi", "colour": "blue"}]),
+     "messages[0].colour"),
+    (CH, _chat(messages=[{"role": "user", "content": "hi", "name": 5}]), "messages[0].name"),
     (CH, _chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}),
      "response_format"),
     (C, _j(response_format="json"), "response_format"),
@@ -183,6 +191,11 @@ def test_neutral_values_of_unsupported_fields_pass(stack: LocalStack) -> None:
     body = _chat(model="fast", max_tokens=2, logprobs=False, tools=[], n=1, user="u",
                  presence_penalty=0.0, response_format={"type": "text"})  # fmt: skip
     status, err, _ = _post(stack, CH, body)
+    assert status == 200, err
+    named = [{"role": "system", "content": "be brief", "name": "rules"},
+             {"role": "user", "content": "hi", "name": "bob", "tool_calls": None,
+              "refusal": None}]  # fmt: skip
+    status, err, _ = _post(stack, CH, _chat(model="fast", max_tokens=2, messages=named))
     assert status == 200, err
 
 

@@ -672,6 +672,10 @@ def http_corpus() -> list[tuple[str, str, bytes, str, str]]:
         ("tools", CH, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
         ("tool_choice", CH, chat(tool_choice="required"), "tool_choice"),
         ("functions", CH, chat(functions=[{"name": "f"}]), "functions"),
+        ("an assistant turn's tool_calls", CH, chat(messages=[
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}]),
+         "messages[0].tool_calls"),
         ("response_format xml", CH, chat(response_format={"type": "xml"}), "response_format"),
         ("response_format bad schema", CH, chat(response_format={
             "type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}),

@@ -167,7 +167,8 @@ class EngineService:
         try:
             req = decode_request(body)
             prompt = _prompt(req)
-            if _is_long(prompt):  # tokenized on a worker thread: other streams keep flowing
+            if _is_long(prompt) or req.sampling.json_schema is not None:  # on a worker thread:
+                # a long prompt's tokenizing or a schema's compiling; other streams keep flowing
                 prepared = await asyncio.to_thread(self.engine.prepare, prompt, req.sampling)
             else:
                 prepared = self.engine.prepare(prompt, req.sampling)

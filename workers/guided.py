@@ -13,6 +13,7 @@ a step to sample EOS. vLLM's structured outputs work the same way with the same 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # a TypedDict of llguidance's type stubs only
 
 _BITS = torch.arange(32, dtype=torch.int32)  # bit i of each 32-bit word of a token bitmask
 MAX_JSON_SCHEMA_CHARS = 65536
+MAX_TEMPLATES = 64  # compiled schemas kept per engine
 #: JSON as Python's json.dumps writes it (", " and ": ", no other whitespace): with llguidance's
 #: default, any whitespace between tokens, a weak model can pad with spaces until max_tokens
 #: (vLLM's disable_any_whitespace).
@@ -60,23 +62,34 @@ def check_json_schema(text: object) -> None:
 
 
 class Guides:
-    """Matchers for one engine's tokenizer and vocabulary (logit rows of vocab_size)."""
+    """Matchers for one engine's tokenizer and vocabulary (logit rows of vocab_size).
+
+    A schema's grammar is compiled once (llguidance: ~1 ms for a small schema, up to a second
+    for a huge one) into a template matcher, kept for the last MAX_TEMPLATES schemas; each
+    request gets a copy. The engine compiles where it checks a request (`process_input`, off
+    its step loop in a served engine), so the step loop only copies."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.tokenizer = LLTokenizer(
             tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_token_ids
         )
+        self._templates: OrderedDict[str, LLMatcher] = OrderedDict()
 
     def matcher(self, json_schema: str) -> LLMatcher:
         """A fresh matcher for output following the JSON Schema (text); InvalidRequest naming
         json_schema when llguidance cannot follow it with this tokenizer."""
-        m = LLMatcher(self.tokenizer, grammar(json_schema), log_level=0)
-        if m.is_error():
-            raise InvalidRequest(
-                "json_schema", f"is not a schema moeray can follow: {m.get_error()}"
-            )
-        return m
+        template = self._templates.get(json_schema)
+        if template is None:
+            template = LLMatcher(self.tokenizer, grammar(json_schema), log_level=0)
+            if template.is_error():
+                raise InvalidRequest(
+                    "json_schema", f"is not a schema moeray can follow: {template.get_error()}"
+                )
+            self._templates[json_schema] = template
+            while len(self._templates) > MAX_TEMPLATES:
+                self._templates.popitem(last=False)
+        return template.deep_copy()
 
 
 def mask_disallowed(row: torch.Tensor, matcher: LLMatcher) -> None:

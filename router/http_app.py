@@ -39,6 +39,7 @@ from moeray.router.convert import RequestError, build_route_input, check_samplin
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.metrics import CONTENT_TYPE
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
+from moeray.router.tools import forced_tools, message_tool_calls, tool_calls
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
@@ -57,7 +58,7 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReaso
 #: OpenAI fields moeray does not implement, with the values that ask for nothing (accepted and
 #: ignored); any other value is refused naming the field.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "echo": (None, False),
     "best_of": (None, 1), "suffix": (None, ""),
@@ -68,7 +69,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 #: request of its own (and a seat of router.max_inflight_per_tier, which may lower this).
 MAX_CHOICES = 128
 #: OpenAI fields that change nothing moeray does: accepted and ignored whatever they hold.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 
 
 class _Params(BaseModel):
@@ -102,19 +103,26 @@ class _ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")  # checked against MESSAGE_FIELDS, never dropped
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # the call a tool turn answers
 
 
 #: Message fields beyond role and content, with the values that change nothing (accepted and
 #: ignored: `name` labels a participant, which chat templates do not render); any other value,
 #: e.g. an assistant turn's tool_calls, would change the conversation if dropped: refused.
 MESSAGE_FIELDS: dict[str, tuple[Any, ...]] = {
-    "name": (), "refusal": (None,), "tool_calls": (None, []), "tool_call_id": (None,),
-    "function_call": (None,), "audio": (None,),
+    "name": (), "refusal": (None,), "function_call": (None,), "audio": (None,),
 }  # fmt: skip
 
 
 class ChatCompletionRequest(_Params):
     messages: list[_ChatMessageIn]
+    #: OpenAI's function tools: [{"type": "function", "function": {"name", "description",
+    #: "parameters"}}], shown to the model by the chat template; tool_choice "required" or a
+    #: named function holds the output to the calls' JSON (structured output), "none" to text.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # False: "required" makes exactly one call
     logprobs: bool = False
     top_logprobs: int | None = None
 
@@ -271,8 +279,21 @@ def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
             if any(p.get("type") != "text" for p in content):
                 raise _invalid(f"messages[{i}].content", "may only hold text parts")
             content = "".join(str(p.get("text", "")) for p in content)
-        out.append(ChatMessage(m.role, _utf8(f"messages[{i}].content", content or "")))
+        try:
+            calls = message_tool_calls(i, m.tool_calls) if m.tool_calls else None
+        except RequestError as e:
+            raise _invalid(e.field, e.message) from None
+        out.append(ChatMessage(m.role, _utf8(f"messages[{i}].content", content or ""),
+                               tool_calls=calls, tool_call_id=m.tool_call_id))  # fmt: skip
     return out
+
+
+def _tools(req: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
+    """router/tools.py's forced_tools on the request, its errors as HTTP 400s."""
+    try:
+        return forced_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    except RequestError as e:
+        raise _invalid(e.field, e.message) from None
 
 
 def _sampling(req: _Params, service: InferenceService, default_max: int) -> SamplingParams:
@@ -358,8 +379,14 @@ def _chat_call(service: InferenceService, req: ChatCompletionRequest) -> Generat
     req.model = _model_to_tier(service, req.model)
     msgs = _chat_messages(req)
     inp = _route_input(service, "messages", messages=msgs, tier=req.model)
+    tools, schema, _ = _tools(req)
     params = _sampling(req, service, DEFAULT_CHAT_MAX_TOKENS)
-    return GenerateCall(f"chatcmpl-{uuid.uuid4().hex}", inp, params)
+    if schema is not None:
+        if params.json_schema is not None:
+            raise _invalid("tool_choice", "cannot force a tool call and a response_format at once")
+        params = dataclasses.replace(params, json_schema=schema)
+    return GenerateCall(f"chatcmpl-{uuid.uuid4().hex}", dataclasses.replace(inp, tools=tools),
+                        params)  # fmt: skip
 
 
 def _completion_call(service: InferenceService, req: CompletionRequest) -> GenerateCall:
@@ -407,12 +434,27 @@ def _choice(
     chunk: bool,
     index: int = 0,
     logprobs: dict | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict:
     if kind == "text":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     key = "delta" if chunk else "message"
-    body = {"content": text} if chunk else {"role": "assistant", "content": text}
+    body: dict[str, Any] = {"content": text} if chunk else {"role": "assistant", "content": text}
+    if tool_calls is not None:  # the output was the calls: no content
+        body["content"] = None
+        body["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_calls)] if chunk \
+            else tool_calls  # fmt: skip
     return {"index": index, key: body, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _forced_call(tool: str, out: RequestOutput, text: str) -> tuple[list | None, str | None]:
+    """(the tool calls, the finish reason) of a finished choice forced to call a tool: the calls
+    and "tool_calls" ("stop" for a named function, as OpenAI), or None and the engine's reason
+    when the output is no complete call."""
+    calls = tool_calls(tool, text)
+    if calls is None:
+        return None, _finish(out)
+    return calls, "tool_calls" if tool == "required" else "stop"
 
 
 def _logprobs_json(
@@ -582,6 +624,7 @@ async def _sse(
     rest: _Choices,
     include_usage: bool,
     echo: Echo = "",
+    tool: str = "",
 ) -> AsyncGenerator[str, None]:
     """Server-sent events: one chunk per engine delta (its choice's index; an echoed prompt
     rides on each choice's first), then usage (if asked), then [DONE]."""
@@ -594,7 +637,16 @@ async def _sse(
                           "content": ""}, "logprobs": None, "finish_reason": None}]})  # fmt: skip
     offsets = [0] * len(started)  # characters of each choice's text streamed so far
 
-    def chunk(i: int, out: RequestOutput, first: bool = False) -> str:
+    texts = [""] * len(started)  # a forced tool call's output so far, per choice
+
+    def chunk(i: int, out: RequestOutput, first: bool = False) -> str | None:
+        if tool:  # the calls are sent whole once complete, as one delta
+            texts[i] += out.delta_text
+            if not out.finished:
+                return None
+            calls, finish = _forced_call(tool, out, texts[i])
+            text = "" if calls is not None else texts[i]
+            return _event({**env, "choices": [_choice(kind, text, finish, True, i, None, calls)]})
         text, entries = out.delta_text, out.delta_logprobs
         if echo and first:
             text, entries = _echoed(echo, out, text, entries)
@@ -605,10 +657,12 @@ async def _sse(
 
     try:
         for i, out in enumerate(lasts):
-            yield chunk(i, out, first=True)
+            if (event := chunk(i, out, first=True)) is not None:
+                yield event
         async for i, out in rest:
             lasts[i] = out
-            yield chunk(i, out)
+            if (event := chunk(i, out)) is not None:
+                yield event
     except (Overloaded, EngineUnavailable) as e:  # the stream has begun: report it in-band
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
                                 "code": "unavailable"}})  # fmt: skip
@@ -636,6 +690,7 @@ async def _complete(
     started: list[Started],
     rest: _Choices,
     echo: Echo = "",
+    tool: str = "",
 ) -> JSONResponse:
     decision = started[0][0][0]
     lasts = [first[1] for first, _ in started]
@@ -659,8 +714,11 @@ async def _complete(
         if echo:
             text, lp = _echoed(echo, out, text, lp)
         finish = "length" if echo == "only" else _finish(out)
+        calls = None
+        if tool:
+            calls, finish = _forced_call(tool, out, text)
         choices.append(_choice(kind, text, finish, False, i,
-                               _logprobs_json(kind, lp, 0, int(bool(echo)))))  # fmt: skip
+                               _logprobs_json(kind, lp, 0, int(bool(echo))), calls))  # fmt: skip
     body.update(choices=choices, usage=_usage(lasts, echo))
     headers = _route_headers(decision, rid)
     headers[ENGINE_TIME_HEADER] = f"{max(out.engine_time_s for out in lasts) * 1e3:.3f}"
@@ -717,15 +775,16 @@ def build_http_app(service: InferenceService) -> FastAPI:
         echo: Echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = "only" if req.echo_only else "prompt"
+        tool = _tools(req)[2] if isinstance(req, ChatCompletionRequest) else ""
         if not req.stream:
             try:
-                return await _complete(kind, started, rest, echo)
+                return await _complete(kind, started, rest, echo, tool)
             except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
                 err = _from_service_error(e, input_field)
                 return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return _ClosingStream(
-            _sse(kind, started, rest, include_usage, echo),
+            _sse(kind, started, rest, include_usage, echo, tool),
             rest,
             media_type="text/event-stream",
             headers=_route_headers(started[0][0][0], call.request_id),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from moeray.workers.io_struct import ChatMessage, GenerateRequest, SamplingParams
 
@@ -29,6 +30,8 @@ class RouteInput:
     messages: tuple[ChatMessage, ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     tier: str = ""
+    #: Function specs the chat template shows the model (HTTP chat's `tools`), with messages.
+    tools: tuple[dict[str, Any], ...] | None = None
 
     @property
     def auto(self) -> bool:
@@ -64,6 +67,7 @@ class RouteInput:
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids) if self.prompt_token_ids else None,
             messages=list(self.messages) if self.messages is not None else None,
+            tools=list(self.tools) if self.tools is not None else None,
         )
 
 

@@ -99,12 +99,16 @@ class AsyncLLMEngine:
         return self.submit(request_id, *self.prepare(prompt, params))
 
     def prepare(
-        self, prompt: str | list[int] | Messages, params: SamplingParams | None = None
+        self,
+        prompt: str | list[int] | Messages,
+        params: SamplingParams | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[list[int], SamplingParams]:
         """(prompt token ids, checked params); InvalidRequest naming the field otherwise.
+        tools: function specs the chat template shows the model (chat messages only).
         Safe on any thread: workers/engine_service.py runs it on a worker thread for long
         inputs, so that tokenizing never holds up the deltas of other streams."""
-        return self.engine.process_input(self.render(prompt), params)
+        return self.engine.process_input(self.render(prompt, tools), params)
 
     def submit(
         self, request_id: str, ids: list[int], params: SamplingParams
@@ -126,8 +130,11 @@ class AsyncLLMEngine:
         self._wake.set()
         return self._iterate(request_id, stream)
 
-    def render(self, prompt: str | list[int] | Messages) -> str | list[int]:
-        """Chat messages -> the token ids of the chat template; text and ids pass through."""
+    def render(
+        self, prompt: str | list[int] | Messages, tools: list[dict[str, Any]] | None = None
+    ) -> str | list[int]:
+        """Chat messages (and the tools offered) -> the token ids of the chat template; text
+        and ids pass through."""
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             messages = cast("Messages", prompt)
             size = sum(len(str(m.get("content", ""))) for m in messages)
@@ -136,7 +143,9 @@ class AsyncLLMEngine:
                     "messages", f"hold over {self.engine.max_prompt_bytes} characters; no text "
                     f"that long fits the context of {self.engine.max_model_len} tokens",
                 )  # fmt: skip
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tools=tools
+            )
             # The template already holds the special tokens, as transformers encodes it.
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         return cast("str | list[int]", prompt)

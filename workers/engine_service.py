@@ -28,11 +28,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import msgspec
 from moeray.workers.async_engine import AsyncLLMEngine, EngineOverloaded
 from moeray.workers.io_struct import (
+    ChatMessage,
     EngineStats,
     GenerateDelta,
     GenerateEvent,
@@ -169,9 +171,11 @@ class EngineService:
             prompt = _prompt(req)
             if _is_long(prompt) or req.sampling.json_schema is not None:  # on a worker thread:
                 # a long prompt's tokenizing or a schema's compiling; other streams keep flowing
-                prepared = await asyncio.to_thread(self.engine.prepare, prompt, req.sampling)
+                prepared = await asyncio.to_thread(
+                    self.engine.prepare, prompt, req.sampling, req.tools
+                )
             else:
-                prepared = self.engine.prepare(prompt, req.sampling)
+                prepared = self.engine.prepare(prompt, req.sampling, req.tools)
             stream = self.engine.submit(req.request_id, *prepared)
         except msgspec.DecodeError as e:  # undecodable, or a field of the wrong type
             yield GenerateRejected("invalid", _path_field(e), str(e))
@@ -239,18 +243,28 @@ class EngineService:
         return self._stats()
 
 
-def _prompt(req: GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+def _prompt(req: GenerateRequest) -> str | list[int] | list[dict[str, Any]]:
     given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
     if sum(given) != 1:
         raise InvalidRequest("input", "must be exactly one of prompt, prompt_token_ids, messages")
     if req.messages is not None:
-        return [{"role": m.role, "content": m.content} for m in req.messages]
+        return [_message(m) for m in req.messages]
     if req.prompt is not None:
         return req.prompt
     return list(req.prompt_token_ids or ())
 
 
-def _is_long(prompt: str | list[int] | list[dict[str, str]]) -> bool:
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A chat turn as chat templates take it (tool fields only where set)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls is not None:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _is_long(prompt: str | list[int] | list[dict[str, Any]]) -> bool:
     """Worth a worker thread: text (or chat) beyond LONG_PROMPT_CHARS characters."""
     if isinstance(prompt, str):
         return len(prompt) > LONG_PROMPT_CHARS

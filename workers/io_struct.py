@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -254,8 +255,14 @@ def _is_int(v: object) -> bool:
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """One chat turn. An assistant turn that called tools carries them as chat templates take
+    them ({"id", "type": "function", "function": {"name", "arguments": {...}}}); a tool turn
+    names the call it answers."""
+
     role: str
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class GenerateRequest(msgspec.Struct, frozen=True):
@@ -266,6 +273,8 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
+    #: Tools (OpenAI's function specs) the chat template shows the model, with messages.
+    tools: list[dict[str, Any]] | None = None
     #: Send the prompt's text (token ids decoded) with the first delta (completions' echo).
     echo: bool = False
 

@@ -32,7 +32,7 @@ from moeray.cluster.redis_server import free_port
 from moeray.router.client import MoerayClient
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
-from moeray.workers import LLM, SamplingParams
+from moeray.workers import LLM, FinishReason, SamplingParams
 
 from tests.scrape import samples
 
@@ -495,6 +495,89 @@ def test_structured_output_equals_offline(
             client.chat.completions.create(model="fast", messages=messages, max_tokens=2,  # type: ignore[arg-type]
                                            response_format=fmt)  # type: ignore[arg-type]  # fmt: skip
         assert info.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 10}}}}}  # fmt: skip
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}  # fmt: skip
+
+
+def _tool_prompt(llm: LLM, messages: list[dict[str, Any]], tools: list[dict]) -> list[int]:
+    tok = llm.tokenizer
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_forced_tool_calls_equal_offline(
+    client: openai.OpenAI, fast_llm: LLM, checkpoints: dict[str, Path]
+) -> None:
+    """tools with tool_choice naming a function or "required": the chat template shows the
+    tools, the output is held to the call's JSON (structured output) and returned as
+    tool_calls, as the offline engine computes it; streamed too; tool turns in the history reach
+    the template; "auto" (it needs a model-specific parser) and bad tools are refused by name."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tools = [WEATHER, CLOCK]
+    ids = _tool_prompt(fast_llm, messages, tools)
+    params = WEATHER["function"]["parameters"]
+    want = fast_llm.generate(ids, SamplingParams(max_tokens=32, temperature=0,
+                                                 json_schema=json.dumps(params)))[0]  # fmt: skip
+    done = client.chat.completions.create(
+        model="fast", messages=messages, max_tokens=32, temperature=0,  # type: ignore[arg-type]
+        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},  # type: ignore[arg-type]
+    )  # fmt: skip
+    choice = done.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == json.loads(want.text)
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    # "required": an array of calls to any of the tools (vLLM's form; one call without
+    # parallel_tool_calls), streamed
+    anyof = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+              "properties": {"name": {"const": t["function"]["name"]},
+                             "parameters": t["function"]["parameters"]}} for t in tools]  # fmt: skip
+    schema = {"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": anyof}}
+    reasoning = LLM(str(checkpoints["reasoning"]), **REASONING)  # room for the longer output
+    want = reasoning.generate(_tool_prompt(reasoning, messages, tools), SamplingParams(
+        max_tokens=200, temperature=0, json_schema=json.dumps(schema)))[0]  # fmt: skip
+    assert want.finish_reason is FinishReason.STOP
+    chunks = list(client.chat.completions.create(
+        model="reasoning", messages=messages, max_tokens=200, temperature=0, tools=tools,  # type: ignore[arg-type]
+        tool_choice="required", parallel_tool_calls=False, stream=True))  # fmt: skip
+    deltas = [d for ch in chunks if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+        (c["name"], c["parameters"]) for c in json.loads(want.text)]  # fmt: skip
+    assert [d.index for d in deltas] == list(range(len(deltas)))
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    # a conversation holding a call and its result: rendered by the template, arguments as an object
+    history = [*messages,
+               {"role": "assistant", "content": None, "tool_calls": [{
+                   "id": "call_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]  # fmt: skip
+    rendered = [*messages,
+                {"role": "assistant", "content": "", "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1"}]  # fmt: skip
+    want = _greedy(fast_llm, _tool_prompt(fast_llm, rendered, tools), 8)
+    answer = client.chat.completions.create(model="fast", messages=history, max_tokens=8,  # type: ignore[arg-type]
+                                            temperature=0, tools=tools, tool_choice="none")  # type: ignore[arg-type]  # fmt: skip
+    assert answer.choices[0].message.content == want.text
+    for kw, field in (({"tools": tools}, "tool_choice"),  # auto, the default with tools
+                      ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
+                      ({"tool_choice": "required"}, "tool_choice"),
+                      ({"tools": [{"type": "function", "function": {"name": "a b"}}],
+                        "tool_choice": "required"}, "tools[0].function.name"),
+                      ({"tools": tools, "tool_choice": {"type": "function",
+                                                        "function": {"name": "nope"}}},
+                       "tool_choice")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="fast", messages=messages, max_tokens=2, **kw)  # type: ignore[call-overload]
+        assert info.value.body["param"] == field  # type: ignore[index]
 
 
 def test_http_engine_time_header(stack: LocalStack) -> None:

@@ -640,7 +640,15 @@ async def _sse(
     texts = [""] * len(started)  # a forced tool call's output so far, per choice
 
     def chunk(i: int, out: RequestOutput, first: bool = False) -> str | None:
-        if tool:  # the calls are sent whole once complete, as one delta
+        if tool and tool != "required":  # one named call: its arguments stream as they come
+            head: dict[str, Any] = {"index": 0, "function": {"arguments": out.delta_text}}
+            if first:
+                head.update(id=f"call_{uuid.uuid4().hex[:24]}", type="function")
+                head["function"]["name"] = tool
+            delta = {"tool_calls": [head]} if first or out.delta_text else {}
+            return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                               "finish_reason": _finish(out)}]})  # fmt: skip
+        if tool:  # "required": the calls are sent whole once complete, as one delta
             texts[i] += out.delta_text
             if not out.finished:
                 return None

@@ -534,6 +534,14 @@ def test_forced_tool_calls_equal_offline(
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     assert json.loads(call.function.arguments) == json.loads(want.text)
     assert set(json.loads(call.function.arguments)) == {"city"}
+    streamed = list(client.chat.completions.create(
+        model="fast", messages=messages, max_tokens=32, temperature=0, tools=tools,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True))  # type: ignore[arg-type]  # fmt: skip
+    parts = [d for ch in streamed if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+    assert len(parts) > 2 and {d.index for d in parts} == {0}  # the arguments as they come
+    assert parts[0].function.name == "get_weather" and parts[0].id.startswith("call_")
+    assert "".join(d.function.arguments or "" for d in parts) == want.text
+    assert [ch.choices[0].finish_reason for ch in streamed if ch.choices][-1] == "stop"
     # "required": an array of calls to any of the tools (vLLM's form; one call without
     # parallel_tool_calls), streamed
     anyof = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],

@@ -206,6 +206,12 @@ class TierConfig(_Strict):
     num_gpus: float = Field(
         0.0, ge=0, description="GPUs each engine replica asks Ray for (device cuda needs > 0)"
     )
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
+        None,
+        description="split a reasoning model's thinking (<think>...</think>) from its answer "
+        "into chat's reasoning_content, as vLLM's --reasoning-parser: deepseek_r1 (the template "
+        "opens <think>; all is reasoning until </think>) or qwen3 (both tags in the output)",
+    )
     resource: str | None = Field(
         None,
         min_length=1,

@@ -38,6 +38,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from moeray.router.convert import RequestError, build_route_input, check_sampling
 from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
 from moeray.router.metrics import CONTENT_TYPE
+from moeray.router.reasoning import ReasoningStream
+from moeray.router.reasoning import split as split_reasoning
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
 from moeray.router.tools import forced_tools, message_tool_calls, tool_calls
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, TokenLogprob
@@ -429,17 +431,22 @@ def _route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
 
 def _choice(
     kind: Literal["chat", "text"],
-    text: str,
+    text: str | None,
     finish: str | None,
     chunk: bool,
     index: int = 0,
     logprobs: dict | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    reasoning: str | None = None,
 ) -> dict:
+    """One choice of a response (chunk: of an SSE event). reasoning: the thinking a tier's
+    reasoning_parser split off (router/reasoning.py), as vLLM's reasoning_content."""
     if kind == "text":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     key = "delta" if chunk else "message"
     body: dict[str, Any] = {"content": text} if chunk else {"role": "assistant", "content": text}
+    if reasoning is not None:
+        body["reasoning_content"] = reasoning
     if tool_calls is not None:  # the output was the calls: no content
         body["content"] = None
         body["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_calls)] if chunk \
@@ -625,6 +632,7 @@ async def _sse(
     include_usage: bool,
     echo: Echo = "",
     tool: str = "",
+    reasoning: str = "",
 ) -> AsyncGenerator[str, None]:
     """Server-sent events: one chunk per engine delta (its choice's index; an echoed prompt
     rides on each choice's first), then usage (if asked), then [DONE]."""
@@ -638,15 +646,25 @@ async def _sse(
     offsets = [0] * len(started)  # characters of each choice's text streamed so far
 
     texts = [""] * len(started)  # a forced tool call's output so far, per choice
+    thinking = [ReasoningStream(reasoning) for _ in started] if reasoning else []
 
     def chunk(i: int, out: RequestOutput, first: bool = False) -> str | None:
+        if thinking:  # the tier's reasoning parser sends thinking and answer apart
+            r, c = thinking[i].feed(out.delta_text, final=out.finished)
+            if not (r or c or out.finished or out.delta_logprobs):
+                return None
+            parts = {"reasoning_content": r, "content": c}
+            delta: dict[str, Any] = {k: v for k, v in parts.items() if v}
+            lp = _logprobs_json(kind, out.delta_logprobs, 0)
+            return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                               "finish_reason": _finish(out)}]})  # fmt: skip
         if tool and tool != "required":  # one named call: its arguments stream as they come
             head: dict[str, Any] = {"index": 0, "function": {"arguments": out.delta_text}}
             if first:
                 head.update(id=f"call_{uuid.uuid4().hex[:24]}", type="function")
                 head["function"]["name"] = tool
-            delta = {"tool_calls": [head]} if first or out.delta_text else {}
-            return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": None,
+            args = {"tool_calls": [head]} if first or out.delta_text else {}
+            return _event({**env, "choices": [{"index": i, "delta": args, "logprobs": None,
                                                "finish_reason": _finish(out)}]})  # fmt: skip
         if tool:  # "required": the calls are sent whole once complete, as one delta
             texts[i] += out.delta_text
@@ -699,6 +717,7 @@ async def _complete(
     rest: _Choices,
     echo: Echo = "",
     tool: str = "",
+    reasoning: str = "",
 ) -> JSONResponse:
     decision = started[0][0][0]
     lasts = [first[1] for first, _ in started]
@@ -722,11 +741,15 @@ async def _complete(
         if echo:
             text, lp = _echoed(echo, out, text, lp)
         finish = "length" if echo == "only" else _finish(out)
-        calls = None
+        calls, thought = None, None
+        content: str | None = text
         if tool:
             calls, finish = _forced_call(tool, out, text)
-        choices.append(_choice(kind, text, finish, False, i,
-                               _logprobs_json(kind, lp, 0, int(bool(echo))), calls))  # fmt: skip
+        elif reasoning:
+            thought, content = split_reasoning(reasoning, text)
+        choices.append(_choice(kind, content, finish, False, i,
+                               _logprobs_json(kind, lp, 0, int(bool(echo))), calls,
+                               thought))  # fmt: skip
     body.update(choices=choices, usage=_usage(lasts, echo))
     headers = _route_headers(decision, rid)
     headers[ENGINE_TIME_HEADER] = f"{max(out.engine_time_s for out in lasts) * 1e3:.3f}"
@@ -757,6 +780,7 @@ class _ClosingStream(StreamingResponse):
 def build_http_app(service: InferenceService) -> FastAPI:
     """The FastAPI app bound to one InferenceService (built on the router replica)."""
     app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
+    parsers = {t.name: t.reasoning_parser for t in service.config.tiers}  # tier -> parser
 
     async def serve(request: Request, kind: Literal["chat", "text"]) -> Response:
         input_field = "messages" if kind == "chat" else "prompt"
@@ -784,15 +808,16 @@ def build_http_app(service: InferenceService) -> FastAPI:
         if isinstance(req, CompletionRequest) and req.echo:
             echo = "only" if req.echo_only else "prompt"
         tool = _tools(req)[2] if isinstance(req, ChatCompletionRequest) else ""
+        parser = "" if kind != "chat" or tool else parsers.get(started[0][0][0].tier) or ""
         if not req.stream:
             try:
-                return await _complete(kind, started, rest, echo, tool)
+                return await _complete(kind, started, rest, echo, tool, parser)
             except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
                 err = _from_service_error(e, input_field)
                 return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return _ClosingStream(
-            _sse(kind, started, rest, include_usage, echo, tool),
+            _sse(kind, started, rest, include_usage, echo, tool, parser),
             rest,
             media_type="text/event-stream",
             headers=_route_headers(started[0][0][0], call.request_id),

@@ -55,7 +55,12 @@ def stack(checkpoints: dict[str, Path]) -> Iterator[LocalStack]:
     config = MoerayConfig(
         tiers=[
             {"name": "fast", "model": str(checkpoints["fast"]), "engine": FAST},
-            {"name": "reasoning", "model": str(checkpoints["reasoning"]), "engine": REASONING},
+            {
+                "name": "reasoning",
+                "model": str(checkpoints["reasoning"]),
+                "engine": REASONING,
+                "reasoning_parser": "deepseek_r1",
+            },
         ],
         router={"max_inflight_per_tier": 2, "max_message_bytes": 4096},
         serve={"grpc_port": free_port(), "http_port": free_port()},
@@ -86,6 +91,11 @@ def client(stack: LocalStack) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def fast_llm(checkpoints: dict[str, Path]) -> LLM:
     return LLM(str(checkpoints["fast"]), **FAST)
+
+
+@pytest.fixture(scope="module")
+def reasoning_llm(checkpoints: dict[str, Path]) -> LLM:
+    return LLM(str(checkpoints["reasoning"]), **REASONING)
 
 
 def _greedy(llm: LLM, prompt: Any, max_tokens: int) -> Any:
@@ -512,7 +522,7 @@ def _tool_prompt(llm: LLM, messages: list[dict[str, Any]], tools: list[dict]) ->
 
 
 def test_forced_tool_calls_equal_offline(
-    client: openai.OpenAI, fast_llm: LLM, checkpoints: dict[str, Path]
+    client: openai.OpenAI, fast_llm: LLM, reasoning_llm: LLM
 ) -> None:
     """tools with tool_choice naming a function or "required": the chat template shows the
     tools, the output is held to the call's JSON (structured output) and returned as
@@ -548,7 +558,7 @@ def test_forced_tool_calls_equal_offline(
               "properties": {"name": {"const": t["function"]["name"]},
                              "parameters": t["function"]["parameters"]}} for t in tools]  # fmt: skip
     schema = {"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": anyof}}
-    reasoning = LLM(str(checkpoints["reasoning"]), **REASONING)  # room for the longer output
+    reasoning = reasoning_llm  # room for the longer output
     want = reasoning.generate(_tool_prompt(reasoning, messages, tools), SamplingParams(
         max_tokens=200, temperature=0, json_schema=json.dumps(schema)))[0]  # fmt: skip
     assert want.finish_reason is FinishReason.STOP
@@ -586,6 +596,32 @@ def test_forced_tool_calls_equal_offline(
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="fast", messages=messages, max_tokens=2, **kw)  # type: ignore[call-overload]
         assert info.value.body["param"] == field  # type: ignore[index]
+
+
+def test_reasoning_parser_sends_thinking_as_reasoning_content(
+    client: openai.OpenAI, reasoning_llm: LLM
+) -> None:
+    """The reasoning tier's reasoning_parser (deepseek_r1: its template opens <think>, so the
+    output is thinking until </think>): chat returns the output as reasoning_content and no
+    content, streamed and not, as the offline engine computes it; the fast tier (no parser)
+    keeps plain content. The splitting itself: tests/router/test_reasoning.py."""
+    messages = [{"role": "user", "content": "Think about mixtures of experts."}]
+    want = _greedy(reasoning_llm, _chat_ids(reasoning_llm, messages), 12)
+    assert want.text and "</think>" not in want.text
+    done = client.chat.completions.create(model="reasoning", messages=messages,  # type: ignore[arg-type]
+                                          max_tokens=12, temperature=0)  # fmt: skip
+    msg = done.choices[0].message
+    assert msg.content is None and getattr(msg, "reasoning_content", None) == want.text
+    chunks = list(client.chat.completions.create(model="reasoning", messages=messages,  # type: ignore[arg-type]
+                                                 max_tokens=12, temperature=0, stream=True))  # fmt: skip
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == want.text
+    assert not any(d.content for d in deltas)
+    plain = client.chat.completions.create(model="fast", messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=4, temperature=0)  # fmt: skip
+    assert plain.choices[0].message.content and "reasoning_content" not in (
+        plain.choices[0].message.model_extra or {}
+    )
 
 
 def test_http_engine_time_header(stack: LocalStack) -> None:

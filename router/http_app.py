@@ -10,7 +10,7 @@ JSON is converted to the same dataclasses the gRPC path uses, with the same vali
 (router/convert.py: build_route_input, check_sampling). Parsing is strict: a boolean is no
 integer (`"max_tokens": true` is refused), a string no number; a body nested deeper than
 Python's JSON decoder goes is refused as `body`. OpenAI fields moeray does not implement
-(`tools`, `best_of`, `suffix`, chat's `echo`, ...) are refused by name unless they
+(`functions`, `best_of`, `suffix`, chat's `echo`, ...) are refused by name unless they
 hold their neutral value, and so are fields OpenAI does not define (OpenAI does the same).
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with the field in
 `param` and in the message: 400 invalid_request_error, 429 rate_limit_exceeded and 503 (both
@@ -109,9 +109,9 @@ class _ChatMessageIn(BaseModel):
     tool_call_id: str | None = None  # the call a tool turn answers
 
 
-#: Message fields beyond role and content, with the values that change nothing (accepted and
-#: ignored: `name` labels a participant, which chat templates do not render); any other value,
-#: e.g. an assistant turn's tool_calls, would change the conversation if dropped: refused.
+#: Message fields beyond role, content, tool_calls and tool_call_id, with the values that change
+#: nothing (accepted and ignored: `name` labels a participant, which chat templates do not
+#: render); any other value would change the conversation if dropped: refused.
 MESSAGE_FIELDS: dict[str, tuple[Any, ...]] = {
     "name": (), "refusal": (None,), "function_call": (None,), "audio": (None,),
 }  # fmt: skip
@@ -273,9 +273,8 @@ def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
             if name == "name" and not isinstance(value, str):
                 raise _invalid(f"messages[{i}].name", "must be a string")
             if neutral and not any(_same(value, v) for v in neutral):
-                raise HttpError(400, f"messages[{i}].{name} is not supported by moeray (tool "
-                                "calls are not implemented)", f"messages[{i}].{name}",
-                                "unsupported_parameter")  # fmt: skip
+                raise HttpError(400, f"messages[{i}].{name} is not supported by moeray",
+                                f"messages[{i}].{name}", "unsupported_parameter")  # fmt: skip
         content = m.content
         if isinstance(content, list):  # OpenAI content parts: only text parts are supported
             if any(p.get("type") != "text" for p in content):

@@ -11,12 +11,14 @@ interpreter exit or garbage collection all terminate it.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 
@@ -27,8 +29,30 @@ class RedisServerError(RuntimeError):
     """redis-server is missing, or did not come up in time."""
 
 
+#: Where free_port looks: above Ray's default worker ports (10002-19999) and below Linux's
+#: default ephemeral range (32768-60999), from which the OS gives every outgoing connection a
+#: port: a port picked there can be taken by any process's connection before its user binds it
+#: (a Ray head failed to start its GCS on one so, under the test suite's load).
+PORT_RANGE = (20000, 32768)
+
+
+_given: deque[int] = deque(maxlen=1024)  # ports this process handed out lately: not again
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
+    """A TCP port that was free a moment ago, outside the ephemeral range (PORT_RANGE) when one
+    of those binds, and none this process handed out lately; else one the OS picks."""
+    for _ in range(64):
+        port = random.randrange(*PORT_RANGE)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _given.append(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -1,11 +1,14 @@
 """The private redis-server: starts on a free loopback port, restarts empty on the same port,
-always stops, and says clearly when the binary is missing."""
+always stops, and says clearly when the binary is missing; and free_port itself."""
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 import redis
-from moeray.cluster.redis_server import RedisServer, RedisServerError
+from moeray.cluster.redis_server import PORT_RANGE, RedisServer, RedisServerError, free_port
 
 
 def _client(srv: RedisServer) -> redis.Redis:
@@ -62,3 +65,15 @@ def test_missing_binary_is_a_clear_error() -> None:
 def test_bad_arguments_name_the_field(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         RedisServer(**kwargs)  # type: ignore[arg-type]
+
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_are_not_repeated() -> None:
+    """A port from the OS's ephemeral range can be taken by any outgoing connection before its
+    user binds it; free_port hands out ports below that range, bindable, never twice lately."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(ports) < low  # the machine's own ephemeral range starts above them
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", ports[-1]))

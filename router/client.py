@@ -190,27 +190,13 @@ class MoerayClient:
         s.ignore_eos = ignore_eos
         s.logit_bias.update(logit_bias or {})
         # optional fields: set only what the caller gave, absence means the server's default
-        if max_tokens is not None:
-            s.max_tokens = max_tokens
-        if temperature is not None:
-            s.temperature = temperature
-        if top_p is not None:
-            s.top_p = top_p
-        if top_k is not None:
-            s.top_k = top_k
-        if seed is not None:
-            s.seed = seed
-        if logprobs is not None:
-            s.logprobs = logprobs
-        if min_tokens is not None:
-            s.min_tokens = min_tokens
-        if prompt_logprobs is not None:
-            s.prompt_logprobs = prompt_logprobs
-        if json_schema is not None:
-            s.json_schema = json_schema
-        for name, value in (("repetition_penalty", repetition_penalty),
-                            ("presence_penalty", presence_penalty),
-                            ("frequency_penalty", frequency_penalty)):  # fmt: skip
+        optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                    "top_k": top_k, "seed": seed, "logprobs": logprobs, "min_tokens": min_tokens,
+                    "prompt_logprobs": prompt_logprobs, "json_schema": json_schema,
+                    "repetition_penalty": repetition_penalty,
+                    "presence_penalty": presence_penalty,
+                    "frequency_penalty": frequency_penalty}  # fmt: skip
+        for name, value in optional.items():
             if value is not None:
                 setattr(s, name, value)
         return self._stream(req)

@@ -376,18 +376,20 @@ def _model_to_tier(service: InferenceService, model: str) -> str:
     return model
 
 
-def _chat_call(service: InferenceService, req: ChatCompletionRequest) -> GenerateCall:
+def _chat_call(service: InferenceService, req: ChatCompletionRequest) -> tuple[GenerateCall, str]:
+    """The engine call of a chat request, and its forced tool mode (router/tools.py)."""
     req.model = _model_to_tier(service, req.model)
     msgs = _chat_messages(req)
     inp = _route_input(service, "messages", messages=msgs, tier=req.model)
-    tools, schema, _ = _tools(req)
+    tools, schema, mode = _tools(req)
     params = _sampling(req, service, DEFAULT_CHAT_MAX_TOKENS)
     if schema is not None:
         if params.json_schema is not None:
             raise _invalid("tool_choice", "cannot force a tool call and a response_format at once")
         params = dataclasses.replace(params, json_schema=schema)
-    return GenerateCall(f"chatcmpl-{uuid.uuid4().hex}", dataclasses.replace(inp, tools=tools),
+    call = GenerateCall(f"chatcmpl-{uuid.uuid4().hex}", dataclasses.replace(inp, tools=tools),
                         params)  # fmt: skip
+    return call, mode
 
 
 def _completion_call(service: InferenceService, req: CompletionRequest) -> GenerateCall:
@@ -785,9 +787,10 @@ def build_http_app(service: InferenceService) -> FastAPI:
         input_field = "messages" if kind == "chat" else "prompt"
         try:
             body = _check_body_size(await request.body(), service.links.largest_prompt_limit())
+            tool = ""  # a chat request's forced tool mode
             if kind == "chat":
                 req: _Params = _parse(body, ChatCompletionRequest)
-                call = _chat_call(service, req)  # type: ignore[arg-type]
+                call, tool = _chat_call(service, req)  # type: ignore[arg-type]
             else:
                 req = _parse(body, CompletionRequest)
                 call = _completion_call(service, req)  # type: ignore[arg-type]
@@ -806,7 +809,6 @@ def build_http_app(service: InferenceService) -> FastAPI:
         echo: Echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = "only" if req.echo_only else "prompt"
-        tool = _tools(req)[2] if isinstance(req, ChatCompletionRequest) else ""
         parser = "" if kind != "chat" or tool else parsers.get(started[0][0][0].tier) or ""
         if not req.stream:
             try:

@@ -75,6 +75,8 @@ from prometheus_client.parser import text_string_to_metric_families
 GENERATE = "/moeray.v1.Inference/Generate"
 #: Refusals must be this fast (the issue's bound) at p99.
 REFUSAL_P99_MS = 50.0
+#: The fast tier's context: room for seat-holding streams that outlast an overload phase.
+FAST_LEN = 4096
 
 
 @dataclass
@@ -107,13 +109,12 @@ class Served:
         for seed, path in enumerate(ckpt.values()):
             if not (path / "config.json").is_file():
                 build_demo_checkpoint(path, preset="tiny", seed=seed, num_layers=2)
-        fast_len = 4096  # room for seat-holding streams that outlast an overload phase
         return {
             "tiers": [
                 {"name": "fast", "model": str(ckpt["fast"]), "engine": {
-                    "max_model_len": fast_len, "max_tokens_limit": 4000,
+                    "max_model_len": FAST_LEN, "max_tokens_limit": 4000,
                     "max_num_seqs": self.limit, "max_queue": self.limit,
-                    "num_kv_blocks": self.limit * fast_len // 16 + 64}},
+                    "num_kv_blocks": self.limit * FAST_LEN // 16 + 64}},
                 {"name": "reasoning", "model": str(ckpt["reasoning"]), "engine": {
                     "max_model_len": 4096, "max_tokens_limit": 4000, "max_num_seqs": 8,
                     "max_queue": 256, "num_kv_blocks": 2200}},
@@ -539,7 +540,8 @@ def grpc_corpus() -> list[tuple[str, bytes, str, str]]:
         ("empty prompt", pb.GenerateRequest(prompt=""), "prompt"),
         ("blank prompt", pb.GenerateRequest(prompt="   \n"), "prompt"),
         ("no input", pb.GenerateRequest(tier="fast"), "input"),
-        ("prompt beyond context", pb.GenerateRequest(prompt="word " * 400, tier="fast"), "prompt"),
+        ("prompt beyond context", pb.GenerateRequest(prompt="word " * (FAST_LEN + 100),
+                                                     tier="fast"), "prompt"),
         ("max_tokens 0", pb.GenerateRequest(prompt="hi", sampling=S(max_tokens=0)),
          "sampling.max_tokens"),
         ("max_tokens -1", pb.GenerateRequest(prompt="hi", sampling=S(max_tokens=-1)),
@@ -586,7 +588,7 @@ def grpc_corpus() -> list[tuple[str, bytes, str, str]]:
         ("token id beyond vocab", pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**6]),
                                                      tier="fast"), "prompt_token_ids"),
         ("token ids beyond context", pb.GenerateRequest(prompt_token_ids=pb.TokenIds(
-            ids=[1] * 300), tier="fast"), "prompt_token_ids"),
+            ids=[1] * (FAST_LEN + 100)), tier="fast"), "prompt_token_ids"),
     ]  # fmt: skip
     out = [(n, m.SerializeToString(), "INVALID_ARGUMENT", f) for n, m, f in cases]
     raw = [
@@ -650,7 +652,8 @@ def http_corpus() -> list[tuple[str, str, bytes, str, str]]:
         ("prompt null", C, j(prompt=None), "prompt"),
         ("prompt two strings", C, j(prompt=["a", "b"]), "prompt"),
         ("prompt lone surrogate", C, b'{"prompt": "\\ud800"}', "prompt"),
-        ("prompt beyond context", C, j(prompt="word " * 400, model="fast"), "prompt"),
+        ("prompt beyond context", C, j(prompt="word " * (FAST_LEN + 100), model="fast"),
+         "prompt"),
         ("token id beyond vocab", C, j(prompt=[10**6], model="fast"), "prompt"),
         ("token id negative", C, j(prompt=[-1], model="fast"), "prompt"),
         ("token id true", C, j(prompt=[True]), "prompt"),

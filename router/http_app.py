@@ -41,7 +41,13 @@ from moeray.router.metrics import CONTENT_TYPE
 from moeray.router.reasoning import ReasoningStream
 from moeray.router.reasoning import split as split_reasoning
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
-from moeray.router.tools import forced_tools, message_tool_calls, tool_calls
+from moeray.router.tools import (
+    ToolCallStream,
+    forced_tools,
+    message_tool_calls,
+    parse_calls,
+    tool_calls,
+)
 from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
@@ -289,10 +295,14 @@ def _chat_messages(req: ChatCompletionRequest) -> list[ChatMessage]:
     return out
 
 
-def _tools(req: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
+def _tools(
+    service: InferenceService, req: ChatCompletionRequest, tier: str
+) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
     """router/tools.py's forced_tools on the request, its errors as HTTP 400s."""
     try:
-        return forced_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        parsers = {t.name: t.tool_call_parser for t in service.config.tiers}
+        unparsed = [t for t in service.limits.candidate_tiers(tier) if not parsers.get(t)]
+        return forced_tools(req.tools, req.tool_choice, req.parallel_tool_calls, unparsed)
     except RequestError as e:
         raise _invalid(e.field, e.message) from None
 
@@ -381,7 +391,7 @@ def _chat_call(service: InferenceService, req: ChatCompletionRequest) -> tuple[G
     req.model = _model_to_tier(service, req.model)
     msgs = _chat_messages(req)
     inp = _route_input(service, "messages", messages=msgs, tier=req.model)
-    tools, schema, mode = _tools(req)
+    tools, schema, mode = _tools(service, req, inp.tier)
     params = _sampling(req, service, DEFAULT_CHAT_MAX_TOKENS)
     if schema is not None:
         if params.json_schema is not None:
@@ -448,8 +458,7 @@ def _choice(
     body: dict[str, Any] = {"content": text} if chunk else {"role": "assistant", "content": text}
     if reasoning is not None:
         body["reasoning_content"] = reasoning
-    if tool_calls is not None:  # the output was the calls: no content
-        body["content"] = None
+    if tool_calls is not None:
         body["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_calls)] if chunk \
             else tool_calls  # fmt: skip
     return {"index": index, key: body, "logprobs": logprobs, "finish_reason": finish}
@@ -463,6 +472,13 @@ def _forced_call(tool: str, out: RequestOutput, text: str) -> tuple[list | None,
     if calls is None:
         return None, _finish(out)
     return calls, "tool_calls" if tool == "required" else "stop"
+
+
+def _parsed_finish(out: RequestOutput, called: bool) -> str | None:
+    """The finish reason of a choice whose calls a tool_call_parser told from its text: as
+    vLLM, "tool_calls" when it made any and stopped by itself."""
+    finish = _finish(out)
+    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _logprobs_json(
@@ -634,9 +650,11 @@ async def _sse(
     echo: Echo = "",
     tool: str = "",
     reasoning: str = "",
+    calls_parser: str = "",
 ) -> AsyncGenerator[str, None]:
     """Server-sent events: one chunk per engine delta (its choice's index; an echoed prompt
-    rides on each choice's first), then usage (if asked), then [DONE]."""
+    rides on each choice's first), then usage (if asked), then [DONE]. tool: a forced tool
+    mode; reasoning, calls_parser: the tier's parsers in use (router/reasoning.py, tools.py)."""
     decision, out = started[0][0]
     env = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=True)
     lasts = [first[1] for first, _ in started]
@@ -648,17 +666,27 @@ async def _sse(
 
     texts = [""] * len(started)  # a forced tool call's output so far, per choice
     thinking = [ReasoningStream(reasoning) for _ in started] if reasoning else []
+    calling = [ToolCallStream(calls_parser) for _ in started] if calls_parser else []
 
     def chunk(i: int, out: RequestOutput, first: bool = False) -> str | None:
-        if thinking:  # the tier's reasoning parser sends thinking and answer apart
-            r, c = thinking[i].feed(out.delta_text, final=out.finished)
-            if not (r or c or out.finished or out.delta_logprobs):
+        if thinking or calling:  # the tier's parsers send thinking, answer and calls apart
+            r, c = ("", out.delta_text)
+            if thinking:
+                r, c = thinking[i].feed(out.delta_text, final=out.finished)
+            calls: list[dict[str, Any]] = []
+            if calling:
+                c, calls = calling[i].feed(c, final=out.finished)
+            if not (r or c or calls or out.finished or out.delta_logprobs):
                 return None
             parts = {"reasoning_content": r, "content": c}
             delta: dict[str, Any] = {k: v for k, v in parts.items() if v}
+            if calls:
+                n = calling[i].calls - len(calls)  # the calls' indexes within the choice
+                delta["tool_calls"] = [{"index": n + j, **call} for j, call in enumerate(calls)]
             lp = _logprobs_json(kind, out.delta_logprobs, 0)
+            finish = _parsed_finish(out, bool(calling and calling[i].calls))
             return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                               "finish_reason": _finish(out)}]})  # fmt: skip
+                                               "finish_reason": finish}]})  # fmt: skip
         if tool and tool != "required":  # one named call: its arguments stream as they come
             head: dict[str, Any] = {"index": 0, "function": {"arguments": out.delta_text}}
             if first:
@@ -671,9 +699,9 @@ async def _sse(
             texts[i] += out.delta_text
             if not out.finished:
                 return None
-            calls, finish = _forced_call(tool, out, texts[i])
-            text = "" if calls is not None else texts[i]
-            return _event({**env, "choices": [_choice(kind, text, finish, True, i, None, calls)]})
+            forced, finish = _forced_call(tool, out, texts[i])
+            text = None if forced is not None else texts[i]
+            return _event({**env, "choices": [_choice(kind, text, finish, True, i, None, forced)]})
         text, entries = out.delta_text, out.delta_logprobs
         if echo and first:
             text, entries = _echoed(echo, out, text, entries)
@@ -719,6 +747,7 @@ async def _complete(
     echo: Echo = "",
     tool: str = "",
     reasoning: str = "",
+    calls_parser: str = "",
 ) -> JSONResponse:
     decision = started[0][0][0]
     lasts = [first[1] for first, _ in started]
@@ -746,8 +775,13 @@ async def _complete(
         content: str | None = text
         if tool:
             calls, finish = _forced_call(tool, out, text)
-        elif reasoning:
-            thought, content = split_reasoning(reasoning, text)
+            content = None if calls is not None else text
+        else:
+            if reasoning:
+                thought, content = split_reasoning(reasoning, text)
+            if calls_parser:
+                content, calls = parse_calls(calls_parser, content or "")
+                finish = _parsed_finish(out, calls is not None)
         choices.append(_choice(kind, content, finish, False, i,
                                _logprobs_json(kind, lp, 0, int(bool(echo))), calls,
                                thought))  # fmt: skip
@@ -782,6 +816,7 @@ def build_http_app(service: InferenceService) -> FastAPI:
     """The FastAPI app bound to one InferenceService (built on the router replica)."""
     app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
     parsers = {t.name: t.reasoning_parser for t in service.config.tiers}  # tier -> parser
+    calls_parsers = {t.name: t.tool_call_parser for t in service.config.tiers}
 
     async def serve(request: Request, kind: Literal["chat", "text"]) -> Response:
         input_field = "messages" if kind == "chat" else "prompt"
@@ -809,16 +844,24 @@ def build_http_app(service: InferenceService) -> FastAPI:
         echo: Echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = "only" if req.echo_only else "prompt"
-        parser = "" if kind != "chat" or tool else parsers.get(started[0][0][0].tier) or ""
+        tier = started[0][0][0].tier
+        parser = "" if kind != "chat" or tool else parsers.get(tier) or ""
+        calls_parser = ""  # tool_choice auto: the tier's tool_call_parser tells calls from text
+        if (
+            isinstance(req, ChatCompletionRequest)
+            and req.tools
+            and req.tool_choice in (None, "auto")
+        ):
+            calls_parser = calls_parsers.get(tier) or ""
         if not req.stream:
             try:
-                return await _complete(kind, started, rest, echo, tool, parser)
+                return await _complete(kind, started, rest, echo, tool, parser, calls_parser)
             except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
                 err = _from_service_error(e, input_field)
                 return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return _ClosingStream(
-            _sse(kind, started, rest, include_usage, echo, tool, parser),
+            _sse(kind, started, rest, include_usage, echo, tool, parser, calls_parser),
             rest,
             media_type="text/event-stream",
             headers=_route_headers(started[0][0][0], call.request_id),

@@ -34,7 +34,7 @@ def split(parser: str, text: str) -> tuple[str | None, str | None]:
     return reasoning, answer or None
 
 
-def _held(text: str, tag: str) -> int:
+def held_back(text: str, tag: str) -> int:
     """How many characters at text's end could be the start of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -67,7 +67,7 @@ class ReasoningStream:
                 reasoning, self.pending = self.pending.split(END, 1)
                 self.state = "answer"
             else:
-                keep = 0 if final else _held(self.pending, END)
+                keep = 0 if final else held_back(self.pending, END)
                 reasoning = self.pending[: len(self.pending) - keep]
                 self.pending = self.pending[len(self.pending) - keep :]
         if self.state == "answer":

@@ -1,11 +1,21 @@
-"""OpenAI function tools on the chat endpoint, forced calls only: tool_choice "required" or a
-named function holds the output to the calls' JSON with structured output (workers/guided.py),
-as vLLM does for those choices; the output is then returned as tool_calls.
+"""OpenAI function tools on the chat endpoint.
 
-"auto" is refused: telling a call from text in free output needs a parser for the model's own
-tool-call format (vLLM's --tool-call-parser hermes / mistral / llama3_json ...). The tools
-reach the chat template either way, and an assistant turn's calls and the tool turns that answer
-them are rendered as the template expects (arguments as an object, as vLLM passes them).
+tool_choice "required" or a named function holds the output to the calls' JSON with structured
+output (workers/guided.py), as vLLM does for those choices; the output is then returned as
+tool_calls. "auto" (OpenAI's default when tools are given) lets the model answer or call: the
+calls are told from text by a parser for the model's own tool-call format, the tier's
+`tool_call_parser` (vLLM's --tool-call-parser); without one, "auto" is refused. The tools reach
+the chat template either way, and an assistant turn's calls and the tool turns that answer them
+are rendered as the template expects (arguments as an object, as vLLM passes them).
+
+Parsers (ToolCallStream, one streamed delta at a time; `parse_calls` for a whole output):
+
+- hermes (Qwen2.5, Qwen3, Qwen3-MoE, Hermes): each call is a JSON object {"name", "arguments"}
+  between <tool_call> and </tool_call>. As vLLM's hermes parser: the text before the first call
+  is the content, text between and after calls is dropped, a call left open when the output
+  ends is parsed from what there is. Unlike it, a block that is no call (not such an object) is
+  returned as content, tags and all, instead of turning the whole output into content: a stream
+  cannot take back calls it has sent, and the two forms must agree.
 """
 
 from __future__ import annotations
@@ -16,11 +26,15 @@ import uuid
 from typing import Any
 
 from moeray.router.convert import RequestError
+from moeray.router.reasoning import held_back
 
 #: A tool's name, as OpenAI allows it.
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: What "parameters" means when a function has none.
 NO_PARAMETERS = {"type": "object", "properties": {}}
+#: tool_call_parser values (TierConfig), and hermes' tags.
+TOOL_CALL_PARSERS = ("hermes",)
+CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 
 
 def message_tool_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,11 +59,15 @@ def message_tool_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def forced_tools(
-    tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, parallel: bool
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    parallel: bool,
+    unparsed: list[str],
 ) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
     """(the tools for the chat template, the JSON Schema the output must follow or None, the
-    mode: "" for text, "required", or the name of the function to call); RequestError naming
-    the field for bad tools or a choice moeray cannot honour.
+    mode: "" for text or "auto", "required", or the name of the function to call); RequestError
+    naming the field for bad tools or a choice moeray cannot honour. unparsed: the tiers the
+    request may land on that have no tool_call_parser ("auto" needs none of them).
 
     "required" is vLLM's form: a JSON array of {"name": <one of the tools>, "parameters": its
     schema}, at least one item, at most one without parallel tool calls."""
@@ -74,8 +92,11 @@ def forced_tools(
     if choice == "none":
         return tuple(tools), None, ""
     if choice == "auto":
-        raise RequestError("tool_choice", "auto needs a tool-call parser for the model, which "
-                           "moeray does not have; use \"required\" or name a function")  # fmt: skip
+        if unparsed:
+            raise RequestError("tool_choice", "auto needs the tier's tool_call_parser, which "
+                               f"tier {unparsed[0]!r} does not set; use \"required\" or name "
+                               "a function")  # fmt: skip
+        return tuple(tools), None, ""
     if choice == "required":
         calls = [{"type": "object", "additionalProperties": False,
                   "required": ["name", "parameters"],
@@ -104,3 +125,69 @@ def tool_calls(mode: str, text: str) -> list[dict[str, Any]] | None:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
             for n, a in pairs]  # fmt: skip
+
+
+def _hermes_call(block: str) -> dict[str, Any] | None:
+    """A call in OpenAI's shape from the JSON between hermes' tags; None if it is none."""
+    try:
+        value = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    args = value.get("arguments", {})
+    if not isinstance(args, dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}  # fmt: skip
+
+
+class ToolCallStream:
+    """Tells one streamed output's content from its calls (the module's parsers), a delta at a
+    time, holding back text that may be the start of a tag; `calls` counts the calls sent."""
+
+    def __init__(self, parser: str) -> None:
+        if parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {parser!r}")
+        self.pending = ""  # received, not yet sent
+        self.inside = False  # within a call's tags
+        self.opened = False  # a call has begun: text outside calls is no longer content
+        self.calls = 0
+
+    def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
+        """(content, calls) to send for this delta; final=True flushes what is held."""
+        self.pending += delta
+        content, calls = "", []
+        while True:
+            if self.inside:
+                end = self.pending.find(CALL_END)
+                if end < 0 and not final:
+                    break
+                block = self.pending if end < 0 else self.pending[:end]
+                self.pending = "" if end < 0 else self.pending[end + len(CALL_END) :]
+                self.inside = False
+                call = _hermes_call(block)
+                if call is None:
+                    content += CALL_START + block + (CALL_END if end >= 0 else "")
+                else:
+                    calls.append(call)
+                continue
+            start = self.pending.find(CALL_START)
+            if start < 0:
+                keep = 0 if final else held_back(self.pending, CALL_START)
+                if not self.opened:
+                    content += self.pending[: len(self.pending) - keep]
+                self.pending = self.pending[len(self.pending) - keep :]
+                break
+            if not self.opened:
+                content += self.pending[:start]
+            self.pending = self.pending[start + len(CALL_START) :]
+            self.inside = self.opened = True
+        self.calls += len(calls)
+        return content, calls
+
+
+def parse_calls(parser: str, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(content, calls) of a whole output; None where there is none. The same as streaming it."""
+    content, calls = ToolCallStream(parser).feed(text, final=True)
+    return content or None, calls or None

@@ -54,7 +54,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def stack(checkpoints: dict[str, Path]) -> Iterator[LocalStack]:
     config = MoerayConfig(
         tiers=[
-            {"name": "fast", "model": str(checkpoints["fast"]), "engine": FAST},
+            {
+                "name": "fast",
+                "model": str(checkpoints["fast"]),
+                "engine": FAST,
+                "tool_call_parser": "hermes",
+            },
             {
                 "name": "reasoning",
                 "model": str(checkpoints["reasoning"]),
@@ -527,7 +532,8 @@ def test_forced_tool_calls_equal_offline(
     """tools with tool_choice naming a function or "required": the chat template shows the
     tools, the output is held to the call's JSON (structured output) and returned as
     tool_calls, as the offline engine computes it; streamed too; tool turns in the history reach
-    the template; "auto" (it needs a model-specific parser) and bad tools are refused by name."""
+    the template; "auto" where a tier it may land on has no tool_call_parser, and bad tools, are
+    refused by name."""
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     tools = [WEATHER, CLOCK]
     ids = _tool_prompt(fast_llm, messages, tools)
@@ -585,9 +591,14 @@ def test_forced_tool_calls_equal_offline(
     answer = client.chat.completions.create(model="fast", messages=history, max_tokens=8,  # type: ignore[arg-type]
                                             temperature=0, tools=tools, tool_choice="none")  # type: ignore[arg-type]  # fmt: skip
     assert answer.choices[0].message.content == want.text
-    for kw, field in (({"tools": tools}, "tool_choice"),  # auto, the default with tools
-                      ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
-                      ({"tool_choice": "required"}, "tool_choice"),
+    for model in ("reasoning", "auto"):  # no tool_call_parser on reasoning; auto may land there
+        for kw in ({"tools": tools}, {"tools": tools, "tool_choice": "auto"}):  # auto: the default
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model=model, messages=messages, max_tokens=2,  # type: ignore[call-overload]
+                                               **kw)  # fmt: skip
+            assert info.value.body["param"] == "tool_choice"  # type: ignore[index]
+            assert "tier 'reasoning' does not set" in info.value.body["message"]  # type: ignore[index]
+    for kw, field in (({"tool_choice": "required"}, "tool_choice"),
                       ({"tools": [{"type": "function", "function": {"name": "a b"}}],
                         "tool_choice": "required"}, "tools[0].function.name"),
                       ({"tools": tools, "tool_choice": {"type": "function",
@@ -596,6 +607,33 @@ def test_forced_tool_calls_equal_offline(
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="fast", messages=messages, max_tokens=2, **kw)  # type: ignore[call-overload]
         assert info.value.body["param"] == field  # type: ignore[index]
+
+
+def test_auto_tool_choice_on_a_tier_with_a_tool_call_parser(
+    client: openai.OpenAI, fast_llm: LLM
+) -> None:
+    """tool_choice auto (and no tool_choice: OpenAI's default with tools) on the fast tier, whose
+    tool_call_parser is hermes: the tools reach the template and the output is free, as the
+    offline engine computes it, streamed and not. The demo model writes no <tool_call>, so its
+    output is all content; how calls are told from text and returned (content, tool_calls,
+    finish_reason "tool_calls"): tests/router/test_tool_calls.py."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    want = _greedy(fast_llm, _tool_prompt(fast_llm, messages, [WEATHER, CLOCK]), 12)
+    assert want.text and "<tool_call>" not in want.text
+    for kw in ({}, {"tool_choice": "auto"}):
+        done = client.chat.completions.create(model="fast", messages=messages, max_tokens=12,  # type: ignore[call-overload]
+                                              temperature=0, tools=[WEATHER, CLOCK], **kw)  # fmt: skip
+        choice = done.choices[0]
+        assert choice.message.content == want.text and not choice.message.tool_calls
+        assert choice.finish_reason == want.finish_reason.value
+        chunks = list(client.chat.completions.create(model="fast", messages=messages,  # type: ignore[call-overload]
+                                                     max_tokens=12, temperature=0, stream=True,
+                                                     tools=[WEATHER, CLOCK], **kw))  # fmt: skip
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(d.content or "" for d in deltas) == want.text
+        assert not any(d.tool_calls for d in deltas)
+        finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+        assert finishes[-1] == want.finish_reason.value
 
 
 def test_reasoning_parser_sends_thinking_as_reasoning_content(

@@ -1,0 +1,167 @@
+"""router/tools.py's tool-call parser (tool_choice auto), whole and streamed, and the chat
+responses built from it (router/http_app.py), streamed and not.
+
+Every output is also fed to ToolCallStream cut at every position and in single characters: the
+content and calls sent must add up to what `parse_calls` gives the whole output, so a tag cut by
+a delta boundary is never sent as text. The served path (a tier with tool_call_parser hermes,
+the official client): tests/router/test_serving.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+from moeray.router.convert import RequestError
+from moeray.router.http_app import _Choices, _complete, _sse
+from moeray.router.messages import RouteDecision
+from moeray.router.tools import ToolCallStream, forced_tools, parse_calls
+from moeray.workers.io_struct import FinishReason, RequestOutput, Usage
+
+WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}
+CLOCK = {"name": "now", "arguments": {}}
+
+
+def _block(call: dict[str, Any]) -> str:
+    return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+
+
+BAD = "<tool_call>not json</tool_call>"
+NO_NAME = '<tool_call>{"arguments": {}}</tool_call>'
+LIST_ARGS = '<tool_call>{"name": "f", "arguments": [1]}'
+CASES = [  # output, (content, [(name, arguments)] or None)
+    ("It is sunny.", ("It is sunny.", None)),
+    (_block(WEATHER), (None, [WEATHER])),
+    ("Let me look.\n" + _block(WEATHER), ("Let me look.\n", [WEATHER])),
+    (_block(WEATHER) + "\n" + _block(CLOCK), (None, [WEATHER, CLOCK])),
+    (_block(WEATHER) + "\nignored after the calls", (None, [WEATHER])),  # as vLLM
+    # a call left open when the output ends: parsed from what there is
+    (f"<tool_call>{json.dumps(CLOCK)}", (None, [CLOCK])),
+    # a block that is no call stays text, tags and all (vLLM would make all of it text)
+    (BAD + _block(CLOCK), (BAD, [CLOCK])),
+    (NO_NAME, (NO_NAME, None)),
+    (LIST_ARGS, (LIST_ARGS, None)),
+    ("a <tool_cal b", ("a <tool_cal b", None)),
+    ("ends with <tool_c", ("ends with <tool_c", None)),
+    ("", (None, None)),
+]
+
+
+def _named(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Calls in the test's form: name and parsed arguments (ids are fresh each time)."""
+    if calls is None:
+        return None
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+            for c in calls]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_parse_calls(text: str, expected: tuple[str | None, list | None]) -> None:
+    content, calls = parse_calls("hermes", text)
+    assert (content, _named(calls)) == expected
+
+
+def _streamed(pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    stream = ToolCallStream("hermes")
+    content, calls = "", []
+    for i, piece in enumerate(pieces):
+        c, got = stream.feed(piece, final=i == len(pieces) - 1)
+        content, calls = content + c, calls + got
+    assert stream.calls == len(calls)
+    return content, calls
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_stream_adds_up_to_parse(text: str, expected: tuple) -> None:
+    want = (expected[0] or "", expected[1] or [])
+    cuts = [[text[:i], text[i:]] for i in range(len(text) + 1)]
+    cuts += [[text[:i], text[i:j], text[j:]] for i in range(0, len(text), 3)
+             for j in range(i, len(text), 5)]  # fmt: skip
+    cuts.append(list(text))
+    for pieces in cuts:
+        content, calls = _streamed(pieces)
+        assert (content, _named(calls) or []) == want, pieces
+
+
+def test_a_tag_is_held_back_until_it_is_decided() -> None:
+    stream = ToolCallStream("hermes")
+    assert stream.feed("Sure.<tool_") == ("Sure.", [])  # "<tool_" may open a call
+    assert stream.feed('call>{"name": "now"') == ("", [])  # inside the call: nothing yet
+    content, calls = stream.feed(', "arguments": {}}</tool_call>')
+    assert content == "" and _named(calls) == [CLOCK]
+    stream = ToolCallStream("hermes")
+    assert stream.feed("a <b>") == ("a <b>", [])
+
+
+def test_auto_needs_a_parser_on_every_tier_the_request_may_land_on() -> None:
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    for choice in (None, "auto"):  # OpenAI's default with tools is auto
+        assert forced_tools(tools, choice, True, []) == (tuple(tools), None, "")
+        with pytest.raises(RequestError) as e:
+            forced_tools(tools, choice, True, ["reasoning"])
+        assert e.value.field == "tool_choice" and "'reasoning'" in e.value.message
+    assert forced_tools(None, None, True, ["reasoning"]) == (None, None, "")  # no tools: text
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ToolCallStream("mistral")
+
+
+# ---- the chat response built from them ------------------------------------------------------
+
+DECISION = RouteDecision(tier="fast", score=0.0, reason="named")
+
+
+def _outputs(pieces: list[str], finish: FinishReason) -> list[RequestOutput]:
+    usage = Usage(prompt_tokens=5, completion_tokens=len(pieces))
+    return [RequestOutput("chatcmpl-1", [1, 2, 3, 4, 5], delta_text=p, usage=usage,
+                          finish_reason=finish if i == len(pieces) - 1 else None)
+            for i, p in enumerate(pieces)]  # fmt: skip
+
+
+def _started(outs: list[RequestOutput]) -> tuple[list, _Choices]:
+    async def rest() -> AsyncGenerator[tuple[RouteDecision, RequestOutput], None]:
+        for out in outs[1:]:
+            yield DECISION, out
+
+    stream = rest()
+    return [((DECISION, outs[0]), stream)], _Choices([stream])
+
+
+OUTPUT = ["Checking.", "<tool", "_call>\n", '{"name": "get_weather", "arguments": ',
+          '{"city": "Paris", "unit": "°C"}}\n</tool_call>', "\n", "<tool_call>",
+          json.dumps(CLOCK), "</tool_call>"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("finish", "reason"), [(FinishReason.STOP, "tool_calls"),
+                                                (FinishReason.LENGTH, "length")])  # fmt: skip
+def test_chat_response_carries_the_calls(finish: FinishReason, reason: str) -> None:
+    started, rest = _started(_outputs(OUTPUT, finish))
+    response = asyncio.run(_complete("chat", started, rest, calls_parser="hermes"))
+    (choice,) = json.loads(response.body)["choices"]
+    assert choice["finish_reason"] == reason
+    assert choice["message"]["content"] == "Checking."
+    assert _named(choice["message"]["tool_calls"]) == [WEATHER, CLOCK]
+
+
+def test_chat_stream_carries_the_calls_as_they_close() -> None:
+    started, rest = _started(_outputs(OUTPUT, FinishReason.STOP))
+
+    async def events() -> list[dict[str, Any]]:
+        got = [e async for e in _sse("chat", started, rest, False, calls_parser="hermes")]
+        assert got[-1] == "data: [DONE]\n\n"
+        return [json.loads(e.removeprefix("data: ")) for e in got[:-1]]
+
+    chunks = [ev["choices"][0] for ev in asyncio.run(events())]
+    deltas = [c["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking."
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert _named(calls) == [WEATHER, CLOCK]
+    # a chunk for each delta with something to send: the role, "Checking.", then each call
+    # when the delta that closes its tag comes (the deltas in between held it back)
+    assert [list(d) for d in deltas] == [["role", "content"], ["content"], ["tool_calls"],
+                                         ["tool_calls"]]  # fmt: skip
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+    assert all(c["finish_reason"] is None for c in chunks[:-1])

@@ -165,3 +165,31 @@ def test_chat_stream_carries_the_calls_as_they_close() -> None:
                                          ["tool_calls"]]  # fmt: skip
     assert chunks[-1]["finish_reason"] == "tool_calls"
     assert all(c["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_thinking_is_split_off_before_the_calls() -> None:
+    """A tier with both parsers (Qwen3): the thinking goes to reasoning_content, and a call
+    inside it is no call; the answer after </think> is parsed for calls."""
+    pieces = ["<think>maybe <tool_call>", json.dumps(CLOCK), "</tool_call>?</th", "ink>Sure.",
+              *OUTPUT[3:5]]  # fmt: skip
+    pieces[-2] = "<tool_call>" + pieces[-2]
+    started, rest = _started(_outputs(pieces, FinishReason.STOP))
+    response = asyncio.run(_complete("chat", started, rest, reasoning="qwen3",
+                                     calls_parser="hermes"))  # fmt: skip
+    (choice,) = json.loads(response.body)["choices"]
+    thinking = f"maybe <tool_call>{json.dumps(CLOCK)}</tool_call>?"
+    assert choice["message"]["reasoning_content"] == thinking
+    assert choice["message"]["content"] == "Sure."
+    assert _named(choice["message"]["tool_calls"]) == [WEATHER]
+    assert choice["finish_reason"] == "tool_calls"
+    started, rest = _started(_outputs(pieces, FinishReason.STOP))
+
+    async def events() -> list[dict[str, Any]]:
+        got = [e async for e in _sse("chat", started, rest, False, reasoning="qwen3",
+                                     calls_parser="hermes")]  # fmt: skip
+        return [json.loads(e.removeprefix("data: ")) for e in got[:-1]]
+
+    deltas = [ev["choices"][0]["delta"] for ev in asyncio.run(events())]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == thinking
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure."
+    assert _named([c for d in deltas for c in d.get("tool_calls", [])]) == [WEATHER]

@@ -30,9 +30,9 @@ from moeray.cluster.app import LocalStack
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
-from moeray.router.http_app import ENGINE_TIME_HEADER
 from moeray.router.ingress import ENGINE_TIME_KEY
 from moeray.router.messages import RouteInput
+from moeray.router.openai_responses import ENGINE_TIME_HEADER
 from moeray.router.policy import QueryRouter
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc

@@ -18,12 +18,12 @@ with Retry-After), 500 server_error. A stream is opened only after the engine ac
 request, so refusals always get a status code; every refusal is counted in
 moeray_requests_total (tier "" when it was refused before a tier was chosen).
 The route decision is returned in the headers x-moeray-tier, x-moeray-route-score and
-x-moeray-route-fallback; non-streamed responses also carry x-moeray-engine-time-ms.
+x-moeray-route-fallback; non-streamed responses also carry x-moeray-engine-time-ms. This module
+turns requests into engine calls; router/openai_responses.py turns the outputs into responses.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -36,19 +36,22 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from moeray.router.convert import RequestError, build_route_input, check_sampling
-from moeray.router.messages import ChatMessage, GenerateCall, RouteDecision, RouteInput
+from moeray.router.messages import ChatMessage, GenerateCall, RouteInput
 from moeray.router.metrics import CONTENT_TYPE
-from moeray.router.reasoning import ReasoningStream
-from moeray.router.reasoning import split as split_reasoning
+from moeray.router.openai_responses import (
+    Choices,
+    Echo,
+    complete_response,
+    route_headers,
+    sse_events,
+    start_choices,
+)
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
 from moeray.router.tools import (
-    ToolCallStream,
     forced_tools,
     message_tool_calls,
-    parse_calls,
-    tool_calls,
 )
-from moeray.workers.io_struct import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from moeray.workers.io_struct import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -58,10 +61,6 @@ log = logging.getLogger(__name__)
 #: default for chat (OpenAI's is "up to the context", which a CPU demo would take minutes for).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_CHAT_MAX_TOKENS = 256
-#: Non-streamed responses: the engine's own time for the request (ms), for per-request overhead.
-ENGINE_TIME_HEADER = "x-moeray-engine-time-ms"
-_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop"}
-
 
 #: OpenAI fields moeray does not implement, with the values that ask for nothing (accepted and
 #: ignored); any other value is refused naming the field.
@@ -428,369 +427,6 @@ def _route_input(service: InferenceService, input_field: str, **kwargs: Any) -> 
         raise _from_service_error(e, input_field) from None
 
 
-# ---- dataclasses -> JSON ---------------------------------------------------------------------
-
-
-def _route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
-    return {
-        "x-moeray-tier": d.tier,
-        "x-moeray-route-score": f"{d.score:.4f}",
-        "x-moeray-route-fallback": str(d.fallback).lower(),
-        "x-request-id": request_id,
-    }
-
-
-def _choice(
-    kind: Literal["chat", "text"],
-    text: str | None,
-    finish: str | None,
-    chunk: bool,
-    index: int = 0,
-    logprobs: dict | None = None,
-    tool_calls: list[dict[str, Any]] | None = None,
-    reasoning: str | None = None,
-) -> dict:
-    """One choice of a response (chunk: of an SSE event). reasoning: the thinking a tier's
-    reasoning_parser split off (router/reasoning.py), as vLLM's reasoning_content."""
-    if kind == "text":
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    key = "delta" if chunk else "message"
-    body: dict[str, Any] = {"content": text} if chunk else {"role": "assistant", "content": text}
-    if reasoning is not None:
-        body["reasoning_content"] = reasoning
-    if tool_calls is not None:
-        body["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_calls)] if chunk \
-            else tool_calls  # fmt: skip
-    return {"index": index, key: body, "logprobs": logprobs, "finish_reason": finish}
-
-
-def _forced_call(tool: str, out: RequestOutput, text: str) -> tuple[list | None, str | None]:
-    """(the tool calls, the finish reason) of a finished choice forced to call a tool: the calls
-    and "tool_calls" ("stop" for a named function, as OpenAI), or None and the engine's reason
-    when the output is no complete call."""
-    calls = tool_calls(tool, text)
-    if calls is None:
-        return None, _finish(out)
-    return calls, "tool_calls" if tool == "required" else "stop"
-
-
-def _parsed_finish(out: RequestOutput, called: bool) -> str | None:
-    """The finish reason of a choice whose calls a tool_call_parser told from its text: as
-    vLLM, "tool_calls" when it made any and stopped by itself."""
-    finish = _finish(out)
-    return "tool_calls" if called and finish == "stop" else finish
-
-
-def _logprobs_json(
-    kind: Literal["chat", "text"],
-    entries: list[TokenLogprob] | None,
-    offset: int,
-    unscored: int = 0,
-) -> dict | None:
-    """OpenAI's logprobs object for these tokens (None when the request asked for none):
-    completions' {tokens, token_logprobs, top_logprobs, text_offset} (offset: characters of
-    the choice's text before the first of them; the first `unscored` tokens, an echoed
-    prompt's first, have null logprob and top_logprobs), chat's {content: [{token, logprob,
-    bytes, top_logprobs}]}."""
-    if entries is None:
-        return None
-    if kind == "chat":
-
-        def one(text: str, logprob: float) -> dict:
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        content = [{**one(e.text, e.logprob), "top_logprobs": [one(t.text, t.logprob)
-                                                               for t in e.top]}
-                   for e in entries]  # fmt: skip
-        return {"content": content, "refusal": None}
-    offsets = []
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e.text)
-    return {"tokens": [e.text for e in entries],
-            "token_logprobs": [None if j < unscored else e.logprob
-                               for j, e in enumerate(entries)],
-            "top_logprobs": [None if j < unscored else {t.text: t.logprob for t in e.top}
-                             for j, e in enumerate(entries)],
-            "text_offset": offsets}  # fmt: skip
-
-
-#: How a completion shows its prompt: not at all, before the completion (echo), or alone (echo
-#: with max_tokens 0: the one token the engine computed is not shown or counted).
-Echo = Literal["", "prompt", "only"]
-
-
-def _echoed(
-    echo: Echo, out: RequestOutput, text: str, entries: list[TokenLogprob] | None
-) -> tuple[str, list[TokenLogprob] | None]:
-    """A choice's first text and logprobs with its prompt's (out: its first output) before
-    them, or alone for "only"."""
-    prompt_entries: list[TokenLogprob] | None = None
-    if entries is not None:  # the engine filled the first entry for echo (engine_service.py)
-        prompt_entries = [e for e in out.prompt_logprobs or () if e is not None]
-    if echo == "only":
-        return out.prompt or "", prompt_entries
-    return (out.prompt or "") + text, None if entries is None else [
-        *(prompt_entries or ()),
-        *entries,
-    ]
-
-
-def _usage(lasts: list[RequestOutput], echo: Echo = "") -> dict[str, int]:
-    """Usage of a request's choices: the prompt once, every choice's completion tokens."""
-    prompt = lasts[0].usage.prompt_tokens
-    completion = 0 if echo == "only" else sum(out.usage.completion_tokens for out in lasts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}  # fmt: skip
-
-
-#: One choice once started: its route decision and first output, and the rest of its stream.
-Started = tuple[
-    tuple[RouteDecision, RequestOutput], AsyncGenerator[tuple[RouteDecision, RequestOutput], None]
-]
-
-
-async def _start(service: InferenceService, call: GenerateCall, n: int) -> list[Started]:
-    """The request's n choices, each an engine request with its first output. With n > 1 every
-    choice runs on one tier (an auto request is routed once) with a request id and a seed of
-    its own; if any is refused, the others are ended and the refusal raised."""
-    if n == 1:
-        stream = service.generate(call, "http")  # counts its own outcomes from here on
-        return [(await anext(stream), stream)]
-    decision = service.route(call.input, "http")  # one decision for all the choices
-    calls = [_choice_call(call, i) for i in range(n)]
-    streams = [service.generate(c, "http", decision=decision) for c in calls]
-    firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-    errors = [f for f in firsts if isinstance(f, BaseException)]
-    if errors:
-        for s in streams:
-            await s.aclose()
-        raise errors[0]
-    return list(zip(firsts, streams))  # type: ignore[arg-type]
-
-
-def _choice_call(call: GenerateCall, index: int) -> GenerateCall:
-    """Choice `index` of a request: its own request id and seed (seed + index, kept within the
-    seed's 64-bit range), so that seeded choices differ and are reproducible."""
-    if index == 0:
-        return call
-    seed = call.sampling.seed
-    if seed is not None:
-        seed = seed + index if seed + index < 2**64 else seed - index
-    sampling = dataclasses.replace(call.sampling, seed=seed)
-    return dataclasses.replace(call, request_id=f"{call.request_id}-{index}", sampling=sampling)
-
-
-class _Choices:
-    """The remaining outputs of a request's choices as they come, tagged with the choice's
-    index; the first error of any choice is raised. aclose() ends every choice (engine calls
-    cancelled, KV freed, outcomes counted), whether or not iteration has begun."""
-
-    def __init__(self, streams: list[AsyncGenerator[tuple[RouteDecision, RequestOutput], None]]):
-        self.streams = streams
-        self._outputs = self._one() if len(streams) == 1 else self._merged()
-
-    def __aiter__(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        return self._outputs
-
-    async def aclose(self) -> None:
-        await self._outputs.aclose()
-        for s in self.streams:
-            await s.aclose()
-
-    async def _one(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        """No task, no queue: the common case stays at its consumer's pace."""
-        async for _, out in self.streams[0]:
-            yield 0, out
-
-    async def _merged(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
-
-        async def pump(
-            i: int, stream: AsyncGenerator[tuple[RouteDecision, RequestOutput], None]
-        ) -> None:
-            try:
-                async for _, out in stream:
-                    queue.put_nowait((i, out))
-                queue.put_nowait((i, None))
-            except Exception as e:
-                queue.put_nowait((i, e))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
-        try:
-            running = len(tasks)
-            while running:
-                i, item = await queue.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield i, item
-        finally:  # the tasks end before their streams are closed (a running one cannot be)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _envelope(
-    kind: Literal["chat", "text"], rid: str, created: int, tier: str, chunk: bool
-) -> dict:
-    obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
-    if chunk and kind == "chat":
-        obj += ".chunk"
-    return {"id": rid, "object": obj, "created": created, "model": tier}
-
-
-async def _sse(
-    kind: Literal["chat", "text"],
-    started: list[Started],
-    rest: _Choices,
-    include_usage: bool,
-    echo: Echo = "",
-    tool: str = "",
-    reasoning: str = "",
-    calls_parser: str = "",
-) -> AsyncGenerator[str, None]:
-    """Server-sent events: one chunk per engine delta (its choice's index; an echoed prompt
-    rides on each choice's first), then usage (if asked), then [DONE]. tool: a forced tool
-    mode; reasoning, calls_parser: the tier's parsers in use (router/reasoning.py, tools.py)."""
-    decision, out = started[0][0]
-    env = _envelope(kind, out.request_id, int(time.time()), decision.tier, chunk=True)
-    lasts = [first[1] for first, _ in started]
-    if kind == "chat":  # OpenAI opens each choice of a chat stream with the assistant role
-        for i in range(len(started)):
-            yield _event({**env, "choices": [{"index": i, "delta": {"role": "assistant",
-                          "content": ""}, "logprobs": None, "finish_reason": None}]})  # fmt: skip
-    offsets = [0] * len(started)  # characters of each choice's text streamed so far
-
-    texts = [""] * len(started)  # a forced tool call's output so far, per choice
-    thinking = [ReasoningStream(reasoning) for _ in started] if reasoning else []
-    calling = [ToolCallStream(calls_parser) for _ in started] if calls_parser else []
-
-    def chunk(i: int, out: RequestOutput, first: bool = False) -> str | None:
-        if thinking or calling:  # the tier's parsers send thinking, answer and calls apart
-            r, c = ("", out.delta_text)
-            if thinking:
-                r, c = thinking[i].feed(out.delta_text, final=out.finished)
-            calls: list[dict[str, Any]] = []
-            if calling:
-                c, calls = calling[i].feed(c, final=out.finished)
-            if not (r or c or calls or out.finished or out.delta_logprobs):
-                return None
-            parts = {"reasoning_content": r, "content": c}
-            delta: dict[str, Any] = {k: v for k, v in parts.items() if v}
-            if calls:
-                n = calling[i].calls - len(calls)  # the calls' indexes within the choice
-                delta["tool_calls"] = [{"index": n + j, **call} for j, call in enumerate(calls)]
-            lp = _logprobs_json(kind, out.delta_logprobs, 0)
-            finish = _parsed_finish(out, bool(calling and calling[i].calls))
-            return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                               "finish_reason": finish}]})  # fmt: skip
-        if tool and tool != "required":  # one named call: its arguments stream as they come
-            head: dict[str, Any] = {"index": 0, "function": {"arguments": out.delta_text}}
-            if first:
-                head.update(id=f"call_{uuid.uuid4().hex[:24]}", type="function")
-                head["function"]["name"] = tool
-            args = {"tool_calls": [head]} if first or out.delta_text else {}
-            return _event({**env, "choices": [{"index": i, "delta": args, "logprobs": None,
-                                               "finish_reason": _finish(out)}]})  # fmt: skip
-        if tool:  # "required": the calls are sent whole once complete, as one delta
-            texts[i] += out.delta_text
-            if not out.finished:
-                return None
-            forced, finish = _forced_call(tool, out, texts[i])
-            text = None if forced is not None else texts[i]
-            return _event({**env, "choices": [_choice(kind, text, finish, True, i, None, forced)]})
-        text, entries = out.delta_text, out.delta_logprobs
-        if echo and first:
-            text, entries = _echoed(echo, out, text, entries)
-        lp = _logprobs_json(kind, entries, offsets[i], int(bool(echo) and first))
-        offsets[i] += len(text)
-        finish = "length" if echo == "only" and out.finished else _finish(out)
-        return _event({**env, "choices": [_choice(kind, text, finish, True, i, lp)]})
-
-    try:
-        for i, out in enumerate(lasts):
-            if (event := chunk(i, out, first=True)) is not None:
-                yield event
-        async for i, out in rest:
-            lasts[i] = out
-            if (event := chunk(i, out)) is not None:
-                yield event
-    except (Overloaded, EngineUnavailable) as e:  # the stream has begun: report it in-band
-        yield _event({"error": {"message": str(e), "type": "server_error", "param": None,
-                                "code": "unavailable"}})  # fmt: skip
-    except Exception as e:
-        log.exception("stream %s failed", out.request_id)
-        yield _event({"error": {"message": f"internal error: {type(e).__name__}",
-                                "type": "server_error", "param": None, "code": "internal"}})  # fmt: skip
-    finally:  # the client went away mid-stream: end the request now (cancel, KV freed, counted)
-        await rest.aclose()
-    if include_usage:
-        yield _event({**env, "choices": [], "usage": _usage(lasts, echo)})
-    yield "data: [DONE]\n\n"
-
-
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _finish(out: RequestOutput) -> str | None:
-    return _FINISH[out.finish_reason] if out.finish_reason is not None else None
-
-
-async def _complete(
-    kind: Literal["chat", "text"],
-    started: list[Started],
-    rest: _Choices,
-    echo: Echo = "",
-    tool: str = "",
-    reasoning: str = "",
-    calls_parser: str = "",
-) -> JSONResponse:
-    decision = started[0][0][0]
-    lasts = [first[1] for first, _ in started]
-    parts = [[out.delta_text] for out in lasts]
-    logprobs = [None if out.delta_logprobs is None else list(out.delta_logprobs)
-                for out in lasts]  # fmt: skip
-    try:
-        async for i, out in rest:
-            parts[i].append(out.delta_text)
-            got = logprobs[i]  # None: the request asked for no logprobs
-            if got is not None and out.delta_logprobs:
-                got.extend(out.delta_logprobs)
-            lasts[i] = out
-    finally:
-        await rest.aclose()
-    rid = lasts[0].request_id
-    body = _envelope(kind, rid, int(time.time()), decision.tier, chunk=False)
-    choices = []
-    for i, (p, out, lp) in enumerate(zip(parts, lasts, logprobs)):
-        text = "".join(p)
-        if echo:
-            text, lp = _echoed(echo, out, text, lp)
-        finish = "length" if echo == "only" else _finish(out)
-        calls, thought = None, None
-        content: str | None = text
-        if tool:
-            calls, finish = _forced_call(tool, out, text)
-            content = None if calls is not None else text
-        else:
-            if reasoning:
-                thought, content = split_reasoning(reasoning, text)
-            if calls_parser:
-                content, calls = parse_calls(calls_parser, content or "")
-                finish = _parsed_finish(out, calls is not None)
-        choices.append(_choice(kind, content, finish, False, i,
-                               _logprobs_json(kind, lp, 0, int(bool(echo))), calls,
-                               thought))  # fmt: skip
-    body.update(choices=choices, usage=_usage(lasts, echo))
-    headers = _route_headers(decision, rid)
-    headers[ENGINE_TIME_HEADER] = f"{max(out.engine_time_s for out in lasts) * 1e3:.3f}"
-    return JSONResponse(body, headers=headers)
-
-
 # ---- the app ---------------------------------------------------------------------------------
 
 
@@ -799,7 +435,7 @@ class _ClosingStream(StreamingResponse):
     client goes away, generation stops at once (engine call cancelled, KV freed, outcome
     counted) instead of whenever the garbage collector finalizes the generators."""
 
-    def __init__(self, body: AsyncGenerator[str, None], source: _Choices,
+    def __init__(self, body: AsyncGenerator[str, None], source: Choices,
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(body, **kwargs)
         self._body, self._source = body, source
@@ -836,11 +472,11 @@ def build_http_app(service: InferenceService) -> FastAPI:
             service.metrics.requests.labels("", "http", "cancelled").inc()
             return Response(status_code=499)  # (never sent; no traceback logged)
         try:
-            started = await _start(service, call, req.n)
+            started = await start_choices(service, call, req.n)
         except (RequestError, Overloaded, EngineUnavailable) as e:
             err = _from_service_error(e, input_field)
             return error_response(err.status, err.message, err.param, err.code)
-        rest = _Choices([stream for _, stream in started])
+        rest = Choices([stream for _, stream in started])
         echo: Echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = "only" if req.echo_only else "prompt"
@@ -855,16 +491,18 @@ def build_http_app(service: InferenceService) -> FastAPI:
             calls_parser = calls_parsers.get(tier) or ""
         if not req.stream:
             try:
-                return await _complete(kind, started, rest, echo, tool, parser, calls_parser)
+                return await complete_response(
+                    kind, started, rest, echo, tool, parser, calls_parser
+                )
             except (Overloaded, EngineUnavailable) as e:  # lost mid-request: retryable
                 err = _from_service_error(e, input_field)
                 return error_response(err.status, err.message, err.param, err.code)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return _ClosingStream(
-            _sse(kind, started, rest, include_usage, echo, tool, parser, calls_parser),
+            sse_events(kind, started, rest, include_usage, echo, tool, parser, calls_parser),
             rest,
             media_type="text/event-stream",
-            headers=_route_headers(started[0][0][0], call.request_id),
+            headers=route_headers(started[0][0][0], call.request_id),
         )
 
     @app.post("/v1/chat/completions")

@@ -1,5 +1,5 @@
 """router/tools.py's tool-call parser (tool_choice auto), whole and streamed, and the chat
-responses built from it (router/http_app.py), streamed and not.
+responses built from it (router/openai_responses.py), streamed and not.
 
 Every output is also fed to ToolCallStream cut at every position and in single characters: the
 content and calls sent must add up to what `parse_calls` gives the whole output, so a tag cut by
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from moeray.router.convert import RequestError
-from moeray.router.http_app import _Choices, _complete, _sse
 from moeray.router.messages import RouteDecision
+from moeray.router.openai_responses import Choices, complete_response, sse_events
 from moeray.router.tools import ToolCallStream, forced_tools, parse_calls
 from moeray.workers.io_struct import FinishReason, RequestOutput, Usage
 
@@ -120,13 +120,13 @@ def _outputs(pieces: list[str], finish: FinishReason) -> list[RequestOutput]:
             for i, p in enumerate(pieces)]  # fmt: skip
 
 
-def _started(outs: list[RequestOutput]) -> tuple[list, _Choices]:
+def _started(outs: list[RequestOutput]) -> tuple[list, Choices]:
     async def rest() -> AsyncGenerator[tuple[RouteDecision, RequestOutput], None]:
         for out in outs[1:]:
             yield DECISION, out
 
     stream = rest()
-    return [((DECISION, outs[0]), stream)], _Choices([stream])
+    return [((DECISION, outs[0]), stream)], Choices([stream])
 
 
 OUTPUT = ["Checking.", "<tool", "_call>\n", '{"name": "get_weather", "arguments": ',
@@ -138,7 +138,7 @@ OUTPUT = ["Checking.", "<tool", "_call>\n", '{"name": "get_weather", "arguments"
                                                 (FinishReason.LENGTH, "length")])  # fmt: skip
 def test_chat_response_carries_the_calls(finish: FinishReason, reason: str) -> None:
     started, rest = _started(_outputs(OUTPUT, finish))
-    response = asyncio.run(_complete("chat", started, rest, calls_parser="hermes"))
+    response = asyncio.run(complete_response("chat", started, rest, calls_parser="hermes"))
     (choice,) = json.loads(response.body)["choices"]
     assert choice["finish_reason"] == reason
     assert choice["message"]["content"] == "Checking."
@@ -149,7 +149,7 @@ def test_chat_stream_carries_the_calls_as_they_close() -> None:
     started, rest = _started(_outputs(OUTPUT, FinishReason.STOP))
 
     async def events() -> list[dict[str, Any]]:
-        got = [e async for e in _sse("chat", started, rest, False, calls_parser="hermes")]
+        got = [e async for e in sse_events("chat", started, rest, False, calls_parser="hermes")]
         assert got[-1] == "data: [DONE]\n\n"
         return [json.loads(e.removeprefix("data: ")) for e in got[:-1]]
 
@@ -174,7 +174,7 @@ def test_thinking_is_split_off_before_the_calls() -> None:
               *OUTPUT[3:5]]  # fmt: skip
     pieces[-2] = "<tool_call>" + pieces[-2]
     started, rest = _started(_outputs(pieces, FinishReason.STOP))
-    response = asyncio.run(_complete("chat", started, rest, reasoning="qwen3",
+    response = asyncio.run(complete_response("chat", started, rest, reasoning="qwen3",
                                      calls_parser="hermes"))  # fmt: skip
     (choice,) = json.loads(response.body)["choices"]
     thinking = f"maybe <tool_call>{json.dumps(CLOCK)}</tool_call>?"
@@ -185,7 +185,7 @@ def test_thinking_is_split_off_before_the_calls() -> None:
     started, rest = _started(_outputs(pieces, FinishReason.STOP))
 
     async def events() -> list[dict[str, Any]]:
-        got = [e async for e in _sse("chat", started, rest, False, reasoning="qwen3",
+        got = [e async for e in sse_events("chat", started, rest, False, reasoning="qwen3",
                                      calls_parser="hermes")]  # fmt: skip
         return [json.loads(e.removeprefix("data: ")) for e in got[:-1]]
 

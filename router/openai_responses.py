@@ -20,7 +20,7 @@ from moeray.router.messages import GenerateCall, RouteDecision
 from moeray.router.reasoning import ReasoningStream
 from moeray.router.reasoning import split as split_reasoning
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
-from moeray.router.tools import ToolCallStream, parse_calls, tool_calls
+from moeray.router.tools import REQUIRED, ToolCallStream, parse_calls, tool_calls
 from moeray.workers.io_struct import FinishReason, RequestOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _forced_call(tool: str, out: RequestOutput, text: str) -> tuple[list | None,
     calls = tool_calls(tool, text)
     if calls is None:
         return None, _finish(out)
-    return calls, "tool_calls" if tool == "required" else "stop"
+    return calls, "tool_calls" if tool == REQUIRED else "stop"
 
 
 def _parsed_finish(out: RequestOutput, called: bool) -> str | None:
@@ -286,7 +286,7 @@ async def sse_events(
             finish = _parsed_finish(out, bool(calling and calling[i].calls))
             return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": lp,
                                                "finish_reason": finish}]})  # fmt: skip
-        if tool and tool != "required":  # one named call: its arguments stream as they come
+        if tool and tool != REQUIRED:  # one named call: its arguments stream as they come
             head: dict[str, Any] = {"index": 0, "function": {"arguments": out.delta_text}}
             if first:
                 head.update(id=f"call_{uuid.uuid4().hex[:24]}", type="function")

@@ -32,6 +32,9 @@ from moeray.router.reasoning import held_back
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: What "parameters" means when a function has none.
 NO_PARAMETERS = {"type": "object", "properties": {}}
+#: The forced mode of tool_choice "required"; the other forced mode is the function's name,
+#: which TOOL_NAME keeps from ever being this.
+REQUIRED = "(required)"
 #: tool_call_parser values (TierConfig), and hermes' tags.
 TOOL_CALL_PARSERS = ("hermes",)
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
@@ -65,7 +68,7 @@ def forced_tools(
     unparsed: list[str],
 ) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
     """(the tools for the chat template, the JSON Schema the output must follow or None, the
-    mode: "" for text or "auto", "required", or the name of the function to call); RequestError
+    mode: "" for text or "auto", REQUIRED, or the name of the function to call); RequestError
     naming the field for bad tools or a choice moeray cannot honour. unparsed: the tiers the
     request may land on that have no tool_call_parser ("auto" needs none of them).
 
@@ -105,7 +108,7 @@ def forced_tools(
         array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if not parallel:
             array["maxItems"] = 1
-        return tuple(tools), json.dumps(array), "required"
+        return tuple(tools), json.dumps(array), REQUIRED
     fn = choice.get("function") if isinstance(choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str) or name not in params:
@@ -121,7 +124,7 @@ def tool_calls(mode: str, text: str) -> list[dict[str, Any]] | None:
         value = json.loads(text)
     except ValueError:
         return None
-    pairs = [(v["name"], v["parameters"]) for v in value] if mode == "required" else [(mode, value)]
+    pairs = [(v["name"], v["parameters"]) for v in value] if mode == REQUIRED else [(mode, value)]
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": n, "arguments": json.dumps(a, ensure_ascii=False)}}
             for n, a in pairs]  # fmt: skip

@@ -17,7 +17,7 @@ import pytest
 from moeray.router.convert import RequestError
 from moeray.router.messages import RouteDecision
 from moeray.router.openai_responses import Choices, complete_response, sse_events
-from moeray.router.tools import ToolCallStream, forced_tools, parse_calls
+from moeray.router.tools import ToolCallStream, forced_tools, parse_calls, tool_calls
 from moeray.workers.io_struct import FinishReason, RequestOutput, Usage
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}
@@ -193,3 +193,20 @@ def test_thinking_is_split_off_before_the_calls() -> None:
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == thinking
     assert "".join(d.get("content") or "" for d in deltas) == "Sure."
     assert _named([c for d in deltas for c in d.get("tool_calls", [])]) == [WEATHER]
+
+
+def test_a_function_named_like_a_tool_choice_is_forced_by_its_name() -> None:
+    """tool_choice naming a function called "required" (or "auto", "none") forces that one call,
+    not the mode of the same name."""
+    params = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    for name in ("required", "auto", "none"):
+        tools = [{"type": "function", "function": {"name": name, "parameters": params}}]
+        choice = {"type": "function", "function": {"name": name}}
+        _, schema, mode = forced_tools(tools, choice, True, ["reasoning"])
+        assert json.loads(schema or "") == params
+        calls = tool_calls(mode, '{"x": 1}')
+        assert _named(calls) == [{"name": name, "arguments": {"x": 1}}]
+    _, schema, mode = forced_tools(tools, "required", True, [])
+    assert json.loads(schema or "")["type"] == "array"
+    assert _named(tool_calls(mode, '[{"name": "none", "parameters": {"x": 2}}]')) == [
+        {"name": "none", "arguments": {"x": 2}}]  # fmt: skip

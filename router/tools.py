@@ -16,10 +16,17 @@ Parsers (ToolCallStream, one streamed delta at a time; `parse_calls` for a whole
   ends is parsed from what there is. Unlike it, a block that is no call (not such an object) is
   returned as content, tags and all, instead of turning the whole output into content: a stream
   cannot take back calls it has sent, and the two forms must agree.
+- pythonic (Llama 3.2, Llama 4 Scout / Maverick; vLLM's pythonic and llama4_pythonic): the
+  whole output is a Python list of calls with keyword arguments of literal values,
+  `[get_weather(city="Paris"), now()]` (Llama 4's <|python_start|> and <|python_end|> around it
+  are dropped). An output that starts with "[" (or that tag) is held until it ends, then
+  returned as the calls if it is such a list, else as content; any other output is content as
+  it comes.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -36,8 +43,10 @@ NO_PARAMETERS = {"type": "object", "properties": {}}
 #: which TOOL_NAME keeps from ever being this.
 REQUIRED = "(required)"
 #: tool_call_parser values (TierConfig), and hermes' tags.
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "pythonic")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+#: Llama 4's tags around a pythonic list, when the detokenizer keeps special tokens.
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
 
 def message_tool_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,8 +139,14 @@ def tool_calls(mode: str, text: str) -> list[dict[str, Any]] | None:
             for n, a in pairs]  # fmt: skip
 
 
+def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A call in OpenAI's shape: arguments as JSON text, a fresh id."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}  # fmt: skip
+
+
 def _hermes_call(block: str) -> dict[str, Any] | None:
-    """A call in OpenAI's shape from the JSON between hermes' tags; None if it is none."""
+    """The call in the JSON between hermes' tags; None if it is none."""
     try:
         value = json.loads(block)
     except ValueError:
@@ -139,10 +154,27 @@ def _hermes_call(block: str) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
     args = value.get("arguments", {})
-    if not isinstance(args, dict):
+    return _call(value["name"], args) if isinstance(args, dict) else None
+
+
+def _pythonic_calls(text: str) -> list[dict[str, Any]] | None:
+    """The calls of a Python list of calls with literal keyword arguments; None if it is none."""
+    try:
+        text = text.strip().removeprefix(PYTHON_START).removesuffix(PYTHON_END)
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or node.args or not isinstance(node.func, ast.Name):
+                return None
+            if any(kw.arg is None for kw in node.keywords):  # **kwargs
+                return None
+            args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+            calls.append(_call(node.func.id, args))  # type: ignore[arg-type]
+        return calls
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}  # fmt: skip
 
 
 class ToolCallStream:
@@ -152,14 +184,34 @@ class ToolCallStream:
     def __init__(self, parser: str) -> None:
         if parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {parser!r}")
+        self.parser = parser
         self.pending = ""  # received, not yet sent
-        self.inside = False  # within a call's tags
-        self.opened = False  # a call has begun: text outside calls is no longer content
+        self.inside = False  # hermes: within a call's tags; pythonic: within a list
+        self.opened = False  # a call has begun (pythonic: the output's start is decided)
         self.calls = 0
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
         """(content, calls) to send for this delta; final=True flushes what is held."""
         self.pending += delta
+        step = self._pythonic if self.parser == "pythonic" else self._hermes
+        content, calls = step(final)
+        self.calls += len(calls)
+        return content, calls
+
+    def _pythonic(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        if not self.opened:
+            head = self.pending.lstrip()
+            if not final and (not head or (PYTHON_START.startswith(head) and head != PYTHON_START)):
+                return "", []  # only whitespace, or maybe Llama 4's tag, yet: undecided
+            self.opened = True
+            self.inside = head.startswith("[") or head.startswith(PYTHON_START)
+        if self.inside and not final:
+            return "", []  # a list of calls, or text that starts like one: held to the end
+        text, self.pending = self.pending, ""
+        calls = _pythonic_calls(text) if self.inside else None
+        return ("", calls) if calls else (text, [])
+
+    def _hermes(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
         content, calls = "", []
         while True:
             if self.inside:
@@ -186,7 +238,6 @@ class ToolCallStream:
                 content += self.pending[:start]
             self.pending = self.pending[start + len(CALL_START) :]
             self.inside = self.opened = True
-        self.calls += len(calls)
         return content, calls
 
 

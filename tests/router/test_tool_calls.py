@@ -14,11 +14,19 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
+from moeray.cluster.config import MoerayConfig
 from moeray.router.convert import RequestError
 from moeray.router.messages import RouteDecision
 from moeray.router.openai_responses import Choices, complete_response, sse_events
-from moeray.router.tools import ToolCallStream, forced_tools, parse_calls, tool_calls
+from moeray.router.tools import (
+    TOOL_CALL_PARSERS,
+    ToolCallStream,
+    forced_tools,
+    parse_calls,
+    tool_calls,
+)
 from moeray.workers.io_struct import FinishReason, RequestOutput, Usage
+from pydantic import ValidationError
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}
 CLOCK = {"name": "now", "arguments": {}}
@@ -31,7 +39,7 @@ def _block(call: dict[str, Any]) -> str:
 BAD = "<tool_call>not json</tool_call>"
 NO_NAME = '<tool_call>{"arguments": {}}</tool_call>'
 LIST_ARGS = '<tool_call>{"name": "f", "arguments": [1]}'
-CASES = [  # output, (content, [(name, arguments)] or None)
+HERMES = [  # output, (content, [(name, arguments)] or None)
     ("It is sunny.", ("It is sunny.", None)),
     (_block(WEATHER), (None, [WEATHER])),
     ("Let me look.\n" + _block(WEATHER), ("Let me look.\n", [WEATHER])),
@@ -47,6 +55,27 @@ CASES = [  # output, (content, [(name, arguments)] or None)
     ("ends with <tool_c", ("ends with <tool_c", None)),
     ("", (None, None)),
 ]
+PY_CALLS = '[get_weather(city="Paris", unit="°C"), now()]'
+PYTHONIC = [
+    (PY_CALLS, (None, [WEATHER, CLOCK])),
+    ("\n " + PY_CALLS + "\n", (None, [WEATHER, CLOCK])),
+    ("<|python_start|>[now()]<|python_end|>", (None, [CLOCK])),  # Llama 4's tags kept
+    (
+        "[f(a=[1, {'b': None}], c=True, d=-2.5)]",
+        (None, [{"name": "f", "arguments": {"a": [1, {"b": None}], "c": True, "d": -2.5}}]),
+    ),
+    ("It is sunny [1].", ("It is sunny [1].", None)),
+    ("[1, 2]", ("[1, 2]", None)),  # a list, but not of calls
+    ("[]", ("[]", None)),
+    ("[f(1)]", ("[f(1)]", None)),  # positional arguments: no call
+    ("[f(a=x)]", ("[f(a=x)]", None)),  # not a literal
+    ("[a.b(c=1)]", ("[a.b(c=1)]", None)),
+    ("[f(**k)]", ("[f(**k)]", None)),
+    ("[now(), unfinished(", ("[now(), unfinished(", None)),  # cut by max_tokens: text
+    ("<|python", ("<|python", None)),
+    ("", (None, None)),
+]
+CASES = [("hermes", *c) for c in HERMES] + [("pythonic", *c) for c in PYTHONIC]
 
 
 def _named(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -58,14 +87,14 @@ def _named(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
             for c in calls]  # fmt: skip
 
 
-@pytest.mark.parametrize(("text", "expected"), CASES)
-def test_parse_calls(text: str, expected: tuple[str | None, list | None]) -> None:
-    content, calls = parse_calls("hermes", text)
+@pytest.mark.parametrize(("parser", "text", "expected"), CASES)
+def test_parse_calls(parser: str, text: str, expected: tuple[str | None, list | None]) -> None:
+    content, calls = parse_calls(parser, text)
     assert (content, _named(calls)) == expected
 
 
-def _streamed(pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
-    stream = ToolCallStream("hermes")
+def _streamed(parser: str, pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    stream = ToolCallStream(parser)
     content, calls = "", []
     for i, piece in enumerate(pieces):
         c, got = stream.feed(piece, final=i == len(pieces) - 1)
@@ -74,15 +103,15 @@ def _streamed(pieces: list[str]) -> tuple[str, list[dict[str, Any]]]:
     return content, calls
 
 
-@pytest.mark.parametrize(("text", "expected"), CASES)
-def test_stream_adds_up_to_parse(text: str, expected: tuple) -> None:
+@pytest.mark.parametrize(("parser", "text", "expected"), CASES)
+def test_stream_adds_up_to_parse(parser: str, text: str, expected: tuple) -> None:
     want = (expected[0] or "", expected[1] or [])
     cuts = [[text[:i], text[i:]] for i in range(len(text) + 1)]
     cuts += [[text[:i], text[i:j], text[j:]] for i in range(0, len(text), 3)
              for j in range(i, len(text), 5)]  # fmt: skip
     cuts.append(list(text))
     for pieces in cuts:
-        content, calls = _streamed(pieces)
+        content, calls = _streamed(parser, pieces)
         assert (content, _named(calls) or []) == want, pieces
 
 
@@ -94,6 +123,18 @@ def test_a_tag_is_held_back_until_it_is_decided() -> None:
     assert content == "" and _named(calls) == [CLOCK]
     stream = ToolCallStream("hermes")
     assert stream.feed("a <b>") == ("a <b>", [])
+
+
+def test_pythonic_text_flows_and_a_list_is_held_to_the_end() -> None:
+    stream = ToolCallStream("pythonic")
+    assert stream.feed("  ") == ("", [])  # undecided
+    assert stream.feed(" Paris") == ("   Paris", [])
+    assert stream.feed(" is [big].") == (" is [big].", [])  # text, whatever follows
+    stream = ToolCallStream("pythonic")
+    assert stream.feed("[now(") == ("", [])
+    assert stream.feed(")]") == ("", [])  # the list may go on: held
+    content, calls = stream.feed("", final=True)
+    assert content == "" and _named(calls) == [CLOCK]
 
 
 def test_auto_needs_a_parser_on_every_tier_the_request_may_land_on() -> None:
@@ -210,3 +251,15 @@ def test_a_function_named_like_a_tool_choice_is_forced_by_its_name() -> None:
     assert json.loads(schema or "")["type"] == "array"
     assert _named(tool_calls(mode, '[{"name": "none", "parameters": {"x": 2}}]')) == [
         {"name": "none", "arguments": {"x": 2}}]  # fmt: skip
+
+
+def test_a_tiers_parser_is_checked_by_the_config() -> None:
+    def tier(parser: str) -> MoerayConfig:
+        return MoerayConfig.model_validate(
+            {"tiers": [{"name": "fast", "model": "/m", "tool_call_parser": parser}]}
+        )
+
+    assert {tier(p).tiers[0].tool_call_parser for p in TOOL_CALL_PARSERS} == {"hermes", "pythonic"}
+    with pytest.raises(ValidationError) as err:
+        tier("mistral")
+    assert err.value.errors()[0]["loc"] == ("tiers", 0, "tool_call_parser")

@@ -139,10 +139,15 @@ def tool_calls(mode: str, text: str) -> list[dict[str, Any]] | None:
             for n, a in pairs]  # fmt: skip
 
 
-def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """A call in OpenAI's shape: arguments as JSON text, a fresh id."""
+def _call(name: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    """A call in OpenAI's shape (arguments as JSON text, a fresh id); None when the arguments
+    have no JSON form (NaN or infinity, a set or bytes from a pythonic literal)."""
+    try:
+        text = json.dumps(args, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}  # fmt: skip
+            "function": {"name": name, "arguments": text}}  # fmt: skip
 
 
 def _hermes_call(block: str) -> dict[str, Any] | None:
@@ -168,10 +173,13 @@ def _pythonic_calls(text: str) -> list[dict[str, Any]] | None:
         for node in tree.elts:
             if not isinstance(node, ast.Call) or node.args or not isinstance(node.func, ast.Name):
                 return None
-            if any(kw.arg is None for kw in node.keywords):  # **kwargs
-                return None
             args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-            calls.append(_call(node.func.id, args))  # type: ignore[arg-type]
+            if None in args:  # **kwargs
+                return None
+            call = _call(node.func.id, args)  # type: ignore[arg-type]
+            if call is None:
+                return None
+            calls.append(call)
         return calls
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None

@@ -39,6 +39,7 @@ def _block(call: dict[str, Any]) -> str:
 BAD = "<tool_call>not json</tool_call>"
 NO_NAME = '<tool_call>{"arguments": {}}</tool_call>'
 LIST_ARGS = '<tool_call>{"name": "f", "arguments": [1]}'
+NAN_ARGS = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'
 HERMES = [  # output, (content, [(name, arguments)] or None)
     ("It is sunny.", ("It is sunny.", None)),
     (_block(WEATHER), (None, [WEATHER])),
@@ -53,6 +54,7 @@ HERMES = [  # output, (content, [(name, arguments)] or None)
     (LIST_ARGS, (LIST_ARGS, None)),
     ("a <tool_cal b", ("a <tool_cal b", None)),
     ("ends with <tool_c", ("ends with <tool_c", None)),
+    (NAN_ARGS, (NAN_ARGS, None)),  # NaN: no JSON form
     ("", (None, None)),
 ]
 PY_CALLS = '[get_weather(city="Paris", unit="°C"), now()]'
@@ -71,6 +73,8 @@ PYTHONIC = [
     ("[f(a=x)]", ("[f(a=x)]", None)),  # not a literal
     ("[a.b(c=1)]", ("[a.b(c=1)]", None)),
     ("[f(**k)]", ("[f(**k)]", None)),
+    ("[f(a={1, 2})]", ("[f(a={1, 2})]", None)),  # a set: no JSON form
+    ("[f(a=1e999)]", ("[f(a=1e999)]", None)),  # infinity: no JSON form
     ("[now(), unfinished(", ("[now(), unfinished(", None)),  # cut by max_tokens: text
     ("<|python", ("<|python", None)),
     ("", (None, None)),

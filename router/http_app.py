@@ -298,9 +298,11 @@ def _tools(
     service: InferenceService, req: ChatCompletionRequest, tier: str
 ) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
     """router/tools.py's forced_tools on the request, its errors as HTTP 400s."""
-    try:
+    unparsed = []  # the tiers the request may land on without a tool_call_parser
+    if req.tools:
         parsers = {t.name: t.tool_call_parser for t in service.config.tiers}
         unparsed = [t for t in service.limits.candidate_tiers(tier) if not parsers.get(t)]
+    try:
         return forced_tools(req.tools, req.tool_choice, req.parallel_tool_calls, unparsed)
     except RequestError as e:
         raise _invalid(e.field, e.message) from None

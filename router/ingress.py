@@ -13,6 +13,7 @@ are grpcio's own servicers, wired in router/front_door.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,7 +30,7 @@ from moeray.router.service import (
 )
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
-from moeray.workers.io_struct import InvalidRequest, RequestOutput
+from moeray.workers.io_struct import InvalidRequest, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,15 @@ ENGINE_TIME_KEY = "moeray-engine-time-ms"
 #: long, unless it turns out to be cancelled meanwhile (grpc.aio reads a cancel as the end of
 #: the messages and cancels the handler a moment later).
 MISSING_REQUEST_GRACE_S = 0.05
+#: SamplingParams' fields: an engine names them bare, the proto within `sampling`.
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, InvalidRequest):  # RequestError, or one the engine raised
+        if e.field in SAMPLING_FIELDS:  # the engine's refusal (logit_bias beyond the
+            # vocabulary, a schema llguidance cannot follow) names the field as the proto does
+            return grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}"
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 #: The most alternatives per token a request may ask log-probabilities for (OpenAI's chat limit).
 MAX_LOGPROBS = 20
+#: The longest JSON Schema text a request may give (structured output).
+MAX_JSON_SCHEMA_CHARS = 65536
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
 
@@ -163,9 +166,7 @@ class SamplingParams:
                     "logit_bias", f"values must be numbers in [-100, 100], got {bias!r}"
                 )
         if self.json_schema is not None:
-            from moeray.workers.guided import check_json_schema  # imports llguidance
-
-            check_json_schema(self.json_schema)
+            _check_json_schema(self.json_schema)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
@@ -245,6 +246,23 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def _check_json_schema(text: object) -> None:
+    """InvalidRequest("json_schema") unless `text` is the JSON text of a schema object, at most
+    MAX_JSON_SCHEMA_CHARS long. Whether llguidance can follow it is the engine's to say when it
+    compiles it (workers/guided.py), once, off the router's event loop."""
+    if not isinstance(text, str) or len(text) > MAX_JSON_SCHEMA_CHARS:
+        raise InvalidRequest(
+            "json_schema", f"must be the text of a JSON Schema of at most {MAX_JSON_SCHEMA_CHARS} "
+            "characters"
+        )  # fmt: skip
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise InvalidRequest("json_schema", f"is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidRequest("json_schema", "must be a JSON object (a JSON Schema)")
 
 
 def _is_int(v: object) -> bool:

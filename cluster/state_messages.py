@@ -172,7 +172,7 @@ class ReplicaInfo:
 
 @dataclass(frozen=True)
 class EngineEndpoint:
-    """One engine replica's gRPC endpoint (workers/engine_service.py), as it registers itself.
+    """One engine replica's endpoint (workers/engine_service.py, ZeroMQ), as it registers itself.
 
     address: host:port the router connects to; token: the secret every call must carry.
     max_prompt_bytes: the longest prompt text (UTF-8 bytes) the engine would tokenize

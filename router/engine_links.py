@@ -1,4 +1,5 @@
-"""The router's side of the one router <-> engine transport: gRPC clients of the engine replicas.
+"""The router's side of the one router <-> engine transport: a ZeroMQ connection to each engine
+replica (the protocol is in workers/engine_service.py).
 
 Each engine replica serves workers/engine_service.py on its node and registers the endpoint
 (address, token) in Redis (`ClusterState.register_engine`, kept fresh by `EndpointAnnouncer`).
@@ -6,7 +7,7 @@ Each engine replica serves workers/engine_service.py on its node and registers t
 (never on a request's path) and hands out a replica per request: the one that most likely holds
 the request's prompt prefix in its KV cache (router/prefix_affinity.py) unless it has
 `imbalance` more open streams than the least-loaded one, else the least-loaded one. A replica
-whose call failed with UNAVAILABLE is skipped for RETRY_AFTER_S; a replica whose endpoint left
+whose call failed "unavailable" is skipped for RETRY_AFTER_S; a replica whose endpoint left
 Redis is closed once its open streams have ended. Redis down: the known replicas keep serving.
 """
 
@@ -14,34 +15,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
-import grpc
+import zmq
+import zmq.asyncio
 from moeray.router.prefix_affinity import PrefixAffinity
 from moeray.workers.engine_service import (
-    CHANNEL_OPTIONS,
+    ABORT,
+    EVENT,
     GENERATE,
     STATS,
-    client_metadata,
+    configure,
+    decode_error,
     decode_event,
     decode_stats,
     encode,
 )
-from moeray.workers.io_struct import EngineStats, GenerateEvent, GenerateRequest, StatsRequest
+from moeray.workers.io_struct import EngineStats, GenerateEvent, GenerateRejected, GenerateRequest
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
 RETRY_AFTER_S = 2.0
 STATS_TIMEOUT_S = 1.0
+#: How long a call waits for a replica's first connection (it is listening before it announces
+#: itself, so this is a loopback or LAN handshake).
+CONNECT_TIMEOUT_S = 2.0
+_MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+
+
+class EngineCallError(Exception):
+    """A call to an engine replica that ended without its answer.
+
+    code: "unavailable" (the replica is unreachable, was lost or is draining: a call that had
+    received nothing may be retried elsewhere), "deadline_exceeded", "cancelled" (this side
+    cancelled it), "unauthenticated", "invalid", "internal" (the engine failed it).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
 
 
 class EngineClient:
-    """One gRPC channel from this router replica to one engine replica (on the router's loop).
+    """One ZeroMQ connection from this router replica to one engine replica (on the router's
+    loop, made at its first call).
 
     `inflight` counts its open Generate streams (least-loaded picking); `max_prompt_bytes` is
     the longest prompt text the replica announced it would take (0: not announced).
@@ -52,64 +76,227 @@ class EngineClient:
     ) -> None:
         self.replica_id, self.address, self.token = replica_id, address, token
         self.max_prompt_bytes = max_prompt_bytes
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._generate = self.channel.unary_stream(
-            GENERATE, request_serializer=encode, response_deserializer=decode_event
-        )
-        self._stats = self.channel.unary_unary(
-            STATS, request_serializer=encode, response_deserializer=decode_stats
-        )
-        self._metadata = client_metadata(token)
         self.inflight = 0
-        self.failed_at = 0.0  # monotonic time of the last UNAVAILABLE (0 = none)
+        self.failed_at = 0.0  # monotonic time of the last "unavailable" (0 = none)
         self.missing_since = 0.0  # monotonic time its endpoint went missing from Redis (0 = none)
+        self._token = token.encode()
+        self._ids = itertools.count(1)
+        self._calls: dict[bytes, GenerateStream | asyncio.Future[EngineStats]] = {}
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._up = False
+        self._down = ""  # why the connection is down ("" = not known to be)
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    # ---- calls ---------------------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest, timeout_s: float | None) -> GenerateStream:
         """A stream of GenerateEvents for one request; cancel() aborts it on the engine."""
-        call = self._generate(request, timeout=timeout_s, metadata=self._metadata)
-        return GenerateStream(self, call)
+        return GenerateStream(self, request, timeout_s)
 
     async def stats(self, timeout_s: float = STATS_TIMEOUT_S) -> EngineStats:
-        """This replica's EngineStats; grpc.aio.AioRpcError when it does not answer in time."""
-        result: EngineStats = await self._stats(
-            StatsRequest(), timeout=timeout_s, metadata=self._metadata
-        )
-        return result
+        """This replica's EngineStats; EngineCallError when it does not answer in time."""
+        deadline = time.monotonic() + timeout_s
+        await self._connected(timeout_s)
+        call_id = self._new_id()
+        answer: asyncio.Future[EngineStats] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = answer
+        try:
+            self._send([STATS, self._token, call_id])
+            return await asyncio.wait_for(answer, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise EngineCallError(
+                "deadline_exceeded", f"the engine replica at {self.address} did not answer in "
+                f"{timeout_s} s"
+            ) from None  # fmt: skip
+        finally:
+            self._calls.pop(call_id, None)
 
     async def close(self) -> None:
-        await self.channel.close(grace=None)
+        self._closed = True
+        self._lose("the router closed its connection")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    # ---- the connection ------------------------------------------------------------------------
+
+    def _new_id(self) -> bytes:
+        return next(self._ids).to_bytes(8, "little")
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        """The DEALER socket, made (with its reader and monitor) on first use."""
+        if self._sock is None:
+            if self._closed:
+                raise EngineCallError("unavailable", "the connection is closed")
+            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            configure(sock)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not (yet) up
+            monitor = sock.get_monitor_socket(_MONITORED)
+            sock.connect(f"tcp://{self.address}")
+            self._sock = sock
+            self._tasks = [
+                asyncio.create_task(self._read(sock), name=f"moeray-engine-{self.replica_id}"),
+                asyncio.create_task(self._watch(monitor), name=f"moeray-watch-{self.replica_id}"),
+            ]
+        return self._sock
+
+    async def _connected(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Returns once the connection is up; EngineCallError("unavailable") when it is known to
+        be down or does not come up within timeout_s."""
+        self._socket()
+        deadline = time.monotonic() + timeout_s
+        while not self._up:
+            if self._down:
+                raise EngineCallError("unavailable", self._down)
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise EngineCallError(
+                    "unavailable", f"no connection to the engine replica at {self.address} "
+                    f"within {timeout_s} s"
+                ) from None  # fmt: skip
+
+    def _send(self, frames: list[bytes]) -> None:
+        """Queues a message on the connection; "unavailable" if the connection just dropped."""
+        sent = cast("asyncio.Future[Any]", self._socket().send_multipart(frames, zmq.NOBLOCK))
+        error = sent.exception() if sent.done() else None
+        if isinstance(error, zmq.Again):  # IMMEDIATE: no connection to queue it on
+            raise EngineCallError("unavailable", f"the connection to {self.address} is down")
+        if error is not None:
+            raise error
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:
+                continue
+            call_id, kind, body = frames
+            call = self._calls.get(call_id)
+            if isinstance(call, GenerateStream):
+                call.deliver(kind, body)
+            elif call is not None and not call.done():  # a stats call
+                if kind == STATS:
+                    call.set_result(decode_stats(body))
+                else:
+                    err = decode_error(body)
+                    call.set_exception(EngineCallError(err.code, err.message))
+            elif kind == EVENT:  # a call this side has given up on: make sure it stops
+                with contextlib.suppress(EngineCallError):
+                    self._send([ABORT, self._token, call_id])
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._set(up=True, down="")
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._lose(f"the connection to the engine replica at {self.address} was lost")
+                elif event == zmq.EVENT_CONNECT_RETRIED and not self._up:
+                    self._lose(f"the engine replica at {self.address} refused the connection")
+        finally:
+            monitor.close(linger=0)
+
+    def _set(self, up: bool, down: str) -> None:
+        self._up, self._down = up, down
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _lose(self, why: str) -> None:
+        """The connection is down: every open call fails "unavailable"."""
+        self._set(up=False, down=why)
+        if self._calls:
+            self.failed_at = time.monotonic()
+        for call in list(self._calls.values()):
+            if isinstance(call, GenerateStream):
+                call.fail(EngineCallError("unavailable", why))
+            elif not call.done():
+                call.set_exception(EngineCallError("unavailable", why))
+        self._calls.clear()
 
 
 class GenerateStream:
-    """One Generate call: iterate it for GenerateEvents; counts as in flight until it ends."""
+    """One Generate call: iterate it (once) for GenerateEvents; it counts as in flight until it
+    ends. The request is sent when iteration starts."""
 
-    def __init__(self, client: EngineClient, call: Any) -> None:
-        self.client, self.call = client, call
+    def __init__(
+        self, client: EngineClient, request: GenerateRequest, timeout_s: float | None
+    ) -> None:
+        self.client, self.request, self.timeout_s = client, request, timeout_s
+        self.call_id = client._new_id()
         self.received = 0  # events received so far (0: the engine may not have started it)
+        self._queue: asyncio.Queue[tuple[bytes, bytes] | EngineCallError] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
+        self._sent = self._finished = False
         client.inflight += 1
         self._open = True
 
     async def __aiter__(self) -> AsyncIterator[GenerateEvent]:
+        client = self.client
         try:
-            async for event in self.call:
+            if self.timeout_s is not None:
+                self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
+            await client._connected()
+            if not self._open:  # cancelled while connecting
+                raise EngineCallError("cancelled", "the call was cancelled")
+            client._calls[self.call_id] = self
+            client._send([GENERATE, client._token, self.call_id, encode(self.request)])
+            self._sent = True
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, EngineCallError):
+                    raise item
+                kind, body = item
+                if kind != EVENT:
+                    err = decode_error(body)
+                    raise EngineCallError(err.code, err.message)
+                event = decode_event(body)
                 self.received += 1
+                self._finished = isinstance(event, GenerateRejected) or (
+                    event.finish_reason is not None
+                )
                 yield event
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.client.failed_at = time.monotonic()
+                if self._finished:
+                    return
+        except EngineCallError as e:
+            if e.code == "unavailable":
+                client.failed_at = time.monotonic()
             raise
         finally:
             self._end()
 
+    def deliver(self, kind: bytes, body: bytes) -> None:
+        self._queue.put_nowait((kind, body))
+
+    def fail(self, error: EngineCallError) -> None:
+        self._queue.put_nowait(error)
+
+    def _expire(self) -> None:
+        self.fail(EngineCallError("deadline_exceeded", "the call's deadline passed"))
+
     def cancel(self) -> None:
-        """Stops the call: the engine aborts the request and frees its KV blocks."""
-        self.call.cancel()
+        """Stops the call: the engine aborts the request and frees its KV blocks. A no-op once
+        the call has ended."""
+        if self._open:
+            self.fail(EngineCallError("cancelled", "the call was cancelled"))
         self._end()
 
     def _end(self) -> None:
-        if self._open:
-            self._open = False
-            self.client.inflight -= 1
+        if not self._open:
+            return
+        self._open = False
+        client = self.client
+        client.inflight -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+        if client._calls.pop(self.call_id, None) is not None and not self._finished:
+            with contextlib.suppress(EngineCallError):  # a lost connection aborts it anyway
+                client._send([ABORT, client._token, self.call_id])
 
 
 class EngineLinks:

@@ -24,12 +24,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.expert_load import read_expert_status
 from moeray.cluster.logs import REQUEST_ID
 from moeray.router.convert import RequestError, RequestLimits, check_prompt_size
-from moeray.router.engine_links import EngineLinks, GenerateStream
+from moeray.router.engine_links import EngineCallError, EngineLinks, GenerateStream
 from moeray.router.messages import GenerateCall, RouteDecision, RouteInput, TierLoad
 from moeray.router.metrics import FrontDoorMetrics
 from moeray.router.policy import QueryRouter
@@ -255,22 +254,21 @@ class InferenceService:
                     event = await anext(events)
             except StopAsyncIteration:
                 return
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-                if code == grpc.StatusCode.CANCELLED and running.aborted:
+            except EngineCallError as e:
+                if e.code == "cancelled" and running.aborted:
                     raise _Aborted from None
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                if e.code == "deadline_exceeded":
                     raise DeadlineExceeded("the request's deadline passed") from None
                 lost = f"the engine replica of tier {tier!r} at {client.address} was lost"
-                if code == grpc.StatusCode.UNAVAILABLE and not stream.received:
+                if e.code == "unavailable" and not stream.received:
                     tried.add(client.replica_id)
                     if len(tried) < MAX_ATTEMPTS:
-                        log.warning("%s before request %s started; trying another replica",
-                                    lost, call.request_id)  # fmt: skip
+                        log.warning("%s before request %s started (%s); trying another replica",
+                                    lost, call.request_id, e.message)  # fmt: skip
                         continue
-                if code == grpc.StatusCode.UNAVAILABLE:
+                if e.code == "unavailable":
                     raise EngineUnavailable(f"{lost}; retry the request") from None
-                raise EngineUnavailable(f"{lost}: {code.name} {e.details()}") from None
+                raise EngineUnavailable(f"{lost}: {e}") from None
             except asyncio.CancelledError:
                 if running.aborted:
                     raise _Aborted from None

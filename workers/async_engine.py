@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
@@ -89,7 +89,7 @@ class AsyncLLMEngine:
         request_id: str,
         prompt: str | list[int] | Messages,
         params: SamplingParams | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Queues a request; iterate the result for RequestOutput deltas (last one finished).
 
         Raises InvalidRequest (bad input, naming the field), EngineOverloaded (queue full) or
@@ -112,7 +112,7 @@ class AsyncLLMEngine:
 
     def submit(
         self, request_id: str, ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Queues a request `prepare` has checked (as `generate` does); on the event loop."""
         if self._stopping:
             raise RuntimeError("the engine is shut down")
@@ -156,7 +156,9 @@ class AsyncLLMEngine:
         free_seats = max(0, sched.max_num_seqs - len(sched.running))
         return max(0, len(sched.waiting) + self._pending_adds - free_seats)
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    async def _iterate(
+        self, request_id: str, stream: _Stream
+    ) -> AsyncGenerator[RequestOutput, None]:
         finished = False
         pending: RequestOutput | BaseException | None = None
         try:

@@ -1,8 +1,8 @@
-"""One tier's engine replica: AsyncLLMEngine behind the internal gRPC service, as a Serve deployment.
+"""One tier's engine replica: AsyncLLMEngine behind the internal engine service, as a Serve deployment.
 
 cluster/app.py wraps `EngineServer` with `serve.deployment(...)` once per tier. Serve runs the
 replica (placement, restarts, health checks); the data path is workers/engine_service.py: the
-replica serves Generate and Stats over gRPC on its node's IP and keeps that endpoint (address and
+replica serves Generate and Stats over ZeroMQ on its node's IP and keeps that endpoint (address and
 token) registered in Redis through the registry it is given, where router replicas find it. No
 Serve handle carries request data.
 

@@ -2,9 +2,9 @@
 
 - The engine's API (offline `LLM`, `LLMEngine`, `AsyncLLMEngine`): `SamplingParams`,
   `RequestOutput`, `FinishReason`, `Usage`.
-- The wire between a router replica and an engine replica (workers/engine_service.py, gRPC with
-  msgspec-encoded bodies): `GenerateRequest` in, a stream of `GenerateDelta`s (deltas only) or one
-  `GenerateRejected` out; `StatsRequest` in, `EngineStats` out.
+- The wire between a router replica and an engine replica (workers/engine_service.py, ZeroMQ
+  with msgspec-encoded bodies): `GenerateRequest` in, a stream of `GenerateDelta`s (deltas only)
+  or one `GenerateRejected` out; `EngineStats` for a Stats message.
 - Refusals: `InvalidRequest(field, message)`, a ValueError that carries the field's name as data,
   so no caller ever parses it back out of the sentence.
 """
@@ -331,10 +331,6 @@ class GenerateRejected(msgspec.Struct, frozen=True, tag="rejected"):
 
 
 GenerateEvent = GenerateDelta | GenerateRejected
-
-
-class StatsRequest(msgspec.Struct, frozen=True):
-    """Router -> engine: ask for an EngineStats snapshot."""
 
 
 class EngineStats(msgspec.Struct, frozen=True):

@@ -34,10 +34,10 @@ from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
 from moeray.cluster.state import ClusterState, EngineEndpoint
+from moeray.router.engine_links import EngineClient
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
-from moeray.workers.engine_service import STATS, client_metadata, decode_stats, encode
-from moeray.workers.io_struct import StatsRequest
+from moeray.workers.io_struct import EngineStats
 
 from tests.scrape import metric_sum
 
@@ -96,9 +96,15 @@ def _endpoint(stack: LocalStack, tier: str) -> EngineEndpoint:
 def _engine_stats(stack: LocalStack, tier: str) -> Any:
     """The tier's engine replica's own EngineStats, over the internal Stats call."""
     ep = _endpoint(stack, tier)
-    with grpc.insecure_channel(ep.address) as ch:
-        call = ch.unary_unary(STATS, request_serializer=encode, response_deserializer=decode_stats)
-        return call(StatsRequest(), timeout=30, metadata=client_metadata(ep.token))
+
+    async def ask() -> EngineStats:
+        client = EngineClient(ep.replica_id, ep.address, ep.token)
+        try:
+            return await client.stats(timeout_s=30)
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
 
 
 def _wait_idle(stack: LocalStack, tier: str, timeout_s: float = 60.0) -> None:

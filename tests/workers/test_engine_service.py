@@ -1,23 +1,37 @@
-"""The router <-> engine transport over a real gRPC channel on loopback: streams equal the offline
-engine's, refusals carry their field as data, and every way a call can end early (cancel,
-deadline, a dropped channel) frees the request's KV blocks."""
+"""The router <-> engine transport over a real ZeroMQ connection on loopback: streams equal the
+offline engine's, refusals carry their field as data, and every way a call can end early (cancel,
+deadline, a router that goes away) frees the request's KV blocks."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
+import zmq
+import zmq.asyncio
 from moeray.cluster.config import EngineConfig
-from moeray.router.engine_links import EngineClient
+from moeray.cluster.redis_server import free_port
+from moeray.router.engine_links import EngineCallError, EngineClient
 from moeray.workers import LLM, FinishReason, SamplingParams
 from moeray.workers.async_engine import AsyncLLMEngine
 from moeray.workers.engine import LLMEngine
-from moeray.workers.engine_service import GENERATE, EngineService
+from moeray.workers.engine_service import (
+    ERROR,
+    EVENT,
+    GENERATE,
+    HEARTBEAT_TIMEOUT_MS,
+    EngineService,
+    configure,
+    decode_error,
+    decode_event,
+)
 from moeray.workers.io_struct import (
     ChatMessage,
     EngineStats,
@@ -152,7 +166,7 @@ def test_refusals_carry_the_field(served: tuple[AsyncLLMEngine, EngineService]) 
 def test_cancel_and_deadline_free_kv_blocks(served: tuple[AsyncLLMEngine, EngineService]) -> None:
     engine, service = served
 
-    async def main() -> grpc.StatusCode:
+    async def main() -> str:
         client = EngineClient("r0", service.address, TOKEN)
         try:
             stream = client.generate(request("c1", "hi", LONG), 30)
@@ -165,14 +179,14 @@ def test_cancel_and_deadline_free_kv_blocks(served: tuple[AsyncLLMEngine, Engine
             assert client.inflight == 0
             try:
                 await collect(client, request("c2", "hi", LONG), timeout_s=0.3)
-            except grpc.aio.AioRpcError as e:
+            except EngineCallError as e:
                 await wait_idle(engine)  # the deadline aborted it on the engine as well
-                return e.code()
+                return e.code
             raise AssertionError("a 400-token request finished within 0.3 s")
         finally:
             await client.close()
 
-    assert asyncio.run(main()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert asyncio.run(main()) == "deadline_exceeded"
 
 
 def test_dropped_channel_frees_kv_blocks(served: tuple[AsyncLLMEngine, EngineService]) -> None:
@@ -193,7 +207,7 @@ def test_dropped_channel_frees_kv_blocks(served: tuple[AsyncLLMEngine, EngineSer
 def test_stats_and_wrong_token(served: tuple[AsyncLLMEngine, EngineService]) -> None:
     _, service = served
 
-    async def main() -> tuple[EngineStats, grpc.StatusCode, grpc.StatusCode]:
+    async def main() -> tuple[EngineStats, str, list[Any]]:
         good = EngineClient("r0", service.address, TOKEN)
         bad = EngineClient("r0", service.address, "wrong")
         try:
@@ -201,20 +215,81 @@ def test_stats_and_wrong_token(served: tuple[AsyncLLMEngine, EngineService]) -> 
             try:
                 await collect(bad, request("x", "hi", PARAMS))
                 raise AssertionError("a call with the wrong token was served")
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-            # Garbage bytes where a GenerateRequest belongs: refused, naming no internal class.
-            raw = good.channel.unary_stream(GENERATE)
-            events = [
-                e
-                async for e in raw(b"\xff\x00garbage", metadata=(("x-moeray-engine-token", TOKEN),))
-            ]
-            return stats, code, grpc.StatusCode.OK if events else grpc.StatusCode.UNKNOWN
+            except EngineCallError as e:
+                code = e.code
+            # Garbage bytes where a GenerateRequest belongs, and frames of no known kind, from
+            # a raw socket: answered, naming no internal class, and the service keeps serving.
+            ctx = zmq.asyncio.Context()
+            raw = ctx.socket(zmq.DEALER)
+            raw.connect(f"tcp://{service.address}")
+            answers = []
+            try:
+                await raw.send_multipart([GENERATE, TOKEN.encode(), b"c1", b"\xff\x00garbage"])
+                answers.append(await asyncio.wait_for(raw.recv_multipart(), 10))
+                await raw.send_multipart([b"?", TOKEN.encode(), b"c2"])
+                answers.append(await asyncio.wait_for(raw.recv_multipart(), 10))
+                await raw.send_multipart([b"short"])  # no call id to answer on: ignored
+            finally:
+                ctx.destroy(linger=0)
+            await collect(good, request("after", "hi", PARAMS))
+            return stats, code, answers
         finally:
             await good.close()
             await bad.close()
 
-    stats, code, garbage = asyncio.run(main())
+    stats, code, answers = asyncio.run(main())
     assert stats.total_blocks > 0 and stats.free_blocks == stats.total_blocks
-    assert code == grpc.StatusCode.UNAUTHENTICATED
-    assert garbage == grpc.StatusCode.OK  # one GenerateRejected came back
+    assert code == "unauthenticated"
+    (c1, kind1, body1), (c2, kind2, body2) = answers
+    rejected = decode_event(body1)
+    assert (c1, kind1) == (b"c1", EVENT) and isinstance(rejected, GenerateRejected)
+    assert rejected.kind == "invalid" and "Error" not in rejected.message
+    assert (c2, kind2) == (b"c2", ERROR) and decode_error(body2).code == "invalid"
+
+
+def _silent_engine(port: int, listening: Any) -> None:
+    """A peer that accepts the connection and reads calls but never answers (then gets frozen)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    configure(sock)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    listening.set()
+    while True:
+        sock.recv_multipart()
+
+
+def test_a_frozen_engine_is_noticed_by_heartbeats() -> None:
+    """An engine replica that stops answering without closing its socket (a node that vanished,
+    here a SIGSTOPped process): the open call fails "unavailable" once the ZMTP heartbeats time
+    out, not at the OS's TCP timeout."""
+    port, mp = free_port(), multiprocessing.get_context("spawn")
+    listening = mp.Event()
+    peer = mp.Process(target=_silent_engine, args=(port, listening))
+    peer.start()
+    assert listening.wait(60), "the peer did not start"
+
+    async def main() -> tuple[str, float]:
+        client = EngineClient("r0", f"127.0.0.1:{port}", TOKEN)
+        try:
+            stream = client.generate(request("h", "hi", PARAMS), None)
+            events = stream.__aiter__()
+            first = asyncio.ensure_future(anext(events))
+            deadline = time.monotonic() + 30
+            while not client._calls:  # sent: the connection is up
+                assert time.monotonic() < deadline and not first.done()
+                await asyncio.sleep(0.05)
+            os.kill(peer.pid or 0, signal.SIGSTOP)
+            frozen = time.monotonic()
+            with pytest.raises(EngineCallError) as info:
+                await asyncio.wait_for(first, HEARTBEAT_TIMEOUT_MS / 1000 + 10)
+            return info.value.code, time.monotonic() - frozen
+        finally:
+            await client.close()
+
+    try:
+        code, after_s = asyncio.run(main())
+    finally:
+        peer.kill()
+        peer.join(10)
+    assert code == "unavailable"
+    assert after_s <= HEARTBEAT_TIMEOUT_MS / 1000 + 3, after_s

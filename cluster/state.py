@@ -15,8 +15,12 @@
 | `acks:{model}` | hash engine id -> epoch | the placement epoch each engine replica serves on |
 | `plan:{model}` | string | the autoscaler's latest `PlanRecord` (JSON) |
 | `plans:{model}` | hash "mode,outcome" -> count | plans made, by mode and outcome (a counter) |
-| `engines:{tier}` | set | replica ids of a tier's engine replicas (their gRPC endpoints) |
-| `engine:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON, with its prompt limit); expires unless refreshed |
+| `engines:{wire}:{tier}` | set | replica ids of a tier's engine replicas (their endpoints) |
+| `engine:{wire}:{tier}:{id}` | string, TTL | one `EngineEndpoint` (JSON, with its prompt limit); expires unless refreshed |
+
+`{wire}` is the router <-> engine protocol (ENGINE_WIRE): routers only see engines they can talk
+to, so during an upgrade that changes it (old and new RayClusters sharing one Redis namespace)
+each generation's routers stream to that generation's engines.
 
 Every multi-step update is one Lua script (atomic, one round trip). Placement epochs only grow:
 `publish_placement` is a compare-and-set on the expected epoch, so two planners cannot both win.
@@ -27,7 +31,7 @@ on one daemon thread that `close()` stops in bounded time, none letting a Redis 
   its memory it republishes the cached placement (`republish` never lowers an epoch).
 - `LoadReporter`: sums [L, E] counts locally, pushes them every N steps; keeps them on errors.
 - `Heartbeater`: refreshes a replica's TTL and re-registers it after a Redis restart.
-- `EndpointAnnouncer`: keeps an engine replica's gRPC endpoint registered.
+- `EndpointAnnouncer`: keeps an engine replica's endpoint registered.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 # KEYS[1] placement hash; ARGV: expected epoch (-1 = any), body, channel -> {won, epoch}
+#: The router <-> engine wire protocol of this release (workers/engine_service.py), part of the
+#: engine endpoint keys. Change it with any change routers and engines must agree on.
+ENGINE_WIRE = "zmq1"
+
 _PUBLISH_LUA = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 local expected = tonumber(ARGV[1])
@@ -321,25 +329,26 @@ class ClusterState:
         """Writes (or refreshes) an engine replica's endpoint with a TTL (default heartbeat_ttl_s)."""
         ttl_ms = int((ttl_s or self.heartbeat_ttl_s) * 1000)
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.key("engine", ep.tier, ep.replica_id), ep.to_json(), px=ttl_ms)
-        pipe.sadd(self.key("engines", ep.tier), ep.replica_id)
+        pipe.set(self.key("engine", ENGINE_WIRE, ep.tier, ep.replica_id), ep.to_json(), px=ttl_ms)
+        pipe.sadd(self.key("engines", ENGINE_WIRE, ep.tier), ep.replica_id)
         pipe.execute()
 
     def remove_engine(self, tier: str, replica_id: str) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.key("engine", check_name("tier", tier), replica_id))
-        pipe.srem(self.key("engines", tier), replica_id)
+        pipe.delete(self.key("engine", ENGINE_WIRE, check_name("tier", tier), replica_id))
+        pipe.srem(self.key("engines", ENGINE_WIRE, tier), replica_id)
         pipe.execute()
 
     def engine_endpoints(self, tier: str) -> list[EngineEndpoint]:
         """The tier's engine endpoints whose TTL has not run out, by replica id (expired ones are
         dropped from the set). Two round trips."""
-        members = self.key("engines", check_name("tier", tier))
+        members = self.key("engines", ENGINE_WIRE, check_name("tier", tier))
         ids = sorted(cast("set[str]", self.client.smembers(members)))
         if not ids:
             return []
         bodies = cast(
-            "list[str | None]", self.client.mget([self.key("engine", tier, i) for i in ids])
+            "list[str | None]",
+            self.client.mget([self.key("engine", ENGINE_WIRE, tier, i) for i in ids]),
         )
         expired = [i for i, b in zip(ids, bodies) if b is None]
         if expired:

@@ -17,6 +17,7 @@ import redis
 from moeray.cluster.placement import initial_placement
 from moeray.cluster.redis_server import RedisServer
 from moeray.cluster.state import (
+    ENGINE_WIRE,
     ClusterState,
     EndpointAnnouncer,
     EngineRegistry,
@@ -233,8 +234,15 @@ def test_engine_endpoints_register_expire_and_leave(cluster_state: ClusterState)
     cluster_state.register_engine(EngineEndpoint("reasoning", "rep-c", "h:1", "t"))
     assert cluster_state.engine_endpoints("fast") == [a, b]  # max_prompt_bytes 0 and 57344
     assert wait_until(lambda: cluster_state.engine_endpoints("fast") == [b], 3)
-    assert cluster_state.client.smembers(cluster_state.key("engines", "fast")) == {"rep-b"}
+    assert cluster_state.client.smembers(cluster_state.key("engines", ENGINE_WIRE, "fast")) == {
+        "rep-b"
+    }
     cluster_state.remove_engine("fast", "rep-b")
+    assert cluster_state.engine_endpoints("fast") == []
+    # An engine of the previous wire protocol (keys without it, as a release before ENGINE_WIRE
+    # wrote them, sharing the namespace during an upgrade) is not one this router can talk to.
+    cluster_state.client.set(cluster_state.key("engine", "fast", "old"), a.to_json())
+    cluster_state.client.sadd(cluster_state.key("engines", "fast"), "old")
     assert cluster_state.engine_endpoints("fast") == []
     assert [e.replica_id for e in cluster_state.engine_endpoints("reasoning")] == ["rep-c"]
     for bad, field in ((("fast", "r", "nohost", "t"), "address"), (("fast", "r", "h:0", "t"), "address"),

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import msgspec
 import zmq
 import zmq.asyncio
 from moeray.router.prefix_affinity import PrefixAffinity
@@ -178,13 +179,16 @@ class EngineClient:
             call_id, kind, body = frames
             call = self._calls.get(call_id)
             if isinstance(call, GenerateStream):
-                call.deliver(kind, body)
+                call.deliver(kind, body)  # decoded by its consumer
             elif call is not None and not call.done():  # a stats call
-                if kind == STATS:
-                    call.set_result(decode_stats(body))
-                else:
-                    err = decode_error(body)
-                    call.set_exception(EngineCallError(err.code, err.message))
+                try:
+                    if kind == STATS:
+                        call.set_result(decode_stats(body))
+                    else:
+                        err = decode_error(body)
+                        call.set_exception(EngineCallError(err.code, err.message))
+                except msgspec.DecodeError as e:
+                    call.set_exception(EngineCallError("internal", f"an undecodable answer: {e}"))
             elif kind == EVENT:  # a call this side has given up on: make sure it stops
                 with contextlib.suppress(EngineCallError):
                     self._send([ABORT, self._token, call_id])
@@ -252,10 +256,13 @@ class GenerateStream:
                 if isinstance(item, EngineCallError):
                     raise item
                 kind, body = item
-                if kind != EVENT:
-                    err = decode_error(body)
-                    raise EngineCallError(err.code, err.message)
-                event = decode_event(body)
+                try:
+                    if kind != EVENT:
+                        err = decode_error(body)
+                        raise EngineCallError(err.code, err.message)
+                    event = decode_event(body)
+                except msgspec.DecodeError as e:
+                    raise EngineCallError("internal", f"an undecodable answer: {e}") from None
                 self.received += 1
                 self._finished = isinstance(event, GenerateRejected) or (
                     event.finish_reason is not None

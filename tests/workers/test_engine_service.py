@@ -293,3 +293,34 @@ def test_a_frozen_engine_is_noticed_by_heartbeats() -> None:
         peer.join(10)
     assert code == "unavailable"
     assert after_s <= HEARTBEAT_TIMEOUT_MS / 1000 + 3, after_s
+
+
+def test_an_answer_that_is_no_message_fails_the_call_not_the_connection() -> None:
+    """A peer (a broken or foreign engine) answering with bytes that decode to nothing: the call
+    ends with an "internal" EngineCallError naming it, and the connection keeps serving."""
+
+    async def main() -> tuple[str, str, int]:
+        ctx = zmq.asyncio.Context()
+        peer = ctx.socket(zmq.ROUTER)
+        port = peer.bind_to_random_port("tcp://127.0.0.1")
+
+        async def answer() -> None:
+            while True:
+                who, kind, _, call_id, *_ = await peer.recv_multipart()
+                reply = EVENT if kind == GENERATE else b"S"
+                await peer.send_multipart([who, call_id, reply, b"\xc1 not msgpack"])
+
+        server = asyncio.create_task(answer())
+        client = EngineClient("r0", f"127.0.0.1:{port}", TOKEN)
+        try:
+            with pytest.raises(EngineCallError) as generate_error:
+                await collect(client, request("g", "hi", PARAMS), timeout_s=10)
+            with pytest.raises(EngineCallError) as stats_error:
+                await client.stats(timeout_s=10)
+            return generate_error.value.code, stats_error.value.code, client.inflight
+        finally:
+            await client.close()
+            server.cancel()
+            ctx.destroy(linger=0)
+
+    assert asyncio.run(main()) == ("internal", "internal", 0)

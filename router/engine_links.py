@@ -36,6 +36,7 @@ from moeray.workers.engine_service import (
     decode_event,
     decode_stats,
     encode,
+    tcp_endpoint,
 )
 from moeray.workers.io_struct import EngineStats, GenerateEvent, GenerateRejected, GenerateRequest
 from zmq.utils.monitor import parse_monitor_message
@@ -137,7 +138,7 @@ class EngineClient:
             configure(sock)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not (yet) up
             monitor = sock.get_monitor_socket(_MONITORED)
-            sock.connect(f"tcp://{self.address}")
+            sock.connect(tcp_endpoint(self.address))
             self._sock = sock
             self._tasks = [
                 asyncio.create_task(self._read(sock), name=f"moeray-engine-{self.replica_id}"),

@@ -109,6 +109,13 @@ def configure(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.IPV6, 1)  # IPv6 addresses too (IPv4 ones as before)
+
+
+def tcp_endpoint(address: str) -> str:
+    """An announced address, host:port (an IPv6 host unbracketed) -> a ZeroMQ TCP endpoint."""
+    host, _, port = address.rpartition(":")
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{address}"
 
 
 class EngineService:
@@ -163,9 +170,9 @@ class EngineService:
         configure(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a peer that left raises
         if self.port:
-            sock.bind(f"tcp://{self.host}:{self.port}")
+            sock.bind(tcp_endpoint(self.address))
         else:
-            self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+            self.port = sock.bind_to_random_port(tcp_endpoint(self.address).rpartition(":")[0])
         self._sock = sock
         self._receiver = asyncio.create_task(self._receive(sock), name="moeray-engine-receive")
 
@@ -387,4 +394,5 @@ __all__ = [
     "decode_event",
     "decode_stats",
     "encode",
+    "tcp_endpoint",
 ]

@@ -31,6 +31,7 @@ from moeray.workers.engine_service import (
     configure,
     decode_error,
     decode_event,
+    tcp_endpoint,
 )
 from moeray.workers.io_struct import (
     ChatMessage,
@@ -324,3 +325,25 @@ def test_an_answer_that_is_no_message_fails_the_call_not_the_connection() -> Non
             ctx.destroy(linger=0)
 
     assert asyncio.run(main()) == ("internal", "internal", 0)
+
+
+def test_an_ipv6_engine_address(path: Path, served: tuple[AsyncLLMEngine, EngineService]) -> None:
+    """A node whose address is IPv6 (announced unbracketed, as `host:port`) serves the same."""
+    engine, _ = served
+    service = EngineService(engine, lambda: pytest.fail("not asked"), TOKEN, host="::1")
+    address = service.start()
+    assert address.startswith("::1:") and tcp_endpoint(address) == f"tcp://[::1]:{service.port}"
+
+    async def main() -> list[Any]:
+        client = EngineClient("r6", address, TOKEN)
+        try:
+            return await collect(client, request("v6", "Hello world", PARAMS))
+        finally:
+            await client.close()
+
+    try:
+        events = asyncio.run(main())
+    finally:
+        service.close()
+    (want,) = LLM(model=path).generate(["Hello world"], PARAMS)
+    assert [t for e in events for t in e.delta_token_ids] == want.token_ids

@@ -536,6 +536,7 @@ def grpc_corpus() -> list[tuple[str, bytes, str, str]]:
     """(name, raw GenerateRequest bytes, expected code, field the details must start with)."""
     S = pb.SamplingParams
     ok_prompt = _ld(2, b"hello")
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
     cases: list[tuple[str, Any, str]] = [
         ("empty prompt", pb.GenerateRequest(prompt=""), "prompt"),
         ("blank prompt", pb.GenerateRequest(prompt="   \n"), "prompt"),
@@ -589,6 +590,23 @@ def grpc_corpus() -> list[tuple[str, bytes, str, str]]:
                                                      tier="fast"), "prompt_token_ids"),
         ("token ids beyond context", pb.GenerateRequest(prompt_token_ids=pb.TokenIds(
             ids=[1] * (FAST_LEN + 100)), tier="fast"), "prompt_token_ids"),
+        ("tools on a prompt", pb.GenerateRequest(prompt="hi", tools=[pb.Tool(name="f")],
+                                                 tool_choice=pb.ToolChoice(function="f")), "tools"),
+        ("tool name with a space", pb.GenerateRequest(messages=chat, tools=[pb.Tool(name="a b")],
+                                                      tool_choice=pb.ToolChoice(mode="required")),
+         "tools[0].name"),
+        ("tool parameters no JSON", pb.GenerateRequest(messages=chat, tools=[
+            pb.Tool(name="f", parameters="{")], tool_choice=pb.ToolChoice(function="f")),
+         "tools[0].parameters"),
+        ("tool_choice names no tool", pb.GenerateRequest(messages=chat, tools=[pb.Tool(name="f")],
+                                                         tool_choice=pb.ToolChoice(function="g")),
+         "tool_choice"),
+        ("tool_choice mode unknown", pb.GenerateRequest(messages=chat, tools=[pb.Tool(name="f")],
+                                                        tool_choice=pb.ToolChoice(mode="always")),
+         "tool_choice"),
+        ("tool call arguments no JSON", pb.GenerateRequest(messages=pb.ChatMessages(messages=[
+            pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(name="f", arguments="{")]),
+            pb.ChatMessage(role="user", content="hi")])), "messages[0].tool_calls[0].arguments"),
     ]  # fmt: skip
     out = [(n, m.SerializeToString(), "INVALID_ARGUMENT", f) for n, m, f in cases]
     raw = [

@@ -15,6 +15,7 @@ makes the server stop generating and free the request's KV blocks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -68,8 +69,19 @@ def _as_error(err: grpc.RpcError) -> MoerayError:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: arguments is a JSON object as text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class GenerateDelta:
-    """One streamed message: new text and token ids since the previous one."""
+    """One streamed message: new text and token ids since the previous one. A chat with tools
+    also gets the calls completed (each whole); a chat on a tier with a reasoning_parser, its
+    new thinking (text then holds only the answer)."""
 
     request_id: str
     tier: str
@@ -81,6 +93,8 @@ class GenerateDelta:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (if asked)
     #: First message only (if asked): one per prompt token after the first.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning_text: str = ""
 
 
 @dataclass
@@ -96,25 +110,35 @@ class GenerateResult:
     route: RouteDecision | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning_text: str = ""
 
 
 def _request_input(
     msg: pb.GenerateRequest | pb.RouteRequest,
     prompt: str | None,
-    messages: Sequence[ChatMessage | dict[str, str]] | None,
+    messages: Sequence[ChatMessage | dict[str, Any]] | None,
     prompt_token_ids: Sequence[int] | None,
 ) -> None:
-    """Fills the `input` oneof; ValueError when not exactly one form is given."""
+    """Fills the `input` oneof; ValueError when not exactly one form is given. A message may be
+    an OpenAI-style dict with tool_calls ({id, type, function: {name, arguments}}) and
+    tool_call_id."""
     if sum(x is not None for x in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("input: exactly one of prompt, messages or prompt_token_ids must be given")
     if prompt is not None:
         msg.prompt = prompt
     elif messages is not None:
         for m in messages:
-            role, content = (
-                (m.role, m.content) if isinstance(m, ChatMessage) else (m["role"], m["content"])
-            )
-            msg.messages.messages.add(role=role, content=content)
+            if isinstance(m, ChatMessage):
+                msg.messages.messages.add(role=m.role, content=m.content)
+                continue
+            turn = msg.messages.messages.add(role=m["role"], content=m.get("content") or "",
+                                             tool_call_id=m.get("tool_call_id") or "")  # fmt: skip
+            for c in m.get("tool_calls") or ():
+                fn = c["function"]
+                args = fn.get("arguments", "{}")
+                turn.tool_calls.add(id=c.get("id", ""), name=fn["name"],
+                                    arguments=args if isinstance(args, str) else json.dumps(args))  # fmt: skip
     else:
         msg.prompt_token_ids.ids.extend(prompt_token_ids or ())
 
@@ -178,13 +202,30 @@ class MoerayClient:
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Iterator[GenerateDelta]:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
         logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens;
         prompt_logprobs=k: the first carries the prompt tokens' (all but the first);
-        json_schema: the text of a JSON Schema the output must follow (structured output)."""
+        json_schema: the text of a JSON Schema the output must follow (structured output).
+        tools (chat only): OpenAI's function tools, {type: function, function: {name,
+        description, parameters}} (or the function dict alone); tool_choice: "auto", "none",
+        "required" or {type: function, function: {name}}."""
         req = pb.GenerateRequest(request_id=request_id, tier=tier)
         _request_input(req, prompt, messages, prompt_token_ids)
+        for t in tools or ():
+            fn = t.get("function", t)
+            params = fn.get("parameters")
+            req.tools.add(name=fn["name"], description=fn.get("description", ""),
+                          parameters="" if params is None else json.dumps(params))  # fmt: skip
+        if isinstance(tool_choice, str):
+            req.tool_choice.mode = tool_choice
+        elif tool_choice is not None:
+            req.tool_choice.function = tool_choice["function"]["name"]
+        if parallel_tool_calls is not None:
+            req.parallel_tool_calls = parallel_tool_calls
         s = req.sampling
         s.stop.extend(stop)
         s.ignore_eos = ignore_eos
@@ -215,6 +256,8 @@ class MoerayClient:
                     route=route_decision_from_proto(msg.route) if msg.HasField("route") else None,
                     logprobs=[token_logprob_from_proto(e) for e in msg.logprobs],
                     prompt_logprobs=[token_logprob_from_proto(e) for e in msg.prompt_logprobs],
+                    tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in msg.tool_calls],
+                    reasoning_text=msg.reasoning_text,
                 )
         except grpc.RpcError as e:
             raise _as_error(e) from None
@@ -233,6 +276,8 @@ class MoerayClient:
             out.finish_reason = d.finish_reason or out.finish_reason
             out.logprobs.extend(d.logprobs)
             out.prompt_logprobs.extend(d.prompt_logprobs)
+            out.tool_calls.extend(d.tool_calls)
+            out.reasoning_text += d.reasoning_text
         return out
 
     def route(

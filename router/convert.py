@@ -13,6 +13,7 @@ validates with the same rules.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -376,7 +377,7 @@ def _input_from_proto(
             "request", f"is {msg.ByteSize()} bytes, above the limit of {limits.max_message_bytes}"
         )
     if kind == "messages":
-        chat = [ChatMessage(m.role, m.content) for m in msg.messages.messages]
+        chat = [_message_from_proto(i, m) for i, m in enumerate(msg.messages.messages)]
         return build_route_input(limits, messages=chat, tier=msg.tier)
     if kind == "prompt_token_ids":
         return build_route_input(
@@ -385,6 +386,55 @@ def _input_from_proto(
     if kind == "prompt_bytes":
         return build_route_input(limits, prompt_bytes=msg.prompt_bytes, tier=msg.tier)
     return build_route_input(limits, prompt=msg.prompt, tier=msg.tier)
+
+
+def _message_from_proto(i: int, m: pb.ChatMessage) -> ChatMessage:
+    calls = [
+        template_tool_call(f"messages[{i}].tool_calls[{j}]", c.id, c.name, c.arguments or "{}")
+        for j, c in enumerate(m.tool_calls)
+    ]
+    return ChatMessage(m.role, m.content, tool_calls=calls or None,
+                       tool_call_id=m.tool_call_id or None)  # fmt: skip
+
+
+def template_tool_call(where: str, call_id: str, name: Any, arguments: Any) -> dict[str, Any]:
+    """One call of an assistant turn in the form chat templates take (arguments as an object,
+    as vLLM passes them); RequestError naming `where`.name or .arguments otherwise.
+    arguments: JSON text (or the object itself)."""
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"{where}.name", "must be a non-empty string")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        raise RequestError(f"{where}.arguments", "must be JSON text") from None
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
+
+
+def tools_from_proto(
+    msg: pb.GenerateRequest,
+) -> tuple[list[dict[str, Any]] | None, str | dict[str, Any] | None, bool]:
+    """(tools, tool_choice, parallel_tool_calls) of a GenerateRequest in OpenAI's form, which
+    router/tools.py checks; RequestError for parameters that are no JSON."""
+    tools = []
+    for j, t in enumerate(msg.tools):
+        fn: dict[str, Any] = {"name": t.name}
+        if t.description:
+            fn["description"] = t.description
+        if t.parameters:
+            try:
+                fn["parameters"] = json.loads(t.parameters)
+            except ValueError:
+                raise RequestError(f"tools[{j}].parameters", "must be the JSON text of a JSON "
+                                   "Schema object") from None  # fmt: skip
+        tools.append({"type": "function", "function": fn})
+    choice: str | dict[str, Any] | None = None
+    which = msg.tool_choice.WhichOneof("choice") if msg.HasField("tool_choice") else None
+    if which == "function":
+        choice = {"type": "function", "function": {"name": msg.tool_choice.function}}
+    elif which == "mode":
+        choice = msg.tool_choice.mode
+    parallel = msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else True
+    return tools or None, choice, parallel
 
 
 def route_input_from_proto(msg: pb.RouteRequest, limits: RequestLimits) -> RouteInput:
@@ -408,8 +458,10 @@ def route_input_to_proto(inp: RouteInput) -> pb.RouteRequest:
         msg.prompt = inp.prompt
     elif inp.messages is not None:
         msg.messages.messages.extend(
-            pb.ChatMessage(role=m.role, content=m.content) for m in inp.messages
-        )
+            pb.ChatMessage(role=m.role, content=m.content, tool_call_id=m.tool_call_id or "",
+                           tool_calls=[tool_call_to_proto(c) for c in m.tool_calls or ()])
+            for m in inp.messages
+        )  # fmt: skip
     else:
         msg.prompt_token_ids.ids.extend(inp.prompt_token_ids or ())
     return msg
@@ -422,6 +474,7 @@ _FINISH_TO_PROTO = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
@@ -469,6 +522,14 @@ def output_to_proto(
     if route is not None:
         msg.route.CopyFrom(route_decision_to_proto(route))
     return msg
+
+
+def tool_call_to_proto(call: dict[str, Any]) -> pb.ToolCall:
+    """A call in OpenAI's shape (or a chat template's, arguments as an object) -> ToolCall."""
+    fn = call["function"]
+    args = fn["arguments"]
+    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return pb.ToolCall(id=call.get("id", ""), name=fn["name"], arguments=text)
 
 
 def token_logprob_to_proto(e: TokenLogprob) -> pb.TokenLogprob:

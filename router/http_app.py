@@ -50,6 +50,7 @@ from moeray.router.service import EngineUnavailable, InferenceService, Overloade
 from moeray.router.tools import (
     forced_tools,
     message_tool_calls,
+    unparsed_tiers,
 )
 from moeray.workers.io_struct import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -298,10 +299,7 @@ def _tools(
     service: InferenceService, req: ChatCompletionRequest, tier: str
 ) -> tuple[tuple[dict[str, Any], ...] | None, str | None, str]:
     """router/tools.py's forced_tools on the request, its errors as HTTP 400s."""
-    unparsed = []  # the tiers the request may land on without a tool_call_parser
-    if req.tools:
-        parsers = {t.name: t.tool_call_parser for t in service.config.tiers}
-        unparsed = [t for t in service.limits.candidate_tiers(tier) if not parsers.get(t)]
+    unparsed = unparsed_tiers(service.config, service.limits, tier) if req.tools else []
     try:
         return forced_tools(req.tools, req.tool_choice, req.parallel_tool_calls, unparsed)
     except RequestError as e:

@@ -20,7 +20,9 @@ from typing import Any
 
 import grpc
 from moeray.router import convert
+from moeray.router.chat_stream import ChatDelta, ChatStream
 from moeray.router.convert import RequestError
+from moeray.router.messages import GenerateCall
 from moeray.router.service import (
     DeadlineExceeded,
     EngineUnavailable,
@@ -28,6 +30,7 @@ from moeray.router.service import (
     Overloaded,
     TierSnapshot,
 )
+from moeray.router.tools import forced_tools, unparsed_tiers
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers.io_struct import InvalidRequest, RequestOutput, SamplingParams
@@ -70,6 +73,43 @@ def _set_status(context: grpc.aio.ServicerContext, e: BaseException) -> None:
     context.set_details(details)
 
 
+def _with_tools(
+    service: InferenceService, msg: pb.GenerateRequest, call: GenerateCall
+) -> tuple[GenerateCall, str, bool]:
+    """(the call with the request's tools for the chat template and, for a forced tool_choice,
+    the JSON Schema its output must follow; the forced mode; whether the tier's
+    tool_call_parser applies (tools with tool_choice auto)), as the OpenAI chat API has them
+    (router/tools.py); RequestError naming the proto's field."""
+    tools, choice, parallel = convert.tools_from_proto(msg)
+    if tools is None and choice is None:
+        return call, "", False
+    if call.input.messages is None:
+        raise RequestError("tools" if tools else "tool_choice", "need a chat (input = messages)")
+    unparsed = unparsed_tiers(service.config, service.limits, call.input.tier) if tools else []
+    try:
+        specs, schema, mode = forced_tools(tools, choice, parallel, unparsed)
+    except RequestError as e:  # OpenAI's paths (tools[0].function.name) -> the proto's
+        raise RequestError(e.field.replace(".function.", "."), e.message) from None
+    sampling = call.sampling
+    if schema is not None:
+        if sampling.json_schema is not None:
+            raise RequestError(
+                "tool_choice", "cannot force a tool call and a sampling.json_schema at once"
+            )
+        sampling = dataclasses.replace(sampling, json_schema=schema)
+    inp = dataclasses.replace(call.input, tools=specs)
+    auto = bool(tools) and choice in (None, "auto")
+    return dataclasses.replace(call, input=inp, sampling=sampling), mode, auto
+
+
+def _chat_fields(msg: pb.GenerateResponse, d: ChatDelta) -> None:
+    """A GenerateResponse's text as a chat's answer only, with its thinking and calls apart."""
+    msg.text, msg.reasoning_text = d.content, d.reasoning
+    msg.tool_calls.extend(convert.tool_call_to_proto(c) for c in d.calls)
+    if d.finish == "tool_calls":
+        msg.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+
+
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """Registers moeray.v1.Inference like the generated `add_InferenceServicer_to_server`, but
     with request deserializers that never raise (convert.request_decoder): a body that is no
@@ -109,6 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, service: InferenceService) -> None:
         self.service = service
         self.config = service.config
+        self._tiers = {t.name: t for t in service.config.tiers}
 
     # ---- moeray.v1.Inference -----------------------------------------------------------------
 
@@ -136,22 +177,36 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if isinstance(request, convert.Undecodable):
                 raise request.error
             call = convert.generate_call_from_proto(request, self.service.limits)
+            call, tool, auto = _with_tools(self.service, request, call)
         except RequestError as e:  # refused before routing: no tier yet
             self.service.metrics.requests.labels("", "grpc", "invalid").inc()
             _set_status(context, e)
             return
         stream = self.service.generate(call, "grpc", context.time_remaining())
         try:
-            first = True
+            first, chat = True, None
             async for decision, out in stream:
+                if first and call.input.messages is not None:
+                    chat = self._chat_stream(decision.tier, tool, auto)
                 if out.finished:  # rides with the last message
                     context.set_trailing_metadata(((ENGINE_TIME_KEY, _ms(out)),))
-                yield convert.output_to_proto(out, decision.tier, decision if first else None)
+                msg = convert.output_to_proto(out, decision.tier, decision if first else None)
+                if chat is not None:
+                    _chat_fields(msg, chat.feed(out))
+                yield msg
                 first = False
         except Exception as e:  # mapped to a status code with one sentence, never a traceback
             _set_status(context, e)
         finally:  # a cancel that hit while a message was being written: the outcome counts now
             await stream.aclose()
+
+    def _chat_stream(self, tier: str, tool: str, auto: bool) -> ChatStream | None:
+        """A chat's parsers on the tier it landed on: its reasoning_parser (unless a tool call
+        is forced), its tool_call_parser (tool_choice auto), or the forced tool mode."""
+        cfg = self._tiers.get(tier)
+        reasoning = (cfg.reasoning_parser or "") if cfg is not None and not tool else ""
+        calls = (cfg.tool_call_parser or "") if cfg is not None and auto else ""
+        return ChatStream(reasoning, calls, tool) if reasoning or calls or tool else None
 
     async def Route(
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext

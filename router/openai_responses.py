@@ -16,18 +16,18 @@ from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
+from moeray.router.chat_stream import ChatStream, forced_call, parsed_finish
+from moeray.router.chat_stream import finish_of as _finish
 from moeray.router.messages import GenerateCall, RouteDecision
-from moeray.router.reasoning import ReasoningStream
 from moeray.router.reasoning import split as split_reasoning
 from moeray.router.service import EngineUnavailable, InferenceService, Overloaded
-from moeray.router.tools import REQUIRED, ToolCallStream, parse_calls, tool_calls
-from moeray.workers.io_struct import FinishReason, RequestOutput, TokenLogprob
+from moeray.router.tools import REQUIRED, parse_calls
+from moeray.workers.io_struct import RequestOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
 #: Non-streamed responses: the engine's own time for the request (ms), for per-request overhead.
 ENGINE_TIME_HEADER = "x-moeray-engine-time-ms"
-_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop"}
 
 
 def route_headers(d: RouteDecision, request_id: str) -> dict[str, str]:
@@ -61,23 +61,6 @@ def _choice(
         body["tool_calls"] = [{"index": j, **c} for j, c in enumerate(tool_calls)] if chunk \
             else tool_calls  # fmt: skip
     return {"index": index, key: body, "logprobs": logprobs, "finish_reason": finish}
-
-
-def _forced_call(tool: str, out: RequestOutput, text: str) -> tuple[list | None, str | None]:
-    """(the tool calls, the finish reason) of a finished choice forced to call a tool: the calls
-    and "tool_calls" ("stop" for a named function, as OpenAI), or None and the engine's reason
-    when the output is no complete call."""
-    calls = tool_calls(tool, text)
-    if calls is None:
-        return None, _finish(out)
-    return calls, "tool_calls" if tool == REQUIRED else "stop"
-
-
-def _parsed_finish(out: RequestOutput, called: bool) -> str | None:
-    """The finish reason of a choice whose calls a tool_call_parser told from its text: as
-    vLLM, "tool_calls" when it made any and stopped by itself."""
-    finish = _finish(out)
-    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _logprobs_json(
@@ -263,29 +246,29 @@ async def sse_events(
                           "content": ""}, "logprobs": None, "finish_reason": None}]})  # fmt: skip
     offsets = [0] * len(started)  # characters of each choice's text streamed so far
 
-    texts = [""] * len(started)  # a forced tool call's output so far, per choice
-    thinking = [ReasoningStream(reasoning) for _ in started] if reasoning else []
-    calling = [ToolCallStream(calls_parser) for _ in started] if calls_parser else []
+    chats = [ChatStream(reasoning, calls_parser, tool) for _ in started]
+    parsed = bool(reasoning or calls_parser or tool == REQUIRED)  # else text as it comes
 
     def chunk(i: int, out: RequestOutput, first: bool = False) -> str | None:
-        if thinking or calling:  # the tier's parsers send thinking, answer and calls apart
-            r, c = ("", out.delta_text)
-            if thinking:
-                r, c = thinking[i].feed(out.delta_text, final=out.finished)
-            calls: list[dict[str, Any]] = []
-            if calling:
-                c, calls = calling[i].feed(c, final=out.finished)
-            if not (r or c or calls or out.finished or out.delta_logprobs):
+        if tool == REQUIRED:  # the calls are sent whole once complete, as one delta
+            d = chats[i].feed(out)
+            if not out.finished:
                 return None
-            parts = {"reasoning_content": r, "content": c}
+            text = None if d.calls else d.content
+            return _event({**env, "choices": [_choice(kind, text, d.finish, True, i, None,
+                                                      d.calls or None)]})  # fmt: skip
+        if parsed:  # the tier's parsers send thinking, answer and calls apart
+            d = chats[i].feed(out)
+            if not (d.reasoning or d.content or d.calls or out.finished or out.delta_logprobs):
+                return None
+            parts = {"reasoning_content": d.reasoning, "content": d.content}
             delta: dict[str, Any] = {k: v for k, v in parts.items() if v}
-            if calls:
-                n = calling[i].calls - len(calls)  # the calls' indexes within the choice
-                delta["tool_calls"] = [{"index": n + j, **call} for j, call in enumerate(calls)]
+            if d.calls:
+                delta["tool_calls"] = [{"index": d.first_call + j, **call}
+                                       for j, call in enumerate(d.calls)]  # fmt: skip
             lp = _logprobs_json(kind, out.delta_logprobs, 0)
-            finish = _parsed_finish(out, bool(calling and calling[i].calls))
             return _event({**env, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                               "finish_reason": finish}]})  # fmt: skip
+                                               "finish_reason": d.finish}]})  # fmt: skip
         if tool and tool != REQUIRED:  # one named call: its arguments stream as they come
             head: dict[str, Any] = {"index": 0, "function": {"arguments": out.delta_text}}
             if first:
@@ -294,13 +277,6 @@ async def sse_events(
             args = {"tool_calls": [head]} if first or out.delta_text else {}
             return _event({**env, "choices": [{"index": i, "delta": args, "logprobs": None,
                                                "finish_reason": _finish(out)}]})  # fmt: skip
-        if tool:  # "required": the calls are sent whole once complete, as one delta
-            texts[i] += out.delta_text
-            if not out.finished:
-                return None
-            forced, finish = _forced_call(tool, out, texts[i])
-            text = None if forced is not None else texts[i]
-            return _event({**env, "choices": [_choice(kind, text, finish, True, i, None, forced)]})
         text, entries = out.delta_text, out.delta_logprobs
         if echo and first:
             text, entries = _echoed(echo, out, text, entries)
@@ -333,10 +309,6 @@ async def sse_events(
 
 def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _finish(out: RequestOutput) -> str | None:
-    return _FINISH[out.finish_reason] if out.finish_reason is not None else None
 
 
 async def complete_response(
@@ -373,14 +345,14 @@ async def complete_response(
         calls, thought = None, None
         content: str | None = text
         if tool:
-            calls, finish = _forced_call(tool, out, text)
+            calls, finish = forced_call(tool, out, text)
             content = None if calls is not None else text
         else:
             if reasoning:
                 thought, content = split_reasoning(reasoning, text)
             if calls_parser:
                 content, calls = parse_calls(calls_parser, content or "")
-                finish = _parsed_finish(out, calls is not None)
+                finish = parsed_finish(out, calls is not None)
         choices.append(_choice(kind, content, finish, False, i,
                                _logprobs_json(kind, lp, 0, int(bool(echo))), calls,
                                thought))  # fmt: skip

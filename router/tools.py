@@ -1,4 +1,5 @@
-"""OpenAI function tools on the chat endpoint.
+"""OpenAI function tools on chat requests (the HTTP chat endpoint, and gRPC Generate with
+messages: router/ingress.py).
 
 tool_choice "required" or a named function holds the output to the calls' JSON with structured
 output (workers/guided.py), as vLLM does for those choices; the output is then returned as
@@ -32,7 +33,8 @@ import re
 import uuid
 from typing import Any
 
-from moeray.router.convert import RequestError
+from moeray.cluster.config import MoerayConfig
+from moeray.router.convert import RequestError, RequestLimits, template_tool_call
 from moeray.router.reasoning import held_back
 
 #: A tool's name, as OpenAI allows it.
@@ -58,15 +60,8 @@ def message_tool_calls(i: int, calls: list[dict[str, Any]]) -> list[dict[str, An
         fn = call.get("function")
         if call.get("type", "function") != "function" or not isinstance(fn, dict):
             raise RequestError(where, "must be {type: function, function: {name, arguments}}")
-        name, args = fn.get("name"), fn.get("arguments", "{}")
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"{where}.function.name", "must be a non-empty string")
-        try:
-            parsed = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
-            raise RequestError(f"{where}.function.arguments", "must be JSON text") from None
-        out.append({"id": str(call.get("id", "")), "type": "function",
-                    "function": {"name": name, "arguments": parsed}})  # fmt: skip
+        out.append(template_tool_call(f"{where}.function", str(call.get("id", "")),
+                                      fn.get("name"), fn.get("arguments", "{}")))  # fmt: skip
     return out
 
 
@@ -124,6 +119,13 @@ def forced_tools(
         raise RequestError("tool_choice", "must be none, auto, required or "
                            "{type: function, function: {name}} naming one of the tools")  # fmt: skip
     return tuple(tools), json.dumps(params[name]), name
+
+
+def unparsed_tiers(config: MoerayConfig, limits: RequestLimits, tier: str) -> list[str]:
+    """The tiers a request for `tier` may land on that set no tool_call_parser (forced_tools'
+    `unparsed`: tool_choice "auto" needs none of them)."""
+    parsers = {t.name: t.tool_call_parser for t in config.tiers}
+    return [t for t in limits.candidate_tiers(tier) if not parsers.get(t)]
 
 
 def tool_calls(mode: str, text: str) -> list[dict[str, Any]] | None:

@@ -42,6 +42,8 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the model's context reached
     ABORT = "abort"  # cancelled by the client or by shutdown
+    #: The front doors' only: a chat's output was tool calls (router/chat_stream.py).
+    TOOL_CALLS = "tool_calls"
 
 
 @dataclass

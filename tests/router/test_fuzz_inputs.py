@@ -276,3 +276,36 @@ def test_grpc_fuzz_never_internal(generate: Any, msg: pb.GenerateRequest, junk: 
     assert code in ("OK", "INVALID_ARGUMENT"), details
     if code == "INVALID_ARGUMENT":
         assert details.split(" ")[0].split("[")[0].split(".")[0] in _FIELDS, details
+
+
+_CALL = st.builds(pb.ToolCall, id=st.text(max_size=4), name=st.text(max_size=4),
+                  arguments=st.sampled_from(["", "{", "{}", '{"a": 1}', "[1]", "nan"]))  # fmt: skip
+_CHAT_PROTO = st.builds(
+    pb.GenerateRequest,
+    tier=st.sampled_from(["", "fast"]),
+    messages=st.builds(pb.ChatMessages, messages=st.lists(st.builds(
+        pb.ChatMessage, role=st.sampled_from(["user", "assistant", "tool", "robot"]),
+        content=st.text(max_size=8), tool_calls=st.lists(_CALL, max_size=2),
+        tool_call_id=st.text(max_size=4)), max_size=3)),
+    tools=st.lists(st.builds(pb.Tool, name=st.sampled_from(["f", "g", "a b", "", "f"]),
+                             description=st.text(max_size=8),
+                             parameters=st.sampled_from(["", "{", '{"type": "object"}', "[]", "3",
+                                                         '{"type": "nonsense"}'])), max_size=3),
+    tool_choice=st.one_of(st.builds(pb.ToolChoice, mode=st.sampled_from(
+        ["auto", "none", "required", "", "always"])), st.builds(pb.ToolChoice, function=st.text(
+            max_size=2))),
+    parallel_tool_calls=st.booleans(),
+    sampling=st.builds(pb.SamplingParams, max_tokens=st.integers(min_value=1, max_value=8)),
+)  # fmt: skip
+
+
+@_SETTINGS
+@given(msg=_CHAT_PROTO)
+def test_grpc_chat_with_tools_fuzz_never_internal(generate: Any, msg: pb.GenerateRequest) -> None:
+    """Chats with tools, tool_choice and tool turns, valid or not: served or refused naming a
+    field of the request, never INTERNAL or UNKNOWN."""
+    code, details = generate(msg.SerializeToString())
+    assert code in ("OK", "INVALID_ARGUMENT"), details
+    if code == "INVALID_ARGUMENT":
+        head = details.split(" ")[0].split("[")[0].split(".")[0]
+        assert head in _FIELDS | {"tools", "tool_choice"}, details

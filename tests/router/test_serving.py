@@ -3,7 +3,7 @@ channel and with the official `openai` client.
 
 The app starts once (two tiny Mixtral-style demo checkpoints in HF format, free ports, a private
 redis-server) and is shut down at the end whatever happens. The router replica serves both ports
-and reaches the engines over the one internal transport (gRPC). Oracle for the text: the offline
+and reaches the engines over the one internal transport (ZeroMQ). Oracle for the text: the offline
 `LLM` on the same checkpoint, greedy. Every refusal is checked for its status code and for the
 field it names.
 """
@@ -520,6 +520,29 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {}, "additionalProperties": False}}}  # fmt: skip
 
 
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+#: A conversation holding a call and its result, as a client sends it (arguments as JSON text)
+#: and as the chat template gets it (arguments as an object).
+HISTORY = [*ASK,
+           {"role": "assistant", "content": None, "tool_calls": [{
+               "id": "call_1", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]  # fmt: skip
+RENDERED = [*ASK,
+            {"role": "assistant", "content": "", "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1"}]  # fmt: skip
+
+
+def _required_schema(tools: list[dict]) -> str:
+    """tool_choice "required" without parallel tool calls: vLLM's array of one call."""
+    anyof = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+              "properties": {"name": {"const": t["function"]["name"]},
+                             "parameters": t["function"]["parameters"]}} for t in tools]  # fmt: skip
+    return json.dumps({"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": anyof}})
+
+
 def _tool_prompt(llm: LLM, messages: list[dict[str, Any]], tools: list[dict]) -> list[int]:
     tok = llm.tokenizer
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
@@ -534,8 +557,7 @@ def test_forced_tool_calls_equal_offline(
     tool_calls, as the offline engine computes it; streamed too; tool turns in the history reach
     the template; "auto" where a tier it may land on has no tool_call_parser, and bad tools, are
     refused by name."""
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    tools = [WEATHER, CLOCK]
+    messages, tools = ASK, [WEATHER, CLOCK]
     ids = _tool_prompt(fast_llm, messages, tools)
     params = WEATHER["function"]["parameters"]
     want = fast_llm.generate(ids, SamplingParams(max_tokens=32, temperature=0,
@@ -560,13 +582,9 @@ def test_forced_tool_calls_equal_offline(
     assert [ch.choices[0].finish_reason for ch in streamed if ch.choices][-1] == "stop"
     # "required": an array of calls to any of the tools (vLLM's form; one call without
     # parallel_tool_calls), streamed
-    anyof = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-              "properties": {"name": {"const": t["function"]["name"]},
-                             "parameters": t["function"]["parameters"]}} for t in tools]  # fmt: skip
-    schema = {"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": anyof}}
     reasoning = reasoning_llm  # room for the longer output
     want = reasoning.generate(_tool_prompt(reasoning, messages, tools), SamplingParams(
-        max_tokens=200, temperature=0, json_schema=json.dumps(schema)))[0]  # fmt: skip
+        max_tokens=200, temperature=0, json_schema=_required_schema(tools)))[0]  # fmt: skip
     assert want.finish_reason is FinishReason.STOP
     chunks = list(client.chat.completions.create(
         model="reasoning", messages=messages, max_tokens=200, temperature=0, tools=tools,  # type: ignore[arg-type]
@@ -577,18 +595,8 @@ def test_forced_tool_calls_equal_offline(
     assert [d.index for d in deltas] == list(range(len(deltas)))
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
     # a conversation holding a call and its result: rendered by the template, arguments as an object
-    history = [*messages,
-               {"role": "assistant", "content": None, "tool_calls": [{
-                   "id": "call_1", "type": "function",
-                   "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]  # fmt: skip
-    rendered = [*messages,
-                {"role": "assistant", "content": "", "tool_calls": [{
-                    "id": "call_1", "type": "function",
-                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-                {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1"}]  # fmt: skip
-    want = _greedy(fast_llm, _tool_prompt(fast_llm, rendered, tools), 8)
-    answer = client.chat.completions.create(model="fast", messages=history, max_tokens=8,  # type: ignore[arg-type]
+    want = _greedy(fast_llm, _tool_prompt(fast_llm, RENDERED, tools), 8)
+    answer = client.chat.completions.create(model="fast", messages=HISTORY, max_tokens=8,  # type: ignore[arg-type]
                                             temperature=0, tools=tools, tool_choice="none")  # type: ignore[arg-type]  # fmt: skip
     assert answer.choices[0].message.content == want.text
     for model in ("reasoning", "auto"):  # no tool_call_parser on reasoning; auto may land there
@@ -660,6 +668,79 @@ def test_reasoning_parser_sends_thinking_as_reasoning_content(
     assert plain.choices[0].message.content and "reasoning_content" not in (
         plain.choices[0].message.model_extra or {}
     )
+
+
+def test_grpc_tools_and_reasoning_as_the_chat_api(
+    stack: LocalStack, stub: pb_grpc.InferenceStub, fast_llm: LLM, reasoning_llm: LLM
+) -> None:
+    """moeray.v1 Generate with tools, tool_choice and tool turns (the Python client), and on a
+    tier with a reasoning_parser: the same template input, calls and thinking as the OpenAI chat
+    API gives (test_forced_tool_calls_equal_offline and the reasoning test above), against the
+    offline engine; refusals name the proto's fields."""
+    messages, tools = ASK, [WEATHER, CLOCK]
+    ids = _tool_prompt(fast_llm, messages, tools)
+    params = WEATHER["function"]["parameters"]
+    want = fast_llm.generate(ids, SamplingParams(max_tokens=32, temperature=0,
+                                                 json_schema=json.dumps(params)))[0]  # fmt: skip
+    want_required = reasoning_llm.generate(_tool_prompt(reasoning_llm, messages, tools),
+                                           SamplingParams(max_tokens=200, temperature=0,
+                                                          json_schema=_required_schema(tools)))[0]  # fmt: skip
+    chat = [{"role": "user", "content": "Think about mixtures of experts."}]
+    want_thinking = _greedy(reasoning_llm, _chat_ids(reasoning_llm, chat), 12)
+    want_after = _greedy(fast_llm, _tool_prompt(fast_llm, RENDERED, tools), 8)
+    want_auto = _greedy(fast_llm, ids, 12)
+    with MoerayClient(stack.endpoints()["grpc"], timeout=120) as mc:
+        named = mc.generate_text(messages=messages, tier="fast", max_tokens=32, temperature=0,
+                                 tools=tools, tool_choice={"type": "function",
+                                                           "function": {"name": "get_weather"}})  # fmt: skip
+        required = list(mc.generate(messages=messages, tier="reasoning", max_tokens=200,
+                                    temperature=0, tools=tools, tool_choice="required",
+                                    parallel_tool_calls=False))  # fmt: skip
+        auto = mc.generate_text(messages=messages, tier="fast", max_tokens=12, temperature=0,
+                                tools=tools)  # fmt: skip
+        after = mc.generate_text(messages=HISTORY, tier="fast", max_tokens=8, temperature=0,
+                                 tools=tools, tool_choice="none")  # fmt: skip
+        thinking = mc.generate_text(messages=chat, tier="reasoning", max_tokens=12, temperature=0)
+        raw = mc.generate_text("Think about mixtures of experts.", tier="reasoning", max_tokens=4,
+                               temperature=0)  # fmt: skip
+    (call,) = named.tool_calls
+    assert call.name == "get_weather" and call.id.startswith("call_") and named.text == ""
+    assert json.loads(call.arguments) == json.loads(want.text)
+    assert named.finish_reason is FinishReason.STOP and named.token_ids == want.token_ids
+    got = [(c.name, json.loads(c.arguments)) for d in required for c in d.tool_calls]
+    assert got == [(c["name"], c["parameters"]) for c in json.loads(want_required.text)]
+    assert not any(d.tool_calls for d in required[:-1])  # whole, with the last message
+    assert required[-1].finish_reason is FinishReason.TOOL_CALLS
+    assert (auto.text, auto.tool_calls) == (want_auto.text, [])  # hermes tier; no call written
+    assert after.text == want_after.text  # the call and its result reached the template
+    assert (thinking.reasoning_text, thinking.text) == (want_thinking.text, "")  # deepseek_r1
+    assert raw.reasoning_text == "" and raw.text  # a prompt is no chat: the text as generated
+    bad = [
+        (dict(tools=[pb.Tool(name="a b")], tool_choice=pb.ToolChoice(mode="required")),
+         "tools[0].name"),
+        (dict(tools=[pb.Tool(name="f", parameters="{no")]), "tools[0].parameters"),
+        (dict(tools=[pb.Tool(name="f")]), "tool_choice"),  # auto: reasoning has no parser
+        (dict(tools=[pb.Tool(name="f")], tool_choice=pb.ToolChoice(function="g")), "tool_choice"),
+        (dict(tool_choice=pb.ToolChoice(mode="required")), "tool_choice"),
+        (dict(tools=[pb.Tool(name="f")], tool_choice=pb.ToolChoice(function="f"),
+              sampling=pb.SamplingParams(json_schema='{"type": "object"}')), "tool_choice"),
+    ]  # fmt: skip
+    user = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
+    for kw, field in bad:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(messages=user, tier="auto", **kw), timeout=60))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, kw
+        assert (err.value.details() or "").startswith(field), (field, err.value.details())
+    with pytest.raises(grpc.RpcError) as err:  # tools belong to a chat
+        list(stub.Generate(pb.GenerateRequest(prompt="hi", tier="fast", tools=[pb.Tool(name="f")],
+                                              tool_choice=pb.ToolChoice(function="f"))))  # fmt: skip
+    assert (err.value.details() or "").startswith("tools need a chat")
+    turn = pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(name="f", arguments="{x")])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(
+            messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi"), turn]),
+            tier="fast")))  # fmt: skip
+    assert (err.value.details() or "").startswith("messages[1].tool_calls[0].arguments")
 
 
 def test_http_engine_time_header(stack: LocalStack) -> None:

@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 from moeray.cluster.config import MoerayConfig
+from moeray.router import convert
+from moeray.router.chat_stream import ChatStream
 from moeray.router.convert import RequestError
+from moeray.router.ingress import _chat_fields
 from moeray.router.messages import RouteDecision
 from moeray.router.openai_responses import Choices, complete_response, sse_events
 from moeray.router.tools import (
@@ -25,6 +28,7 @@ from moeray.router.tools import (
     parse_calls,
     tool_calls,
 )
+from moeray.v1 import inference_pb2 as pb
 from moeray.workers.io_struct import FinishReason, RequestOutput, Usage
 from pydantic import ValidationError
 
@@ -210,6 +214,44 @@ def test_chat_stream_carries_the_calls_as_they_close() -> None:
                                          ["tool_calls"]]  # fmt: skip
     assert chunks[-1]["finish_reason"] == "tool_calls"
     assert all(c["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_grpc_messages_carry_the_same_calls() -> None:
+    """The gRPC front door's GenerateResponses for the outputs above (router/ingress.py): each
+    holds its delta's tokens, text only the answer, and each call whole in the message whose
+    delta closes it; the last one's finish_reason is TOOL_CALLS, as the SSE chunks' tool_calls."""
+    outs = _outputs(OUTPUT, FinishReason.STOP)
+    chat = ChatStream(calls_parser="hermes")
+    msgs = []
+    for out in outs:
+        msg = convert.output_to_proto(out, "fast")
+        _chat_fields(msg, chat.feed(out))
+        msgs.append(msg)
+    assert "".join(m.text for m in msgs) == "Checking."
+    calls = [(i, c) for i, m in enumerate(msgs) for c in m.tool_calls]
+    assert [i for i, _ in calls] == [4, 8]  # the deltas that close the tags
+    assert [{"name": c.name, "arguments": json.loads(c.arguments)} for _, c in calls] == [
+        WEATHER, CLOCK]  # fmt: skip
+    assert all(c.id.startswith("call_") for _, c in calls)
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    # thinking apart (Qwen3), and a forced call held whole to the end ("stop" for a named one)
+    chat = ChatStream(reasoning="qwen3")
+    msgs = []
+    for out in _outputs(["<think>hm", "</think>ok"], FinishReason.STOP):
+        msgs.append(convert.output_to_proto(out, "r"))
+        _chat_fields(msgs[-1], chat.feed(out))
+    assert [(m.reasoning_text, m.text) for m in msgs] == [("hm", ""), ("", "ok")]
+    chat = ChatStream(tool="get_weather")
+    pieces = ['{"city": ', '"Paris"}']
+    msgs = []
+    for out in _outputs(pieces, FinishReason.STOP):
+        msgs.append(convert.output_to_proto(out, "fast"))
+        _chat_fields(msgs[-1], chat.feed(out))
+    assert [m.text for m in msgs] == ["", ""] and not msgs[0].tool_calls
+    (call,) = msgs[-1].tool_calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP
 
 
 def test_thinking_is_split_off_before_the_calls() -> None:

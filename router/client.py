@@ -205,6 +205,7 @@ class MoerayClient:
         tools: Sequence[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
+        skip_special_tokens: bool | None = None,
     ) -> Iterator[GenerateDelta]:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
         logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens;
@@ -236,7 +237,8 @@ class MoerayClient:
                     "prompt_logprobs": prompt_logprobs, "json_schema": json_schema,
                     "repetition_penalty": repetition_penalty,
                     "presence_penalty": presence_penalty,
-                    "frequency_penalty": frequency_penalty}  # fmt: skip
+                    "frequency_penalty": frequency_penalty,
+                    "skip_special_tokens": skip_special_tokens}  # fmt: skip
         for name, value in optional.items():
             if value is not None:
                 setattr(s, name, value)

@@ -350,6 +350,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_tokens_limit: int | None) ->
             "min_tokens",
             "prompt_logprobs",
             "json_schema",
+            "skip_special_tokens",
             *PENALTIES,
         )
         if msg.HasField(name)

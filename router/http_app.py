@@ -98,6 +98,7 @@ class _Params(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     min_tokens: int = 0  # vLLM's extension
     stop_token_ids: list[int] | None = None  # vLLM's extension
+    skip_special_tokens: bool = True  # vLLM's extension
     #: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema":
     #: {"name": ..., "schema": {...}}}: structured output (workers/guided.py)
     response_format: dict[str, Any] | None = None
@@ -326,6 +327,7 @@ def _sampling(req: _Params, service: InferenceService, default_max: int) -> Samp
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, logit_bias=_logit_bias(req.logit_bias),
         json_schema=_json_schema(req.response_format),
+        skip_special_tokens=req.skip_special_tokens,
     )  # fmt: skip
     try:
         return check_sampling(params, limit, prefix="")
@@ -392,6 +394,8 @@ def _chat_call(service: InferenceService, req: ChatCompletionRequest) -> tuple[G
     inp = _route_input(service, "messages", messages=msgs, tier=req.model)
     tools, schema, mode = _tools(service, req, inp.tier)
     params = _sampling(req, service, DEFAULT_CHAT_MAX_TOKENS)
+    if req.tools and req.tool_choice in (None, "auto"):  # the tier's tool_call_parser reads it:
+        params = dataclasses.replace(params, skip_special_tokens=False)  # control tokens kept
     if schema is not None:
         if params.json_schema is not None:
             raise _invalid("tool_choice", "cannot force a tool call and a response_format at once")

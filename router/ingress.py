@@ -99,6 +99,8 @@ def _with_tools(
         sampling = dataclasses.replace(sampling, json_schema=schema)
     inp = dataclasses.replace(call.input, tools=specs)
     auto = bool(tools) and choice in (None, "auto")
+    if auto:  # the tier's tool_call_parser reads the text: its control tokens are kept
+        sampling = dataclasses.replace(sampling, skip_special_tokens=False)
     return dataclasses.replace(call, input=inp, sampling=sampling), mode, auto
 
 

@@ -23,6 +23,13 @@ Parsers (ToolCallStream, one streamed delta at a time; `parse_calls` for a whole
   are dropped). An output that starts with "[" (or that tag) is held until it ends, then
   returned as the calls if it is such a list, else as content; any other output is content as
   it comes.
+- mistral (Mixtral 8x22B Instruct and Mistral's other tool-calling models; vLLM's mistral):
+  the calls follow the control token [TOOL_CALLS], as a JSON list of {"name", "arguments"}
+  (v3 tokenizers) or as `name[ARGS]{...}` after each [TOOL_CALLS] (v11 and later). The text
+  before it is content as it comes; from it on, the output is held until it ends, then
+  returned as the calls if it is either form, else as content. Control tokens reach the text
+  only with skip_special_tokens off, which the front doors set for every request the tier's
+  parser reads (tools with tool_choice auto), as vLLM does.
 """
 
 from __future__ import annotations
@@ -45,8 +52,10 @@ NO_PARAMETERS = {"type": "object", "properties": {}}
 #: which TOOL_NAME keeps from ever being this.
 REQUIRED = "(required)"
 #: tool_call_parser values (TierConfig), and hermes' tags.
-TOOL_CALL_PARSERS = ("hermes", "pythonic")
+TOOL_CALL_PARSERS = ("hermes", "pythonic", "mistral")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+#: Mistral's control tokens around calls (in the text only with skip_special_tokens off).
+MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 #: Llama 4's tags around a pythonic list, when the detokenizer keeps special tokens.
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
@@ -158,10 +167,41 @@ def _hermes_call(block: str) -> dict[str, Any] | None:
         value = json.loads(block)
     except ValueError:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+    return _hermes_like(value)
+
+
+def _hermes_like(item: Any) -> dict[str, Any] | None:
+    """{"name": ..., "arguments": {...}} as a call; None if it is none."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
         return None
-    args = value.get("arguments", {})
-    return _call(value["name"], args) if isinstance(args, dict) else None
+    args = item.get("arguments", {})
+    return _call(item["name"], args) if isinstance(args, dict) else None
+
+
+def _mistral_calls(text: str) -> list[dict[str, Any]] | None:
+    """The calls after Mistral's [TOOL_CALLS]: a JSON list of {"name", "arguments"} (v3
+    tokenizers: Mixtral 8x22B Instruct, Mistral 7B Instruct v0.3) or, per call,
+    `[TOOL_CALLS]name[ARGS]{...}` (v11 and later: Mistral Small 3.1+); None if it is neither."""
+    calls: list[dict[str, Any]] = []
+    for part in text.split(MISTRAL_CALLS)[1:]:
+        part = part.strip()
+        if part.startswith("["):
+            try:
+                items = json.loads(part)
+            except ValueError:
+                return None
+            found = [_hermes_like(i) for i in items] if isinstance(items, list) else [None]
+        else:
+            name, sep, args = part.partition(MISTRAL_ARGS)
+            try:
+                value = json.loads(args) if sep and TOOL_NAME.fullmatch(name) else None
+            except ValueError:
+                return None
+            found = [_call(name, value) if isinstance(value, dict) else None]
+        if not found or None in found:
+            return None
+        calls.extend(c for c in found if c is not None)
+    return calls or None
 
 
 def _pythonic_calls(text: str) -> list[dict[str, Any]] | None:
@@ -203,7 +243,9 @@ class ToolCallStream:
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
         """(content, calls) to send for this delta; final=True flushes what is held."""
         self.pending += delta
-        step = self._pythonic if self.parser == "pythonic" else self._hermes
+        step = {"hermes": self._hermes, "pythonic": self._pythonic, "mistral": self._mistral}[
+            self.parser
+        ]
         content, calls = step(final)
         self.calls += len(calls)
         return content, calls
@@ -220,6 +262,23 @@ class ToolCallStream:
         text, self.pending = self.pending, ""
         calls = _pythonic_calls(text) if self.inside else None
         return ("", calls) if calls else (text, [])
+
+    def _mistral(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        content = ""
+        if not self.inside:
+            start = self.pending.find(MISTRAL_CALLS)
+            if start < 0:
+                keep = 0 if final else held_back(self.pending, MISTRAL_CALLS)
+                content = self.pending[: len(self.pending) - keep]
+                self.pending = self.pending[len(self.pending) - keep :]
+                return content, []
+            content, self.pending = self.pending[:start], self.pending[start:]
+            self.inside = True
+        if not final:
+            return content, []  # the calls are held to the end of the output
+        text, self.pending = self.pending, ""
+        calls = _mistral_calls(text)
+        return (content, calls) if calls else (content + text, [])
 
     def _hermes(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
         content, calls = "", []

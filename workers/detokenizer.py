@@ -21,10 +21,18 @@ _MAX_HELD_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    __slots__ = ("_find_stop", "_ids", "_prefix", "_read", "_stop", "_tok", "stopped", "text")
+    __slots__ = ("_find_stop", "_ids", "_prefix", "_read", "_skip", "_stop", "_tok", "stopped",
+                 "text")  # fmt: skip
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        stop: list[str],
+        skip_special_tokens: bool = True,
+    ) -> None:
         self._tok = tokenizer
+        self._skip = skip_special_tokens
         context = prompt_ids[-_PROMPT_CONTEXT:]
         self._ids: list[int] = list(context)
         self._prefix = 0
@@ -39,9 +47,9 @@ class IncrementalDetokenizer:
         find_stop=False: its text may not end a stop string (the request's min_tokens)."""
         self._find_stop = find_stop
         self._ids.append(token_id)
-        decode = self._tok.decode
-        prefix_text = decode(self._ids[self._prefix : self._read])
-        full_text = decode(self._ids[self._prefix :])
+        decode, skip = self._tok.decode, self._skip
+        prefix_text = decode(self._ids[self._prefix : self._read], skip)
+        full_text = decode(self._ids[self._prefix :], skip)
         held = len(self._ids) - self._read
         if full_text.endswith("\ufffd") and held < _MAX_HELD_TOKENS:
             return ""
@@ -55,8 +63,8 @@ class IncrementalDetokenizer:
         """At the end of the request: emits whatever bytes were held back."""
         if self.stopped or self._read == len(self._ids):
             return
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
-        full_text = self._tok.decode(self._ids[self._prefix :])
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        full_text = self._tok.decode(self._ids[self._prefix :], self._skip)
         self._read = len(self._ids)
         self._append(full_text[len(prefix_text) :])
 

@@ -224,7 +224,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, stream)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, ids, params.stop, params.skip_special_tokens
+        )
         if params.json_schema is not None:
             seq.guide = self.guides.matcher(params.json_schema)
         self._requests[request_id] = seq

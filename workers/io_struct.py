@@ -87,6 +87,9 @@ class SamplingParams:
     #: ('{"type": "object"}' is OpenAI's json_object); each step, llguidance gives the tokens
     #: that keep the output on the grammar and the others get -inf (workers/guided.py).
     json_schema: str | None = None
+    #: vLLM's: special tokens (the tokenizer's control tokens) are left out of the output text.
+    #: Off where they carry meaning, e.g. a tool-call parser reading Mistral's [TOOL_CALLS].
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -743,6 +743,31 @@ def test_grpc_tools_and_reasoning_as_the_chat_api(
     assert (err.value.details() or "").startswith("messages[1].tool_calls[0].arguments")
 
 
+def test_special_tokens_reach_the_tool_call_parser(
+    stack: LocalStack, client: openai.OpenAI
+) -> None:
+    """Control tokens (Mistral's [TOOL_CALLS]) are text a tool_call_parser must read: a chat
+    with tools and tool_choice auto keeps them in the output, over both protocols, as vLLM's
+    parsers ask; otherwise they are left out unless the request says skip_special_tokens false
+    (vLLM's field). logit_bias makes the demo model write <|im_start|>, a special token."""
+    bias, kept = {"1": 100}, "<|im_start|>" * 3
+    chat = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "temperature": 0, "logit_bias": bias}  # fmt: skip
+    plain = client.chat.completions.create(**chat)  # type: ignore[call-overload]
+    assert plain.choices[0].message.content == ""
+    called = client.chat.completions.create(**chat, tools=[WEATHER])  # type: ignore[call-overload]
+    assert called.choices[0].message.content == kept
+    asked = client.completions.create(model="fast", prompt="hi", max_tokens=3, temperature=0,
+                                      logit_bias=bias, extra_body={"skip_special_tokens": False})  # fmt: skip
+    assert asked.choices[0].text == kept
+    with MoerayClient(stack.endpoints()["grpc"], timeout=60) as mc:
+        args: dict[str, Any] = {"tier": "fast", "max_tokens": 3, "temperature": 0,
+                                "logit_bias": {1: 100.0}}  # fmt: skip
+        assert mc.generate_text(messages=chat["messages"], **args).text == ""
+        assert mc.generate_text(messages=chat["messages"], tools=[WEATHER], **args).text == kept
+        assert mc.generate_text("hi", skip_special_tokens=False, **args).text == kept
+
+
 def test_http_engine_time_header(stack: LocalStack) -> None:
     body = {"model": "fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     start = time.perf_counter()

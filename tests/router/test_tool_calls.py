@@ -83,7 +83,27 @@ PYTHONIC = [
     ("<|python", ("<|python", None)),
     ("", (None, None)),
 ]
-CASES = [("hermes", *c) for c in HERMES] + [("pythonic", *c) for c in PYTHONIC]
+V3_CALLS = "[TOOL_CALLS] " + json.dumps([WEATHER, CLOCK], ensure_ascii=False)
+V11_CALLS = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "°C"}[TOOL_CALLS]now[ARGS]{}'
+MISTRAL = [  # [TOOL_CALLS] is a control token: in the text with skip_special_tokens off
+    ("It is sunny.", ("It is sunny.", None)),
+    (V3_CALLS, (None, [WEATHER, CLOCK])),  # v3 tokenizers (Mixtral 8x22B Instruct)
+    ("Let me look. " + V3_CALLS, ("Let me look. ", [WEATHER, CLOCK])),
+    (V11_CALLS, (None, [WEATHER, CLOCK])),  # v11 and later
+    ('[TOOL_CALLS][{"name": "now"}]', (None, [CLOCK])),  # no arguments: {}
+    ("[TOOL_CALLS] [", ("[TOOL_CALLS] [", None)),  # cut by max_tokens: text
+    ("[TOOL_CALLS] [1]", ("[TOOL_CALLS] [1]", None)),  # a list, but not of calls
+    ('[TOOL_CALLS] [{"name": "f", "arguments": [1]}]',
+     ('[TOOL_CALLS] [{"name": "f", "arguments": [1]}]', None)),
+    ("[TOOL_CALLS]a b[ARGS]{}", ("[TOOL_CALLS]a b[ARGS]{}", None)),  # no tool name
+    ("[TOOL_CALLS]f{}", ("[TOOL_CALLS]f{}", None)),  # no [ARGS]
+    ("[TOOL_CALLS]f[ARGS]{x", ("[TOOL_CALLS]f[ARGS]{x", None)),
+    ("a [TOOL_CAL b", ("a [TOOL_CAL b", None)),
+    ("ends with [TOOL_", ("ends with [TOOL_", None)),
+    ("", (None, None)),
+]  # fmt: skip
+CASES = ([("hermes", *c) for c in HERMES] + [("pythonic", *c) for c in PYTHONIC]
+         + [("mistral", *c) for c in MISTRAL])  # fmt: skip
 
 
 def _named(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -154,7 +174,7 @@ def test_auto_needs_a_parser_on_every_tier_the_request_may_land_on() -> None:
         assert e.value.field == "tool_choice" and "'reasoning'" in e.value.message
     assert forced_tools(None, None, True, ["reasoning"]) == (None, None, "")  # no tools: text
     with pytest.raises(ValueError, match="tool_call_parser"):
-        ToolCallStream("mistral")
+        ToolCallStream("llama3_json")
 
 
 # ---- the chat response built from them ------------------------------------------------------
@@ -305,7 +325,8 @@ def test_a_tiers_parser_is_checked_by_the_config() -> None:
             {"tiers": [{"name": "fast", "model": "/m", "tool_call_parser": parser}]}
         )
 
-    assert {tier(p).tiers[0].tool_call_parser for p in TOOL_CALL_PARSERS} == {"hermes", "pythonic"}
+    assert {tier(p).tiers[0].tool_call_parser for p in TOOL_CALL_PARSERS} == {
+        "hermes", "pythonic", "mistral"}  # fmt: skip
     with pytest.raises(ValidationError) as err:
-        tier("mistral")
+        tier("llama3_json")
     assert err.value.errors()[0]["loc"] == ("tiers", 0, "tool_call_parser")

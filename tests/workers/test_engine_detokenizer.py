@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,24 @@ def test_invalid_bytes_are_released_after_a_few_tokens(tok: Tokenizer) -> None:
     detok.flush()
     assert "ok" in "".join(pieces)
     assert detok.text == tok.decode([byte_80] * 8 + tok.encode("ok"))
+
+
+def test_special_tokens_kept_when_asked(tiny_checkpoint: Callable[..., Path]) -> None:
+    """skip_special_tokens=False (vLLM's; what tool-call parsers reading a control token need)
+    keeps them in the text, as transformers' tokenizer decodes the same ids; by default they
+    are left out. logit_bias makes the model write <|im_start|> (special, not a stop token)."""
+    from moeray.workers import LLM, SamplingParams
+    from transformers import AutoTokenizer
+
+    path = tiny_checkpoint("mixtral")
+    llm = LLM(model=path)
+    bias = {1: 100.0}  # <|im_start|>
+    kept, skipped = llm.generate(["Hello", "Hello"], [
+        SamplingParams(max_tokens=3, temperature=0, logit_bias=bias, skip_special_tokens=False),
+        SamplingParams(max_tokens=3, temperature=0, logit_bias=bias)])  # fmt: skip
+    oracle = AutoTokenizer.from_pretrained(path)
+    assert kept.token_ids == skipped.token_ids == [1, 1, 1]
+    assert (
+        kept.text == oracle.decode(kept.token_ids, skip_special_tokens=False) == "<|im_start|>" * 3
+    )
+    assert skipped.text == oracle.decode(kept.token_ids, skip_special_tokens=True) == ""

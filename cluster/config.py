@@ -212,13 +212,14 @@ class TierConfig(_Strict):
         "into chat's reasoning_content, as vLLM's --reasoning-parser: deepseek_r1 (the template "
         "opens <think>; all is reasoning until </think>) or qwen3 (both tags in the output)",
     )
-    tool_call_parser: Literal["hermes", "pythonic", "mistral"] | None = Field(
+    tool_call_parser: Literal["hermes", "pythonic", "mistral", "deepseek_v3"] | None = Field(
         None,
         description="tell a model's tool calls from its text on chat, so that tool_choice auto "
         "(OpenAI's default with tools) works, as vLLM's --tool-call-parser: hermes (Qwen2.5, "
         "Qwen3, Qwen3-MoE: JSON {name, arguments} between <tool_call> and </tool_call>), "
-        "pythonic (Llama 3.2, Llama 4: a Python list of calls, [f(a=1), g()]) or mistral "
-        "(Mixtral 8x22B Instruct and Mistral's tool models: the calls after [TOOL_CALLS]); "
+        "pythonic (Llama 3.2, Llama 4: a Python list of calls, [f(a=1), g()]), mistral "
+        "(Mixtral 8x22B Instruct and Mistral's tool models: the calls after [TOOL_CALLS]) or "
+        "deepseek_v3 (DeepSeek-V3, R1, V3.1: calls between <｜tool▁call▁begin｜> tags); "
         "None = auto is refused, required and named functions still work",
     )
     resource: str | None = Field(

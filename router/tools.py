@@ -30,6 +30,11 @@ Parsers (ToolCallStream, one streamed delta at a time; `parse_calls` for a whole
   returned as the calls if it is either form, else as content. Control tokens reach the text
   only with skip_special_tokens off, which the front doors set for every request the tier's
   parser reads (tools with tool_choice auto), as vLLM does.
+- deepseek_v3 (DeepSeek-V3, R1, V3.1; vLLM's deepseek_v3 and deepseek_v31): calls between
+  <｜tool▁calls▁begin｜> and <｜tool▁calls▁end｜>, each between <｜tool▁call▁begin｜> and
+  <｜tool▁call▁end｜> as `function<｜tool▁sep｜>NAME` and its arguments fenced as ```json
+  (V3, R1) or `NAME<｜tool▁sep｜>{...}` (V3.1). As hermes: content until the calls open, each
+  call sent whole when its closing tag comes, a block that is no call left as text.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import ast
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from moeray.cluster.config import MoerayConfig
@@ -52,10 +58,17 @@ NO_PARAMETERS = {"type": "object", "properties": {}}
 #: which TOOL_NAME keeps from ever being this.
 REQUIRED = "(required)"
 #: tool_call_parser values (TierConfig), and hermes' tags.
-TOOL_CALL_PARSERS = ("hermes", "pythonic", "mistral")
+TOOL_CALL_PARSERS = ("hermes", "pythonic", "mistral", "deepseek_v3")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 #: Mistral's control tokens around calls (in the text only with skip_special_tokens off).
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+#: DeepSeek-V3's (and R1's, V3.1's) special tokens around calls.
+DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL_BEGIN, DS_CALL_END, DS_SEP = (
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+)
 #: Llama 4's tags around a pythonic list, when the detokenizer keeps special tokens.
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
@@ -204,6 +217,26 @@ def _mistral_calls(text: str) -> list[dict[str, Any]] | None:
     return calls or None
 
 
+def _deepseek_call(block: str) -> dict[str, Any] | None:
+    """One DeepSeek call: `function<sep>NAME` + a ```json fenced object (V3, R1) or
+    `NAME<sep>{...}` (V3.1); None if it is neither."""
+    left, sep, right = block.partition(DS_SEP)
+    left, right = left.strip(), right.strip()
+    if not sep:
+        return None
+    if left == "function" and not right.startswith("{"):  # V3: the name, then the fenced JSON
+        name, _, fenced = right.partition("\n")
+        body = fenced.strip().removeprefix("```json").removeprefix("```").removesuffix("```")
+    else:
+        name, body = left, right
+    try:
+        args = json.loads(body)
+    except ValueError:
+        return None
+    name = name.strip()
+    return _call(name, args) if TOOL_NAME.fullmatch(name) and isinstance(args, dict) else None
+
+
 def _pythonic_calls(text: str) -> list[dict[str, Any]] | None:
     """The calls of a Python list of calls with literal keyword arguments; None if it is none."""
     try:
@@ -227,6 +260,14 @@ def _pythonic_calls(text: str) -> list[dict[str, Any]] | None:
         return None
 
 
+#: The tag-delimited formats: (the tag that opens the calls, a call's opening and closing tags,
+#: the parser of what is between them).
+TAGGED: dict[str, tuple[str, str, str, Callable[[str], dict[str, Any] | None]]] = {
+    "hermes": (CALL_START, CALL_START, CALL_END, _hermes_call),
+    "deepseek_v3": (DS_CALLS_BEGIN, DS_CALL_BEGIN, DS_CALL_END, _deepseek_call),
+}
+
+
 class ToolCallStream:
     """Tells one streamed output's content from its calls (the module's parsers), a delta at a
     time, holding back text that may be the start of a tag; `calls` counts the calls sent."""
@@ -243,9 +284,7 @@ class ToolCallStream:
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
         """(content, calls) to send for this delta; final=True flushes what is held."""
         self.pending += delta
-        step = {"hermes": self._hermes, "pythonic": self._pythonic, "mistral": self._mistral}[
-            self.parser
-        ]
+        step = {"pythonic": self._pythonic, "mistral": self._mistral}.get(self.parser, self._tagged)
         content, calls = step(final)
         self.calls += len(calls)
         return content, calls
@@ -280,33 +319,41 @@ class ToolCallStream:
         calls = _mistral_calls(text)
         return (content, calls) if calls else (content + text, [])
 
-    def _hermes(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+    def _tagged(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """hermes and deepseek_v3: content until the calls open, then each call between its
+        tags (a block that is no call stays text, tags and all); text between calls is dropped."""
+        section, start_tag, end_tag, parse = TAGGED[self.parser]
         content, calls = "", []
         while True:
             if self.inside:
-                end = self.pending.find(CALL_END)
+                end = self.pending.find(end_tag)
                 if end < 0 and not final:
                     break
                 block = self.pending if end < 0 else self.pending[:end]
-                self.pending = "" if end < 0 else self.pending[end + len(CALL_END) :]
+                self.pending = "" if end < 0 else self.pending[end + len(end_tag) :]
                 self.inside = False
-                call = _hermes_call(block)
+                call = parse(block)
                 if call is None:
-                    content += CALL_START + block + (CALL_END if end >= 0 else "")
+                    content += start_tag + block + (end_tag if end >= 0 else "")
                 else:
                     calls.append(call)
                 continue
-            start = self.pending.find(CALL_START)
-            if start < 0:
-                keep = 0 if final else held_back(self.pending, CALL_START)
+            tag = start_tag if self.opened else section
+            at = self.pending.find(tag)
+            if at < 0:
+                keep = 0 if final else held_back(self.pending, tag)
                 if not self.opened:
                     content += self.pending[: len(self.pending) - keep]
                 self.pending = self.pending[len(self.pending) - keep :]
                 break
             if not self.opened:
-                content += self.pending[:start]
-            self.pending = self.pending[start + len(CALL_START) :]
-            self.inside = self.opened = True
+                content += self.pending[:at]
+                self.opened = True
+                if tag != start_tag:  # a section's opening tag (deepseek_v3) is consumed
+                    self.pending = self.pending[at + len(tag) :]
+                    continue
+            self.pending = self.pending[at + len(start_tag) :]
+            self.inside = True
         return content, calls
 
 

@@ -102,8 +102,26 @@ MISTRAL = [  # [TOOL_CALLS] is a control token: in the text with skip_special_to
     ("ends with [TOOL_", ("ends with [TOOL_", None)),
     ("", (None, None)),
 ]  # fmt: skip
+BEGIN, END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+V3_WEATHER = (
+    "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+    '{"city": "Paris", "unit": "°C"}\n```<｜tool▁call▁end｜>'
+)  # DeepSeek-V3, R1
+V31_CLOCK = "<｜tool▁call▁begin｜>now<｜tool▁sep｜>{}<｜tool▁call▁end｜>"  # DeepSeek-V3.1
+DS_BAD = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{x\n```<｜tool▁call▁end｜>"
+DEEPSEEK = [
+    ("It is sunny.", ("It is sunny.", None)),
+    (BEGIN + V3_WEATHER + V31_CLOCK + END, (None, [WEATHER, CLOCK])),
+    ("Let me look." + BEGIN + V3_WEATHER + END, ("Let me look.", [WEATHER])),
+    (BEGIN + DS_BAD + V31_CLOCK + END, (DS_BAD, [CLOCK])),  # no call: text, as hermes
+    (BEGIN + "<｜tool▁call▁begin｜>a b<｜tool▁sep｜>{}<｜tool▁call▁end｜>",
+     ("<｜tool▁call▁begin｜>a b<｜tool▁sep｜>{}<｜tool▁call▁end｜>", None)),
+    (BEGIN + V31_CLOCK[:-len("<｜tool▁call▁end｜>")], (None, [CLOCK])),  # left open: parsed
+    ("ends with <｜tool▁ca", ("ends with <｜tool▁ca", None)),
+    ("", (None, None)),
+]  # fmt: skip
 CASES = ([("hermes", *c) for c in HERMES] + [("pythonic", *c) for c in PYTHONIC]
-         + [("mistral", *c) for c in MISTRAL])  # fmt: skip
+         + [("mistral", *c) for c in MISTRAL] + [("deepseek_v3", *c) for c in DEEPSEEK])  # fmt: skip
 
 
 def _named(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -326,7 +344,7 @@ def test_a_tiers_parser_is_checked_by_the_config() -> None:
         )
 
     assert {tier(p).tiers[0].tool_call_parser for p in TOOL_CALL_PARSERS} == {
-        "hermes", "pythonic", "mistral"}  # fmt: skip
+        "hermes", "pythonic", "mistral", "deepseek_v3"}  # fmt: skip
     with pytest.raises(ValidationError) as err:
         tier("llama3_json")
     assert err.value.errors()[0]["loc"] == ("tiers", 0, "tool_call_parser")

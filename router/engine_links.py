@@ -49,6 +49,8 @@ STATS_TIMEOUT_S = 1.0
 #: How long a call waits for a replica's first connection (it is listening before it announces
 #: itself, so this is a loopback or LAN handshake).
 CONNECT_TIMEOUT_S = 2.0
+#: Reconnection attempts to a lost replica back off from 100 ms up to this.
+RECONNECT_MAX_MS = 2_000
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
@@ -137,6 +139,7 @@ class EngineClient:
             sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
             configure(sock)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not (yet) up
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)  # a dead peer: back off
             monitor = sock.get_monitor_socket(_MONITORED)
             sock.connect(tcp_endpoint(self.address))
             self._sock = sock
@@ -237,7 +240,7 @@ class GenerateStream:
         self.received = 0  # events received so far (0: the engine may not have started it)
         self._queue: asyncio.Queue[tuple[bytes, bytes] | EngineCallError] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
-        self._sent = self._finished = False
+        self._finished = False
         client.inflight += 1
         self._open = True
 
@@ -246,12 +249,16 @@ class GenerateStream:
         try:
             if self.timeout_s is not None:
                 self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
-            await client._connected()
+            wait = (
+                CONNECT_TIMEOUT_S
+                if self.timeout_s is None
+                else min(CONNECT_TIMEOUT_S, self.timeout_s)
+            )
+            await client._connected(wait)
             if not self._open:  # cancelled while connecting
                 raise EngineCallError("cancelled", "the call was cancelled")
             client._calls[self.call_id] = self
             client._send([GENERATE, client._token, self.call_id, encode(self.request)])
-            self._sent = True
             while True:
                 item = await self._queue.get()
                 if isinstance(item, EngineCallError):

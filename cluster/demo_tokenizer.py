@@ -24,10 +24,20 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # specials + one token per byte
 
-# ChatML, the way Qwen2/Qwen3 checkpoints write it (jinja2, rendered like transformers does).
+# ChatML, the way Qwen2/Qwen3 checkpoints write it (jinja2, rendered like transformers does), with
+# their tool parts made short: the tools offered named in a system turn, an assistant turn's calls
+# as hermes' <tool_call> JSON (arguments as the object the front door parses them into).
 CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\nTools:' }}"
+    "{%- for tool in tools %}{{- ' ' + tool['function']['name'] }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{{- '<tool_call>' + ({'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson) + '</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

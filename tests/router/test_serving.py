@@ -36,7 +36,7 @@ from moeray.workers import LLM, FinishReason, SamplingParams
 
 from tests.scrape import samples
 
-FAST = {"max_model_len": 64, "max_tokens_limit": 32, "num_kv_blocks": 16, "block_size": 16}
+FAST = {"max_model_len": 256, "max_tokens_limit": 32, "num_kv_blocks": 32, "block_size": 16}
 REASONING = {"max_model_len": 4096, "max_tokens_limit": 4000, "num_kv_blocks": 300}
 LONG = pb.SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
 

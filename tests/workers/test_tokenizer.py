@@ -67,6 +67,17 @@ def test_chat_template_renders_like_transformers(tok_dir: Path) -> None:
     for gen in (True, False):
         want = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
         assert tok.apply_chat_template(MESSAGES, add_generation_prompt=gen) == want
+    # tools offered, and a turn holding a call (arguments as an object) and the tool's answer
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}},
+             {"type": "function", "function": {"name": "now"}}]  # fmt: skip
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}  # fmt: skip
+    chat = [*MESSAGES, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]  # fmt: skip
+    want = hf.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(chat, tools=tools) == want
+    assert "Tools: get_weather now" in want
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich"}}</tool_call>' in want
 
 
 def test_a_template_with_whitespace_control_and_raise_exception(

@@ -225,7 +225,7 @@ _VALUES = st.one_of(
 _KEYS = ["model", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
          "top_k", "seed", "stop", "stream", "n", "ignore_eos", "stream_options", "logprobs",
          "echo", "best_of", "tools", "response_format", "suffix", "user", "zzz",
-         "min_tokens"]  # fmt: skip
+         "min_tokens", "tool_choice", "parallel_tool_calls", "skip_special_tokens"]  # fmt: skip
 _MESSAGES = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "robot", 5]),
                            "content": st.one_of(st.text(max_size=8), st.integers(), st.none())}),

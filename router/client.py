@@ -10,16 +10,18 @@ the first, finish_reason and usage with the last). `generate_text` collects a wh
 gRPC failures become `MoerayError`s carrying the status code and the server's sentence:
 `InvalidRequest` (INVALID_ARGUMENT), `Overloaded` (RESOURCE_EXHAUSTED), `Unavailable`
 (UNAVAILABLE / DEADLINE_EXCEEDED). Closing a `generate` iterator early cancels the RPC, which
-makes the server stop generating and free the request's KV blocks.
+makes the server stop generating and free the request's KV blocks. `AsyncMoerayClient` is the
+same for asyncio (grpc.aio): `async for delta in c.generate(...)`, awaitable calls.
 """
 
 from __future__ import annotations
 
+import abc
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from moeray.router.convert import (
@@ -113,6 +115,53 @@ class GenerateResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     reasoning_text: str = ""
 
+    def add(self, d: GenerateDelta) -> None:
+        """Joins one more delta of the stream."""
+        self.request_id, self.tier = d.request_id, d.tier
+        self.text += d.text
+        self.token_ids.extend(d.token_ids)
+        self.usage = d.usage
+        self.route = self.route or d.route
+        self.finish_reason = d.finish_reason or self.finish_reason
+        self.logprobs.extend(d.logprobs)
+        self.prompt_logprobs.extend(d.prompt_logprobs)
+        self.tool_calls.extend(d.tool_calls)
+        self.reasoning_text += d.reasoning_text
+
+
+def _delta(msg: pb.GenerateResponse) -> GenerateDelta:
+    return GenerateDelta(
+        request_id=msg.request_id,
+        tier=msg.tier,
+        text=msg.text,
+        token_ids=list(msg.token_ids),
+        finish_reason=finish_reason_from_proto(msg.finish_reason),
+        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
+        route=route_decision_from_proto(msg.route) if msg.HasField("route") else None,
+        logprobs=[token_logprob_from_proto(e) for e in msg.logprobs],
+        prompt_logprobs=[token_logprob_from_proto(e) for e in msg.prompt_logprobs],
+        tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in msg.tool_calls],
+        reasoning_text=msg.reasoning_text,
+    )
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def _route_request(
+    prompt: str | None,
+    messages: Sequence[ChatMessage | dict[str, Any]] | None,
+    prompt_token_ids: Sequence[int] | None,
+    tier: str,
+) -> pb.RouteRequest:
+    req = pb.RouteRequest(tier=tier)
+    _request_input(req, prompt, messages, prompt_token_ids)
+    return req
+
 
 def _request_input(
     msg: pb.GenerateRequest | pb.RouteRequest,
@@ -143,41 +192,14 @@ def _request_input(
         msg.prompt_token_ids.ids.extend(prompt_token_ids or ())
 
 
-class MoerayClient:
-    """A blocking client over one gRPC channel. Thread-safe (gRPC channels are)."""
+S = TypeVar("S", Iterator["GenerateDelta"], AsyncIterator["GenerateDelta"])
 
-    def __init__(
-        self,
-        target: str,
-        timeout: float | None = None,
-        channel: grpc.Channel | None = None,
-        max_message_bytes: int = 4 * 1024 * 1024,
-    ) -> None:
-        """target: "host:port". timeout: per-call deadline in seconds (None = no deadline)."""
-        opts = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._channel = channel or grpc.insecure_channel(target, options=opts)
-        self._stub = pb_grpc.InferenceStub(self._channel)
-        self.timeout = timeout
 
-    def __enter__(self) -> MoerayClient:
-        return self
+class _Generate(abc.ABC, Generic[S]):
+    """Generate's request, built the same way by both clients (`_stream` sends it)."""
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise _as_error(e) from None
+    @abc.abstractmethod
+    def _stream(self, req: pb.GenerateRequest) -> S: ...
 
     def generate(
         self,
@@ -206,7 +228,7 @@ class MoerayClient:
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
         skip_special_tokens: bool | None = None,
-    ) -> Iterator[GenerateDelta]:
+    ) -> S:
         """Streams deltas. Breaking out of the loop (or closing it) cancels the generation.
         logprobs=k: each delta carries its tokens' log-probabilities and k likeliest tokens;
         prompt_logprobs=k: the first carries the prompt tokens' (all but the first);
@@ -244,23 +266,45 @@ class MoerayClient:
                 setattr(s, name, value)
         return self._stream(req)
 
+
+class MoerayClient(_Generate[Iterator[GenerateDelta]]):
+    """A blocking client over one gRPC channel. Thread-safe (gRPC channels are)."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        """target: "host:port". timeout: per-call deadline in seconds (None = no deadline)."""
+        opts = _channel_options(max_message_bytes)
+        self._channel = channel or grpc.insecure_channel(target, options=opts)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> MoerayClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _as_error(e) from None
+
     def _stream(self, req: pb.GenerateRequest) -> Iterator[GenerateDelta]:
         call = self._stub.Generate(req, timeout=self.timeout)
         try:
             for msg in call:
-                yield GenerateDelta(
-                    request_id=msg.request_id,
-                    tier=msg.tier,
-                    text=msg.text,
-                    token_ids=list(msg.token_ids),
-                    finish_reason=finish_reason_from_proto(msg.finish_reason),
-                    usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
-                    route=route_decision_from_proto(msg.route) if msg.HasField("route") else None,
-                    logprobs=[token_logprob_from_proto(e) for e in msg.logprobs],
-                    prompt_logprobs=[token_logprob_from_proto(e) for e in msg.prompt_logprobs],
-                    tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in msg.tool_calls],
-                    reasoning_text=msg.reasoning_text,
-                )
+                yield _delta(msg)
         except grpc.RpcError as e:
             raise _as_error(e) from None
         finally:
@@ -270,16 +314,7 @@ class MoerayClient:
         """Runs generate to the end and joins the deltas."""
         out = GenerateResult()
         for d in self.generate(prompt, **kwargs):
-            out.request_id, out.tier = d.request_id, d.tier
-            out.text += d.text
-            out.token_ids.extend(d.token_ids)
-            out.usage = d.usage
-            out.route = out.route or d.route
-            out.finish_reason = d.finish_reason or out.finish_reason
-            out.logprobs.extend(d.logprobs)
-            out.prompt_logprobs.extend(d.prompt_logprobs)
-            out.tool_calls.extend(d.tool_calls)
-            out.reasoning_text += d.reasoning_text
+            out.add(d)
         return out
 
     def route(
@@ -306,8 +341,7 @@ class MoerayClient:
         tier: str = "",
     ) -> pb.RouteResponse:
         """The whole Route answer: the decision and the policy's feature values."""
-        req = pb.RouteRequest(tier=tier)
-        _request_input(req, prompt, messages, prompt_token_ids)
+        req = _route_request(prompt, messages, prompt_token_ids, tier)
         return self._unary(self._stub.Route, req)
 
     def list_tiers(self) -> pb.ListTiersResponse:
@@ -321,3 +355,85 @@ class MoerayClient:
         if not request_id:
             raise ValueError("request_id must not be empty")
         return bool(self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id)).found)
+
+
+class AsyncMoerayClient(_Generate[AsyncIterator[GenerateDelta]]):
+    """The same client for asyncio (grpc.aio), on the event loop it is first used from.
+
+        async with AsyncMoerayClient("localhost:50051") as c:
+            async for delta in c.generate("hi", max_tokens=16):
+                print(delta.text, end="")
+
+    `generate` takes what MoerayClient.generate takes and returns an async iterator; leaving
+    it early (break, or `aclose()` for a prompt stop) cancels the RPC and frees the request's
+    KV blocks on the server.
+    """
+
+    def __init__(
+        self, target: str, timeout: float | None = None, max_message_bytes: int = 4 * 1024 * 1024
+    ) -> None:
+        """target: "host:port". timeout: per-call deadline in seconds (None = no deadline)."""
+        self._channel = grpc.aio.insecure_channel(
+            target, options=_channel_options(max_message_bytes)
+        )
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncMoerayClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _as_error(e) from None
+
+    async def _stream(self, req: pb.GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        call = self._stub.Generate(req, timeout=self.timeout)
+        try:
+            async for msg in call:
+                yield _delta(msg)
+        except grpc.RpcError as e:
+            raise _as_error(e) from None
+        finally:
+            call.cancel()  # no-op when the stream ended; stops the server when we left early
+
+    async def generate_text(self, prompt: str | None = None, **kwargs: Any) -> GenerateResult:
+        """Runs generate to the end and joins the deltas."""
+        out = GenerateResult()
+        async for d in self.generate(prompt, **kwargs):
+            out.add(d)
+        return out
+
+    async def route(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage | dict[str, Any]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        tier: str = "",
+    ) -> RouteDecision:
+        """The router's dry-run decision for this input."""
+        req = _route_request(prompt, messages, prompt_token_ids, tier)
+        return route_decision_from_proto((await self._unary(self._stub.Route, req)).route)
+
+    async def list_tiers(self) -> pb.ListTiersResponse:
+        return await self._unary(self._stub.ListTiers, pb.ListTiersRequest())
+
+    async def cluster_status(self, tier: str = "") -> pb.GetClusterStatusResponse:
+        return await self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(tier=tier))
+
+    async def abort(self, request_id: str) -> bool:
+        """Stops a running generation; False when the server knew no such request."""
+        if not request_id:
+            raise ValueError("request_id must not be empty")
+        answer = await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id))
+        return bool(answer.found)

@@ -1,4 +1,4 @@
-"""MoerayClient over a real gRPC channel and server.
+"""MoerayClient and AsyncMoerayClient over a real gRPC channel and server.
 
 The server here is a real grpc.server serving moeray.v1.Inference with the real conversion
 (router/convert.py) and policy (router/policy.py); only the engine is a stand-in (it streams the
@@ -8,6 +8,7 @@ the client against the full stack is exercised in tests/router/test_serving.py.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,13 @@ import grpc
 import pytest
 from moeray.cluster.config import MoerayConfig
 from moeray.router import convert
-from moeray.router.client import InvalidRequest, MoerayClient, MoerayError, Overloaded
+from moeray.router.client import (
+    AsyncMoerayClient,
+    InvalidRequest,
+    MoerayClient,
+    MoerayError,
+    Overloaded,
+)
 from moeray.router.policy import QueryRouter
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
@@ -188,3 +195,41 @@ def test_unreachable_server_is_a_clean_error() -> None:
     with MoerayClient("127.0.0.1:1", timeout=2) as c, pytest.raises(MoerayError) as e:
         c.list_tiers()
     assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_async_client_does_what_the_blocking_one_does(served: tuple[EchoServicer, str]) -> None:
+    """AsyncMoerayClient (grpc.aio) against the same server: the same deltas, answers and
+    errors, and leaving a stream early (or Abort) stops the server's generation."""
+    servicer, target = served
+
+    async def main() -> None:
+        async with AsyncMoerayClient(target, timeout=20) as c:
+            deltas = [d async for d in c.generate("alpha beta gamma", max_tokens=3,
+                                                  request_id="a1")]  # fmt: skip
+            with MoerayClient(target, timeout=20) as blocking:
+                want = list(blocking.generate("alpha beta gamma", max_tokens=3, request_id="a1"))
+            assert deltas == want and deltas[-1].finish_reason is FinishReason.LENGTH
+            res = await c.generate_text(messages=[{"role": "user", "content": "a b c"}],
+                                        max_tokens=2)  # fmt: skip
+            assert (res.text, res.token_ids, res.usage) == ("a b ", [0, 1], Usage(1, 2))
+            route = await c.route("Think step by step and prove there are infinitely many primes.")
+            assert route.tier == "reasoning"
+            assert [t.name for t in (await c.list_tiers()).tiers] == ["fast", "reasoning"]
+            assert (await c.cluster_status()).tiers[0].placement_epoch == 3
+            with pytest.raises(InvalidRequest) as e:
+                await c.generate_text("x", temperature=-1.0)
+            assert e.value.details.startswith("sampling.temperature ")
+            with pytest.raises(Overloaded):
+                await c.generate_text("overload")
+            stream = c.generate("slow words here", max_tokens=2000, request_id="aa1")
+            assert (await anext(stream)).text == "slow "
+            assert await c.abort("aa1") is True
+            assert [d async for d in stream][-1].finish_reason is FinishReason.ABORT
+            async for _ in c.generate("slow again", max_tokens=2000, request_id="aa2"):
+                break  # leaving early cancels the RPC
+            deadline = time.monotonic() + 10
+            while "aa2" not in servicer.cancelled and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert "aa2" in servicer.cancelled
+
+    asyncio.run(main())

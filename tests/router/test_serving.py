@@ -10,6 +10,7 @@ field it names.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -29,7 +30,7 @@ from moeray.cluster.app import LocalStack
 from moeray.cluster.config import MoerayConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.cluster.redis_server import free_port
-from moeray.router.client import MoerayClient
+from moeray.router.client import AsyncMoerayClient, MoerayClient
 from moeray.v1 import inference_pb2 as pb
 from moeray.v1 import inference_pb2_grpc as pb_grpc
 from moeray.workers import LLM, FinishReason, SamplingParams
@@ -145,7 +146,9 @@ def _wait_kv_freed(stack: LocalStack, tier: str, timeout_s: float = 60.0) -> dic
 # ---- generation ----------------------------------------------------------------------------
 
 
-def test_grpc_stream_equals_offline_llm(stub: pb_grpc.InferenceStub, fast_llm: LLM) -> None:
+def test_grpc_stream_equals_offline_llm(
+    stack: LocalStack, stub: pb_grpc.InferenceStub, fast_llm: LLM
+) -> None:
     req = pb.GenerateRequest(
         prompt="The capital of France", tier="fast",
         sampling=pb.SamplingParams(max_tokens=12, temperature=0),
@@ -164,6 +167,14 @@ def test_grpc_stream_equals_offline_llm(stub: pb_grpc.InferenceStub, fast_llm: L
     assert msgs[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
     assert msgs[-1].usage.completion_tokens == len(oracle.token_ids)
     assert all(m.tier == "fast" and m.request_id == msgs[0].request_id for m in msgs)
+
+    async def with_asyncio() -> Any:  # the asyncio client, on the same front door
+        async with AsyncMoerayClient(stack.endpoints()["grpc"], timeout=60) as c:
+            return await c.generate_text("The capital of France", tier="fast", max_tokens=12,
+                                         temperature=0)  # fmt: skip
+
+    res = asyncio.run(with_asyncio())
+    assert (res.text, res.token_ids, res.tier) == (oracle.text, oracle.token_ids, "fast")
 
 
 def test_grpc_auto_routing_and_route_dry_run(stub: pb_grpc.InferenceStub) -> None:

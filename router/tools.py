@@ -62,8 +62,9 @@ TOOL_CALL_PARSERS = ("hermes", "pythonic", "mistral", "deepseek_v3")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 #: Mistral's control tokens around calls (in the text only with skip_special_tokens off).
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
-#: DeepSeek-V3's (and R1's, V3.1's) special tokens around calls.
-DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+#: DeepSeek-V3's (and R1's, V3.1's) special tokens around calls (<｜tool▁calls▁end｜> after the
+#: last call is text outside the calls: dropped, as hermes drops text after its calls).
+DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = (
     "<｜tool▁call▁begin｜>",
     "<｜tool▁call▁end｜>",

@@ -1,30 +1,21 @@
 """The CPU fast path of moeray.kernels: GEMMs on weights laid out once, when they are loaded.
 
 On CPU, torch's F.linear hands fp32 GEMMs to MKL and bf16 ones to oneDNN, and either reads the
-weight in its plain [out, in] layout on every call. oneDNN can instead reorder a weight ONCE into
-the blocked layout its JIT micro-kernels stream (`torch.ops.mkldnn._reorder_linear_weight`) and
-multiply against it (`torch.ops.mkldnn._linear_pointwise`): the same two ops torch.compile's
-inductor emits for `nn.Linear` on CPU when it freezes weights. Measured on the 2-core dev VM
-(2026-11-30, cold weights, 2 threads, fp32): an expert's [2048, 512] w1 at 8 rows 430 -> 190 us,
-the [32000, 512] LM head at 32 rows 13.5 -> 5.6 ms; bf16 gains 20-40 %.
-One row (batch-1 decode) is a GEMV bound by how fast the weight streams from memory. For a
-"wide" fp32 weight (more outputs than inputs: an expert's w1, the LM head) MKL's GEMV over the
-weight stored [in, out] is the faster on ONE thread (w1 187 vs 265 us), oneDNN's packed form on
-two (w1 179 vs 200 us, the [32000, 512] LM head 2.2 vs 3.0 ms; 2026-11-30, cold weights); a
-narrow one (w2) is faster packed on any thread count. The two round differently; the packed
-GEMM gives the same numbers on any thread count. So:
-- experts (PackedExperts) are always packed: a shard (usually one thread) must compute an
-  expert's rows exactly as the engine does in-process (bit for bit, workers/expert_routing.py),
-  and on two threads packed is the faster anyway (batch-1 step of the bench checkpoint 12.7-13.0
-  ms vs 13.5 ms with an [in, out] copy of every w1);
-- a dense layer (workers/cpu_tuning.py), computed only where it lives, keeps an [in, out] copy
-  of a wide fp32 weight (`columns=True`) in a process that runs torch on one thread (step on
-  one thread 15.5 ms with copies vs 18.8 without; on two 13.9 without vs 14.6 with).
-The copy costs that weight's memory again; bf16 keeps only the packed form.
-The numbers are those of a correct fp32 (or bf16 x bf16 -> fp32-accumulated) GEMM in another
-summation order than the reference's.
+weight in its plain [out, in] layout on every call. A weight reordered ONCE into a blocked layout
+streams faster. Two GEMMs take such weights here:
+- moeray's own (kernels/cpu_gemm.py), where the CPU has AVX512_BF16 and the extension builds:
+  at one row (batch-1 decode, bound by how fast the weight streams from memory) 1.3-2x faster
+  than oneDNN's, from 32 rows up as fast (figures in that module);
+- otherwise oneDNN's: `torch.ops.mkldnn._reorder_linear_weight` once, then
+  `torch.ops.mkldnn._linear_pointwise`, the two ops torch.compile's inductor emits for
+  `nn.Linear` on CPU when it freezes weights (an expert's [2048, 512] w1 at 8 rows 430 -> 190 us
+  against F.linear, fp32, 2-core dev VM, 2026-11-30; bf16 gains 20-40 %).
+Either gives the same numbers on any thread count, so a shard (usually one thread) computes an
+expert's rows exactly as a two-thread engine does in-process (workers/expert_routing.py). The
+numbers are those of a correct fp32 (or bf16 x bf16 -> fp32-accumulated) GEMM in another
+summation order than the reference's, and depend only on x's row count and values.
 
-    PackedWeight(w [out, in], columns)   one weight, packed (+ an [in, out] copy if columns)
+    PackedWeight(w [out, in])            one weight, packed
     PackedExperts(w [E, out, in])        one packed weight per expert; .shape/.dtype/.device as w
     linear(x [T, in], w: PackedWeight, bias [out] | None) -> [T, out]
     fused_moe(hidden [T, D], w1: PackedExperts [E, 2F, D], w2: PackedExperts [E, D, F],
@@ -33,14 +24,16 @@ summation order than the reference's.
         outside [0, E) skipped) with packed GEMMs.
 
 Whether to pack is decided in kernels/dispatch.py (`packs_cpu_weights`); nothing else calls the
-mkldnn ops. FOOTGUN: the packed tensors are opaque (layout torch._mkldnn): they cannot be
-indexed, viewed or moved; keep the plain weight if you need it for anything else.
+mkldnn ops. FOOTGUN: the packed weights are opaque (oneDNN's are torch._mkldnn tensors, moeray's
+a reordered copy): they cannot be indexed, viewed or moved as the weight; keep the plain weight
+if you need it for anything else.
 Shape letters: docs/SHAPES.md.
 """
 
 from __future__ import annotations
 
 import torch
+from moeray.kernels import cpu_gemm
 from moeray.kernels.reference import silu_and_mul
 
 #: Dtypes the packed path takes (bf16 only where the CPU has bf16 dot products: see supported()).
@@ -48,44 +41,35 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def supported(dtype: torch.dtype) -> bool:
-    """Whether torch's oneDNN can pack and multiply `dtype` weights on this CPU."""
+    """Whether oneDNN (and so the packed path) can pack and multiply `dtype` weights here."""
     if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def is_wide_fp32(weight: torch.Tensor) -> bool:
-    """An fp32 [out, in] weight with out > in: the kind whose one-row products MKL's GEMV over
-    an [in, out] copy may do faster (see the module docstring)."""
-    return weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[0] > weight.shape[1]
-
-
 class PackedWeight:
-    """One [out, in] weight in oneDNN's blocked layout (packed once, here); with columns=True
-    (wide fp32 weights only) also stored [in, out], and one-row inputs then take MKL's GEMV."""
+    """One [out, in] weight, packed once for moeray's CPU GEMM where it runs, else for oneDNN."""
 
-    def __init__(self, weight: torch.Tensor, *, columns: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         if weight.dim() != 2 or weight.device.type != "cpu" or not supported(weight.dtype):
             raise ValueError(
                 f"weight must be a 2-d CPU tensor of a packable dtype, got {tuple(weight.shape)} "
                 f"{weight.dtype} on {weight.device}"
             )
-        if columns and not is_wide_fp32(weight):
-            raise ValueError(
-                f"columns is for wide fp32 weights, got {tuple(weight.shape)} {weight.dtype}"
-            )
         self.shape = weight.shape
         self.dtype = weight.dtype
         self.device = weight.device
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        self.columns = weight.detach().t().contiguous() if columns else None  # [in, out]
+        w = weight.detach()
+        own = cpu_gemm.available() and (w.dtype == torch.float32 or w.shape[1] % 2 == 0)
+        self.blocked = cpu_gemm.pack(w) if own else None  # moeray's layout
+        self.packed = None if own else torch.ops.mkldnn._reorder_linear_weight(w)  # oneDNN's
 
 
 def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) on the prepared w: x [T, in] (any strides) -> [T, out] in x's dtype.
     The result depends only on x's row count and values, not on where the call comes from."""
-    if x.shape[0] == 1 and weight.columns is not None:
-        out = torch.mm(x, weight.columns)  # [1, in] @ [in, out]: MKL's GEMV
+    if weight.blocked is not None:
+        out = cpu_gemm.linear(x, weight.blocked, weight.shape[0])
         return out if bias is None else out.add_(bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
 
@@ -102,8 +86,6 @@ class PackedExperts:
         self.shape = weights.shape
         self.dtype = weights.dtype
         self.device = weights.device
-        # Packed only (no [in, out] copy): the same numbers on any thread count, so a shard
-        # computes an expert's rows exactly as the engine does in-process.
         self.experts = [PackedWeight(w) for w in weights.unbind(0)]
 
     def dim(self) -> int:

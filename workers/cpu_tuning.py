@@ -4,8 +4,9 @@ The model, the loader and the engine know nothing of CPUs. What makes a CPU engi
 applied afterwards, the way gpt-fast applies tensor parallelism to a finished model:
 
 - `apply_cpu_tuning(model)` swaps every nn.Linear of a CPU model for a `PackedLinear` whose
-  weight was reordered once into oneDNN's blocked layout (kernels/cpu_packed.py; the routed
-  experts get the same treatment inside moeray.kernels), and caps the BLAS that numpy loads
+  weight was reordered once into a blocked layout (kernels/cpu_packed.py: moeray's CPU GEMM where
+  the CPU has AVX512_BF16, else oneDNN's; the routed experts get the same treatment inside
+  moeray.kernels), and caps the BLAS that numpy loads
   (OpenBLAS) at one thread with threadpoolctl: numpy only does bookkeeping here, and a second
   BLAS thread pool busy-waits beside torch's OpenMP workers and starves them on a small node.
   Greedy tokens stay those of transformers (tests/workers/test_cpu_tuning.py).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import threadpoolctl
 import torch
 from moeray.kernels import PackedWeight, packed_linear, packs_cpu_weights
-from moeray.kernels.cpu_packed import is_wide_fp32
 from torch import nn
 
 #: Weights with fewer elements stay plain nn.Linear: a oneDNN call costs ~15 us whatever its
@@ -34,23 +34,20 @@ MIN_PACKED_ELEMENTS = 65536
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear's forward on a weight prepacked for oneDNN: x [T, in] -> [T, out]."""
+    """nn.Linear's forward on a prepacked weight (kernels/cpu_packed.py): x [T, in] -> [T, out]."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        # A dense layer is computed only here, so its one-row path may follow this process's
-        # thread count: MKL's GEMV over an [in, out] copy on one thread, the packed form on more
-        # (kernels/cpu_packed.py).
-        self.packed = PackedWeight(w, columns=is_wide_fp32(w) and torch.get_num_threads() == 1)
+        self.packed = PackedWeight(linear.weight.detach())
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+        form = "oneDNN" if self.packed.blocked is None else "moeray"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {form}-packed"
 
 
 def apply_cpu_tuning(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from moeray import kernels
-from moeray.kernels import PackedExperts, PackedWeight, cpu_packed, dispatch, reference
+from moeray.kernels import PackedExperts, PackedWeight, cpu_gemm, cpu_packed, dispatch, reference
 
 pytestmark = pytest.mark.skipif(
     not cpu_packed.supported(torch.float32), reason="torch is built without oneDNN (mkldnn)"
@@ -48,30 +48,32 @@ def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
     assert torch.equal(partial.to(dtype), kernels.fused_moe(hidden, p1, p2, weights, ids))
 
 
+@pytest.fixture(params=["auto", "onednn"], autouse=True)
+def gemm(request, monkeypatch):
+    """Every test here runs on both GEMMs of the packed path: moeray's (where this CPU runs it;
+    else the two runs are alike) and oneDNN's (kernels/cpu_packed.py)."""
+    monkeypatch.setenv("MOERAY_CPU_GEMM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 33])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("out", "inp"), [(70, 24), (24, 70), (24, 24)])  # wide, narrow, square
-@pytest.mark.parametrize("columns", [False, True])
-def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, columns, close):
+def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, gemm, close):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(out, inp, generator=g).to(dtype)
     b = torch.randn(out, generator=g).to(dtype) if bias else None
     x = torch.randn(rows, 2 * inp, generator=g).to(dtype)[:, ::2]  # strided input
-    if columns and not cpu_packed.is_wide_fp32(w):
-        with pytest.raises(ValueError, match="columns is for wide fp32 weights"):
-            PackedWeight(w, columns=True)
-        return
-    # With columns, one-row inputs take MKL's GEMV over the [in, out] copy (kernels/cpu_packed.py).
-    packed = PackedWeight(w, columns=columns)
-    assert (packed.columns is not None) == columns
-    close(f"packed linear rows={rows} [{out}, {inp}] columns={columns}",
+    packed = PackedWeight(w)
+    assert (packed.blocked is not None) == (gemm == "auto" and cpu_gemm.available())
+    close(f"packed linear rows={rows} [{out}, {inp}] {gemm}",
           kernels.packed_linear(x, packed, b), F.linear(x, w, b))  # fmt: skip
 
 
 def test_experts_compute_the_same_on_any_thread_count():
     """A shard (often one thread) and the engine (more) must give an expert's rows the same
-    numbers: experts are packed only, whatever the thread count, and so is their one-row path."""
+    numbers, at one row and at several."""
     w1, w2 = _experts(4, 16, 24, torch.float32)  # w1 [4, 48, 16] is wide, w2 [4, 16, 24] not
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(5, 16, generator=g)
@@ -83,7 +85,6 @@ def test_experts_compute_the_same_on_any_thread_count():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             p1, p2 = PackedExperts(w1), PackedExperts(w2)
-            assert all(p.columns is None for p in p1.experts + p2.experts)
             outs.append((kernels.fused_moe(hidden, p1, p2, weights, ids),
                          kernels.fused_moe(hidden[:1], p1, p2, weights[:1], ids[:1])))  # fmt: skip
     finally:

@@ -11,6 +11,7 @@ import pytest
 import threadpoolctl
 import torch
 from moeray import kernels
+from moeray.kernels import cpu_gemm
 from moeray.workers import LLM, SamplingParams, cpu_tuning
 from moeray.workers.cpu_tuning import PackedLinear, apply_cpu_tuning, cpu_process_env
 from moeray.workers.loader import load_model
@@ -67,18 +68,17 @@ def test_transform_swaps_every_linear_and_keeps_the_logits(
     assert all(lib["num_threads"] == 1 for lib in blas if lib["user_api"] == "blas")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_dense_one_row_path_follows_the_thread_count(threads: int) -> None:
-    """A wide fp32 layer keeps an [in, out] copy for one-row inputs only on one thread (MKL's
-    GEMV is the faster there; oneDNN's packed form on more); a narrow one never does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        wide, narrow = PackedLinear(nn.Linear(512, 768)), PackedLinear(nn.Linear(1024, 512))
-    finally:
-        torch.set_num_threads(before)
-    assert (wide.packed.columns is not None) == (threads == 1)
-    assert narrow.packed.columns is None
+def test_dense_layers_take_the_packed_path_s_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moeray's CPU GEMM where this CPU runs it, oneDNN's when MOERAY_CPU_GEMM=onednn."""
+    layer = nn.Linear(512, 768)
+    x = torch.randn(3, 512)
+    own = PackedLinear(layer)
+    assert (own.packed.blocked is not None) == cpu_gemm.available()
+    monkeypatch.setenv("MOERAY_CPU_GEMM", "onednn")
+    onednn = PackedLinear(layer)
+    assert onednn.packed.blocked is None and "oneDNN-packed" in repr(onednn)
+    for packed in (own, onednn):
+        torch.testing.assert_close(packed(x), layer(x), atol=1e-4, rtol=1e-4)
 
 
 def test_small_weights_stay_plain() -> None:

@@ -12,8 +12,9 @@ are within a few per cent (this one 1.00-1.25x), and on one thread this one also
 not depend on the thread count (shards and engines compute an expert's rows alike).
 
 It is a torch C++ extension compiled with the machine's C++ compiler (torch.utils.cpp_extension,
-~25 s once; cached in torch's extensions directory, TORCH_EXTENSIONS_DIR), so it needs g++ and
-ninja; `make setup` builds it. When it cannot be had (another CPU, no compiler, a failed build:
+~25 s once, into TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a directory named by a
+hash of the source, the flags, torch and Python; later processes import the finished build
+directly), so it needs g++ and ninja; `make setup` builds it. When it cannot be had (another CPU, no compiler, a failed build:
 logged once, with the reason) or MOERAY_CPU_GEMM=onednn, the packed path keeps oneDNN's GEMM.
 
     available() -> bool                 whether linear() runs here (builds on the first call)
@@ -25,9 +26,12 @@ logged once, with the reason) or MOERAY_CPU_GEMM=onednn, the packed path keeps o
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -61,16 +65,41 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _name_and_directory() -> tuple[str, Path]:
+    """The build's module name and directory, keyed by what goes into it (the source, the flags,
+    torch and Python), so that checkouts and venvs share a build only when it is the same."""
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), *CFLAGS, torch.__version__, sys.version]).encode()
+    ).hexdigest()[:16]
+    name = f"moeray_cpu_gemm_{key}"
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return name, Path(base) / name
+
+
 def build() -> ModuleType:
-    """Compiles the extension (or loads the cached build) whatever this CPU runs: for images
-    built on one machine and run on another (helm/images/Dockerfile.cpu)."""
+    """Compiles the extension, or imports the finished build, whatever this CPU runs (also for
+    images built on one machine and run on another: helm/images/Dockerfile.cpu).
+
+    A finished build is imported directly (milliseconds); otherwise torch's cpp_extension
+    compiles it (~25 s) under its lock file in the build directory, which other processes
+    wait on."""
+    name, directory = _name_and_directory()
+    library = directory / f"{name}.so"
+    if library.exists() and not (directory / "lock").exists():
+        spec = importlib.util.spec_from_file_location(name, library)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     from torch.utils import cpp_extension
 
+    directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name="moeray_cpu_gemm",
+        name=name,
         sources=[str(SOURCE)],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
         verbose=False,
     )
 

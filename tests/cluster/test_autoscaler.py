@@ -262,6 +262,10 @@ class Traffic:
         start = len(self.futures)
         self.futures += [self.pool.submit(self._one, start + i) for i in range(n)]
 
+    def idle(self) -> bool:
+        """Whether every stream sent so far has ended."""
+        return all(f.done() for f in self.futures)
+
     def wait(self, timeout_s: float = 600) -> None:
         for f in self.futures:
             f.result(timeout=timeout_s)

@@ -25,6 +25,7 @@ logged once, with the reason) or MOERAY_CPU_GEMM=onednn, the packed path keeps o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -32,6 +33,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -44,6 +46,9 @@ SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
 CHOICES = ("auto", "onednn")
+#: A build takes ~25 s; a lock file older than this was left by a builder that was killed (torch's
+#: cpp_extension would wait on it forever).
+STALE_LOCK_S = 600.0
 
 
 def wanted() -> bool:
@@ -84,8 +89,12 @@ def build() -> ModuleType:
     compiles it (~25 s) under its lock file in the build directory, which other processes
     wait on."""
     name, directory = _name_and_directory()
-    library = directory / f"{name}.so"
-    if library.exists() and not (directory / "lock").exists():
+    library, lock = directory / f"{name}.so", directory / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:  # its builder was killed
+            log.warning("removing a stale build lock %s", lock)
+            lock.unlink()
+    if library.exists() and not lock.exists():
         spec = importlib.util.spec_from_file_location(name, library)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)

@@ -9,6 +9,9 @@ loops and their edges: one row (the streaming loop), 2-13 rows (register tiles o
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from moeray.kernels import PackedWeight, cpu_gemm, packed_linear
@@ -100,3 +103,21 @@ def test_mismatched_input_is_refused():
         cpu_gemm.linear(torch.randn(2, 16).to(torch.bfloat16), packed, 32)
     with pytest.raises(RuntimeError, match="N does not match"):
         cpu_gemm.linear(torch.randn(2, 16), packed, 48)
+
+
+def test_a_stale_build_lock_does_not_block_loading():
+    """A builder killed mid-build leaves torch's lock file; one older than a build could take is
+    removed, and the finished build is imported (fresh locks are left to their builders)."""
+    _, directory = cpu_gemm._name_and_directory()
+    lock = directory / "lock"
+    assert not lock.exists()
+    lock.touch()
+    try:
+        old = time.time() - cpu_gemm.STALE_LOCK_S - 1
+        os.utime(lock, (old, old))
+        module = cpu_gemm.build()
+        assert not lock.exists()
+        x, w = torch.randn(2, 16), torch.randn(16, 16)
+        torch.testing.assert_close(module.linear(x, module.pack(w), 16), x @ w.T)
+    finally:
+        lock.unlink(missing_ok=True)

@@ -14,8 +14,9 @@ not depend on the thread count (shards and engines compute an expert's rows alik
 It is a torch C++ extension compiled with the machine's C++ compiler (torch.utils.cpp_extension,
 ~25 s once, into TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a directory named by a
 hash of the source, the flags, torch and Python; later processes import the finished build
-directly), so it needs g++ and ninja; `make setup` builds it. When it cannot be had (another CPU, no compiler, a failed build:
-logged once, with the reason) or MOERAY_CPU_GEMM=onednn, the packed path keeps oneDNN's GEMM.
+directly), so it needs g++ and ninja; `make setup` builds it. When it cannot be had (another
+CPU, no compiler, a failed build: logged once, with the reason) or MOERAY_KERNELS=onednn, the
+packed path keeps oneDNN's GEMM.
 
     available() -> bool                 whether linear() runs here (builds on the first call)
     build() -> the extension module     compile now, whatever this CPU (container images)
@@ -38,6 +39,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from moeray.kernels import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +47,9 @@ SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 #: Instruction sets the kernel is compiled for, as /proc/cpuinfo names them.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
-CHOICES = ("auto", "onednn")
 #: A build takes ~25 s; a lock file older than this was left by a builder that was killed (torch's
 #: cpp_extension would wait on it forever).
 STALE_LOCK_S = 600.0
-
-
-def wanted() -> bool:
-    """MOERAY_CPU_GEMM: auto (default: use it where it runs) or onednn (never)."""
-    choice = os.environ.get("MOERAY_CPU_GEMM", "auto").strip().lower()
-    if choice not in CHOICES:
-        raise ValueError(f"MOERAY_CPU_GEMM must be one of {', '.join(CHOICES)}, got {choice!r}")
-    return choice == "auto"
 
 
 def _cpu_flags() -> set[str]:
@@ -129,9 +122,9 @@ def _extension() -> ModuleType | None:
 
 
 def available() -> bool:
-    """Whether linear() runs in this process: wanted, this CPU, and built (the first call
-    compiles it, or loads the cached build)."""
-    return wanted() and _extension() is not None
+    """Whether linear() runs in this process: not MOERAY_KERNELS=onednn (kernels/dispatch.py),
+    this CPU, and built (the first call compiles it, or imports the finished build)."""
+    return dispatch.cpu_gemm_wanted() and _extension() is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,14 @@ that reads MOERAY_KERNELS.
     MOERAY_KERNELS=auto    (default) Triton for CUDA tensors when triton is installed, else torch
     MOERAY_KERNELS=triton  always Triton (on CPU tensors only under TRITON_INTERPRET=1: tests)
     MOERAY_KERNELS=torch   always the torch references
+    MOERAY_KERNELS=onednn  as auto, but the CPU fast path multiplies with oneDNN's GEMM, not
+                           moeray's (kernels/cpu_gemm.py): for comparing the two
 
 Tests override it with `use_backend("triton")` (a context manager) or `set_backend(...)`.
 
-The torch backend has a CPU fast path: expert weights prepacked once into oneDNN's layout
-(kernels/cpu_packed.py). `packs_cpu_weights` decides when weights are prepared: under "auto" for
+The torch backend has a CPU fast path: weights prepacked once into a blocked layout
+(kernels/cpu_packed.py), multiplied by moeray's CPU GEMM where it runs (`cpu_gemm_wanted`), else
+by oneDNN's. `packs_cpu_weights` decides when weights are prepared: under "auto" and "onednn" for
 CPU weights of a dtype oneDNN packs; "torch" keeps the plain references (the oracle) and
 "triton" the Triton kernels.
 triton is an optional extra ([gpu]): it is imported only when a Triton kernel is about to run,
@@ -27,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "onednn")
 _override: str | None = None
 
 
@@ -76,7 +79,7 @@ def interpreter_enabled() -> bool:
 def resolve(tensor: torch.Tensor) -> str:
     """'triton' or 'torch' for a call whose main input is `tensor`."""
     backend = configured_backend()
-    if backend == "auto":
+    if backend in ("auto", "onednn"):
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
@@ -95,10 +98,16 @@ def packs_cpu_weights(weight: torch.Tensor) -> bool:
     from moeray.kernels import cpu_packed
 
     return (
-        configured_backend() == "auto"
+        configured_backend() in ("auto", "onednn")
         and weight.device.type == "cpu"
         and cpu_packed.supported(weight.dtype)
     )
+
+
+def cpu_gemm_wanted() -> bool:
+    """Whether the CPU fast path may use moeray's CPU GEMM (kernels/cpu_gemm.py): not under
+    "onednn"."""
+    return configured_backend() != "onednn"
 
 
 def triton_module(name: str) -> ModuleType:

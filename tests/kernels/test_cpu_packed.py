@@ -49,11 +49,12 @@ def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
 
 
 @pytest.fixture(params=["auto", "onednn"], autouse=True)
-def gemm(request, monkeypatch):
+def gemm(request):
     """Every test here runs on both GEMMs of the packed path: moeray's (where this CPU runs it;
-    else the two runs are alike) and oneDNN's (kernels/cpu_packed.py)."""
-    monkeypatch.setenv("MOERAY_CPU_GEMM", request.param)
-    return request.param
+    else the two runs are alike) and oneDNN's (kernels/cpu_packed.py). Tests that switch the
+    backend themselves (use_backend) restore this one when they are done."""
+    with kernels.use_backend(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -92,12 +93,15 @@ def test_experts_compute_the_same_on_any_thread_count():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-def test_prepare_packs_under_auto_only():
+def test_prepare_packs_under_auto_and_onednn_only():
     w1, w2 = _experts(4, 16, 8, torch.float32)
-    with kernels.use_backend("auto"):
-        p1, p2 = kernels.prepare_expert_weights(w1, w2)
-        assert isinstance(p1, PackedExperts) and isinstance(p2, PackedExperts)
-        assert p1.shape == w1.shape and p1.dtype == w1.dtype and p1.device == w1.device
+    for backend in ("auto", "onednn"):
+        with kernels.use_backend(backend):
+            p1, p2 = kernels.prepare_expert_weights(w1, w2)
+            assert isinstance(p1, PackedExperts) and isinstance(p2, PackedExperts)
+            assert p1.shape == w1.shape and p1.dtype == w1.dtype and p1.device == w1.device
+            own = backend == "auto" and cpu_gemm.available()
+            assert all((p.blocked is not None) == own for p in p1.experts + p2.experts)
     for backend in ("torch", "triton"):
         with kernels.use_backend(backend):
             assert kernels.prepare_expert_weights(w1, w2) == (w1, w2)

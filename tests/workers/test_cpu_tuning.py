@@ -68,14 +68,14 @@ def test_transform_swaps_every_linear_and_keeps_the_logits(
     assert all(lib["num_threads"] == 1 for lib in blas if lib["user_api"] == "blas")
 
 
-def test_dense_layers_take_the_packed_path_s_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """moeray's CPU GEMM where this CPU runs it, oneDNN's when MOERAY_CPU_GEMM=onednn."""
+def test_dense_layers_take_the_packed_path_s_gemm() -> None:
+    """moeray's CPU GEMM where this CPU runs it, oneDNN's when MOERAY_KERNELS=onednn."""
     layer = nn.Linear(512, 768)
     x = torch.randn(3, 512)
     own = PackedLinear(layer)
     assert (own.packed.blocked is not None) == cpu_gemm.available()
-    monkeypatch.setenv("MOERAY_CPU_GEMM", "onednn")
-    onednn = PackedLinear(layer)
+    with kernels.use_backend("onednn"):
+        onednn = PackedLinear(layer)
     assert onednn.packed.blocked is None and "oneDNN-packed" in repr(onednn)
     for packed in (own, onednn):
         torch.testing.assert_close(packed(x), layer(x), atol=1e-4, rtol=1e-4)

@@ -12,7 +12,9 @@
 // - one row (decode at batch 1, bound by how fast the weight streams from memory): one block at a
 //   time, K split over A accumulators so the multiply-adds do not wait on each other;
 // - more rows: a register tile of NB blocks x RT rows, the weights loaded once per tile row.
-// The sums are fp32; bf16 outputs are rounded to nearest even once, at the end.
+// The sums are fp32; bf16 outputs are rounded to nearest even once, at the end. The bf16
+// instructions treat denormal inputs as zero and flush denormal results (|x| < 1.2e-38), where
+// torch's own conversion keeps them: no weight, activation or output of a model lives there.
 
 #include <algorithm>
 #include <cstring>

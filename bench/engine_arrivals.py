@@ -3,8 +3,10 @@
 bench/serving.py's "random" workload (prompts of random token ids, greedy, ignore_eos, Poisson
 arrivals) handed straight to an `LLMEngine` as the arrival times come, stepped in this thread:
 no Ray, no router, no HTTP, no client process. Output tok/s over the same span as vLLM's client
-measures it (first arrival to last finish) says how much of the served figure the engine alone
+measures it (its start to the last finish) says how much of the served figure the engine alone
 can give on this machine; the difference is what the front door and the client cost beside it.
+Arrivals as vLLM's client makes them: exponential gaps, rescaled so that the last request
+leaves at num_prompts / rate, the clock starting before the first gap.
 One JSON line per rate.
 
     python bench/engine_arrivals.py --rates 8 16 [--dtype float32] [--num-prompts 64]
@@ -34,9 +36,12 @@ DEMO = Path(__file__).resolve().parent.parent / ".demo" / "bench"
 
 def run(engine: LLMEngine, rate: float, args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
-    arrivals = [0.0]
-    for _ in range(args.num_prompts - 1):
-        arrivals.append(arrivals[-1] + rng.expovariate(rate))
+    # vLLM's client draws exponential gaps from the start (the first request waits one too)
+    # and rescales them so that the last request leaves at num_prompts / rate
+    arrivals = []
+    for _ in range(args.num_prompts):
+        arrivals.append((arrivals[-1] if arrivals else 0.0) + rng.expovariate(rate))
+    arrivals = [a * args.num_prompts / rate / arrivals[-1] for a in arrivals]
     prompts = [[rng.randrange(100, 30000) for _ in range(args.input_len)] for _ in arrivals]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     sent: dict[str, float] = {}

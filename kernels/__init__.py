@@ -11,6 +11,8 @@ The public functions (shape letters in docs/SHAPES.md):
     moe_align(topk_ids [T, K], num_experts, block_m) -> TokenPermutation (slots sorted by expert)
     permute_tokens(hidden [T, D], perm) -> [P, D]            (dispatch: rows in expert order)
     unpermute_tokens(rows [P, D], perm, topk_weights [T, K]) -> [T, D]  (weighted combine)
+    decode_attention(q [B, H, Dh], k_cache, v_cache [N, S, G, Dh], block_tables [B, M],
+                     context_lens [B], scale) -> [B, H, Dh]   (CPU, where runs_cpu_decode_attention)
 
 Each call checks its arguments (ValueError naming the argument), then runs the Triton kernel or
 the torch reference as moeray.kernels.dispatch decides (MOERAY_KERNELS=auto|triton|torch;
@@ -25,12 +27,13 @@ This module never imports triton; the triton_* modules do, and only when they ar
 from __future__ import annotations
 
 import torch
-from moeray.kernels import contracts, cpu_packed, reference
+from moeray.kernels import contracts, cpu_gemm, cpu_packed, reference
 from moeray.kernels.cpu_packed import PackedExperts, PackedWeight
 from moeray.kernels.cpu_packed import linear as packed_linear
 from moeray.kernels.dispatch import (
     packs_cpu_weights,
     resolve,
+    runs_cpu_decode_attention,
     set_backend,
     triton_module,
     use_backend,
@@ -46,6 +49,7 @@ __all__ = [
     "PackedWeight",
     "TokenPermutation",
     "add_rms_norm",
+    "decode_attention",
     "fused_moe",
     "moe_align",
     "packed_linear",
@@ -54,6 +58,7 @@ __all__ = [
     "permute_tokens",
     "prepare_expert_weights",
     "rms_norm",
+    "runs_cpu_decode_attention",
     "set_backend",
     "silu_and_mul",
     "topk_gating",
@@ -178,3 +183,24 @@ def unpermute_tokens(
     if resolve(rows) == "triton":
         return triton_module("triton_moe").unpermute_tokens(rows, perm, topk_weights)
     return reference.unpermute_tokens(rows, perm, topk_weights)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Paged decode attention with moeray's CPU kernel (kernels/cpu_attention.cpp): q [B, H, Dh]
+    (one query per sequence), k_cache/v_cache [N, S, G, Dh], block_tables [B, M] int64,
+    context_lens [B] int64 -> [B, H, Dh] = softmax(q k^T * scale) v over each sequence's
+    positions 0..len-1, in fp32, K/V read in place. Only where runs_cpu_decode_attention(k_cache)
+    (workers/attention.py keeps the torch path for the rest)."""
+    if not runs_cpu_decode_attention(k_cache):
+        raise ValueError(
+            "decode_attention runs where runs_cpu_decode_attention(k_cache) is true: MOERAY_KERNELS"
+            "=auto, a CPU fp32 or bf16 cache, and moeray's C++ CPU kernels built"
+        )
+    return cpu_gemm.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -18,51 +18,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
-namespace {
+#include "cpu_simd.h"
 
-constexpr int64_t BLOCK = 16;  // output columns per block (one zmm of fp32 sums)
-
-struct Bf16 {
-  using scalar = c10::BFloat16;
-  static constexpr int64_t P = 2;  // K elements per lane and multiply-add
-  static __m512 step(__m512 acc, const scalar* w, const scalar* x) {
-    // w: 16 lanes x 2 bf16; x: one bf16 pair broadcast to every lane
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w);
-    int32_t pair;
-    std::memcpy(&pair, x, sizeof(pair));
-    const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-    return _mm512_dpbf16_ps(acc, wv, xv);
-  }
-  static void store(scalar* out, __m512 acc, int64_t n) {
-    const __m256i v = (__m256i)_mm512_cvtneps_pbh(acc);
-    if (n == BLOCK) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
-    } else {
-      _mm256_mask_storeu_epi16(out, static_cast<__mmask16>((1u << n) - 1), v);
-    }
-  }
-};
-
-struct Fp32 {
-  using scalar = float;
-  static constexpr int64_t P = 1;
-  static __m512 step(__m512 acc, const scalar* w, const scalar* x) {
-    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_set1_ps(*x), acc);
-  }
-  static void store(scalar* out, __m512 acc, int64_t n) {
-    if (n == BLOCK) {
-      _mm512_storeu_ps(out, acc);
-    } else {
-      _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), acc);
-    }
-  }
-};
+namespace moeray_cpu {
 
 // Columns of block b that are real (N need not be a multiple of 16: pack() pads with zeros).
 inline int64_t cols(int64_t b, int64_t N) { return std::min<int64_t>(BLOCK, N - b * BLOCK); }
@@ -188,9 +151,121 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
   return out;
 }
 
-}  // namespace
+// --- fused_moe: the packed path's routed experts in one call per layer ----------------------
+
+// act [n, F] = silu(gate) * up of h [n, 2F] (gate columns, then up), in fp32, rounded once.
+template <typename D>
+void silu_and_mul(const typename D::scalar* h, int64_t n, int64_t F, typename D::scalar* act) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    const typename D::scalar* gate = h + r * 2 * F;
+    for (int64_t c = 0; c < F; c += BLOCK) {
+      const int64_t m = std::min<int64_t>(BLOCK, F - c);
+      const __m512 g = D::load(gate + c, m);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      D::store(act + r * F + c, _mm512_mul_ps(silu, D::load(gate + F + c, m)), m);
+    }
+  }
+}
+
+// out[t] += w * y for each row of y [n, D]: the product rounded to fp32, then the sum (built
+// with -ffp-contract=off, so never one fused multiply-add: a shard returns w * y rounded and
+// the engine adds, and in-process must give the same bits).
+template <typename D>
+void combine(const typename D::scalar* y, int64_t n, int64_t D_, const int64_t* tokens,
+             const float* weights, float* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* o = out + tokens[r] * D_;
+    const __m512 w = _mm512_set1_ps(weights[r]);
+    for (int64_t c = 0; c < D_; c += BLOCK) {
+      const int64_t m = std::min<int64_t>(BLOCK, D_ - c);
+      const __m512 sum = _mm512_add_ps(Fp32::load(o + c, m), _mm512_mul_ps(D::load(y + r * D_ + c, m), w));
+      Fp32::store(o + c, sum, m);
+    }
+  }
+}
+
+template <typename D>
+void moe(const typename D::scalar* hidden, int64_t T, int64_t Dm, int64_t F,
+         const typename D::scalar* w1, int64_t w1_stride, const typename D::scalar* w2,
+         int64_t w2_stride, const std::vector<std::vector<int64_t>>& slots, int64_t K,
+         const float* topk_weights, float* out) {
+  using S = typename D::scalar;
+  int64_t most = 0;
+  for (const auto& s : slots) most = std::max<int64_t>(most, s.size());
+  std::vector<S> x(most * Dm), h(most * 2 * F), act(most * F), y(most * Dm);
+  std::vector<int64_t> tokens(most);
+  std::vector<float> weights(most);
+  for (size_t e = 0; e < slots.size(); ++e) {
+    const int64_t n = slots[e].size();
+    if (n == 0) continue;
+    for (int64_t r = 0; r < n; ++r) {
+      tokens[r] = slots[e][r] / K;
+      weights[r] = topk_weights[slots[e][r]];
+      std::memcpy(x.data() + r * Dm, hidden + tokens[r] * Dm, Dm * sizeof(S));
+    }
+    gemm<D>(x.data(), n, Dm, w1 + e * w1_stride, 2 * F, h.data());  // [n, 2F]
+    silu_and_mul<D>(h.data(), n, F, act.data());                   // [n, F]
+    gemm<D>(act.data(), n, F, w2 + e * w2_stride, Dm, y.data());    // [n, D]
+    combine<D>(y.data(), n, Dm, tokens.data(), weights.data(), out);
+  }
+}
+
+// kernels.reference.fused_moe on packed experts: hidden [T, D] (the weights' dtype), w1
+// [E, ...] = E experts' [2F, D] weights stacked after pack(), w2 [E, ...] their [D, F] ones,
+// topk_weights [T, K] f32, topk_ids [T, K] (ids outside [0, E) skipped) -> [T, D] f32.
+// Experts in ascending id order, each on its tokens in ascending order (the rows a shard's GEMM
+// sees too), the SwiGLU in fp32, every expert's weighted rows added into the fp32 sum in turn.
+torch::Tensor fused_moe(const torch::Tensor& hidden_in, const torch::Tensor& w1,
+                        const torch::Tensor& w2, const torch::Tensor& topk_weights_in,
+                        const torch::Tensor& topk_ids_in, int64_t F) {
+  TORCH_CHECK(w1.dim() == 5 && w2.dim() == 5 && w1.size(0) == w2.size(0) && w1.is_contiguous() &&
+                  w2.is_contiguous() && w1.size(3) == BLOCK && w2.size(3) == BLOCK,
+              "w1 and w2 must be [E] packed weights stacked");
+  const int64_t E = w1.size(0), P = w1.size(4), Dm = w1.size(2) * P;
+  TORCH_CHECK(w1.size(1) == (2 * F + BLOCK - 1) / BLOCK && w2.size(1) == (Dm + BLOCK - 1) / BLOCK &&
+                  w2.size(2) * P == F && w2.scalar_type() == w1.scalar_type(),
+              "w1 must pack [E, 2F, D] and w2 [E, D, F] of one dtype");
+  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(1) == Dm &&
+                  hidden_in.scalar_type() == w1.scalar_type(),
+              "hidden must be [T, ", Dm, "] of the weights' dtype");
+  const int64_t T = hidden_in.size(0);
+  TORCH_CHECK(topk_ids_in.dim() == 2 && topk_ids_in.size(0) == T &&
+                  topk_weights_in.sizes() == topk_ids_in.sizes(),
+              "topk_weights and topk_ids must be [T, K]");
+  const torch::Tensor hidden = hidden_in.contiguous();
+  const torch::Tensor ids = topk_ids_in.to(at::kLong).contiguous();
+  const torch::Tensor weights = topk_weights_in.to(at::kFloat).contiguous();
+  const int64_t K = ids.size(1);
+  std::vector<std::vector<int64_t>> slots(E);  // per expert its (token, choice) slots, ascending
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * K; ++i)
+    if (id[i] >= 0 && id[i] < E) slots[id[i]].push_back(i);
+  torch::Tensor out = torch::zeros({T, Dm}, hidden.options().dtype(at::kFloat));
+  if (hidden.scalar_type() == at::kBFloat16) {
+    moe<Bf16>(hidden.data_ptr<c10::BFloat16>(), T, Dm, F, w1.data_ptr<c10::BFloat16>(),
+              w1.stride(0), w2.data_ptr<c10::BFloat16>(), w2.stride(0), slots, K,
+              weights.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    moe<Fp32>(hidden.data_ptr<float>(), T, Dm, F, w1.data_ptr<float>(), w1.stride(0),
+              w2.data_ptr<float>(), w2.stride(0), slots, K, weights.data_ptr<float>(),
+              out.data_ptr<float>());
+  }
+  return out;
+}
+
+}  // namespace moeray_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace moeray_cpu;
+  // linear, fused_moe and decode_attention touch no Python object: they let go of the GIL, so the
+  // engine
+  // process's other threads (its event loop sending the deltas) run while they compute.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("pack", &pack, "w [N, K] -> the blocked layout linear() reads");
-  m.def("linear", &linear, "x [T, K] @ w^T with w [N, K] packed -> [T, N]");
+  m.def("linear", &linear, "x [T, K] @ w^T with w [N, K] packed -> [T, N]", nogil);
+  m.def("fused_moe", &fused_moe, "the routed experts of one MoE layer on stacked packed weights",
+        nogil);
+  m.def("decode_attention", &decode_attention, "one query per sequence over its paged K/V cache",
+        nogil);
 }

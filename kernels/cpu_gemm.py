@@ -22,6 +22,7 @@ packed path keeps oneDNN's GEMM.
     build() -> the extension module     compile now, whatever this CPU (container images)
     pack(w [N, K]) -> packed            the layout linear() reads (bf16: K even)
     linear(x [T, K], packed, N) -> [T, N]
+    fused_moe(hidden, w1, w2, topk_weights, topk_ids) -> [T, D] f32   one MoE layer, one call
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ from moeray.kernels import dispatch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
+#: Compiled into the same extension: the paged decode attention, and what both share.
+SOURCES = (SOURCE, SOURCE.with_name("cpu_attention.cpp"), SOURCE.with_name("cpu_simd.h"))
 #: Instruction sets the kernel is compiled for, as /proc/cpuinfo names them.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
-CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
+#: -ffp-contract=off: fused_moe's combine multiplies and adds in two roundings, as the engine does
+#: with the rows shards return (an implicit fused multiply-add would change the last bits).
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off",
+          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]  # fmt: skip
 #: A build takes ~25 s; a lock file older than this was left by a builder that was killed (torch's
 #: cpp_extension would wait on it forever).
 STALE_LOCK_S = 600.0
@@ -67,7 +73,9 @@ def _name_and_directory() -> tuple[str, Path]:
     """The build's module name and directory, keyed by what goes into it (the source, the flags,
     torch and Python), so that checkouts and venvs share a build only when it is the same."""
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *CFLAGS, torch.__version__, sys.version]).encode()
+        "\0".join(
+            [*(f.read_text() for f in SOURCES), *CFLAGS, torch.__version__, sys.version]
+        ).encode()
     ).hexdigest()[:16]
     name = f"moeray_cpu_gemm_{key}"
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
@@ -98,7 +106,7 @@ def build() -> ModuleType:
     directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(f) for f in SOURCES if f.suffix == ".cpp"],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -140,3 +148,42 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
     ext = _extension()
     assert ext is not None, "check available() first"
     return ext.linear(x, packed, out_features)
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    width: int,
+) -> torch.Tensor:
+    """kernels.reference.fused_moe's algorithm in one call: hidden [T, D] (the weights' dtype),
+    w1 = torch.stack of pack(w1[e] [2F, D]) over experts, w2 likewise of [D, F], width = F,
+    topk_weights [T, K] f32, topk_ids [T, K] (ids outside [0, E) skipped) -> [T, D] float32.
+
+    The same grouping (experts ascending, each on its tokens in ascending order), GEMMs as
+    linear(), the SwiGLU in fp32 (e^x within 2 ulp), each expert's weighted rows added into the
+    fp32 sum in turn, product and sum rounded apart: what the Python loop over linear() did,
+    without its ~12 torch ops per expert. A Mixtral-style layer (E 8, D 512, F 1024, fp32, 2
+    threads, 2-core dev VM, 2026-12-01) at 8 / 25 tokens: 1567 / 1889 us before, 900 / 1254 us
+    in one call, of which the GEMMs take 715 / 1104."""
+    ext = _extension()
+    assert ext is not None, "check available() first"
+    return ext.fused_moe(hidden, w1, w2, topk_weights, topk_ids, width)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its paged K/V (kernels/cpu_attention.cpp): q [B, H, Dh],
+    k_cache/v_cache [N, S, G, Dh] contiguous, block_tables [B, M] int64, context_lens [B] int64
+    -> [B, H, Dh], softmax(q k^T * scale) v over positions 0..len-1, fp32 inside."""
+    ext = _extension()
+    assert ext is not None, "check available() first"
+    return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -87,6 +87,13 @@ class PackedExperts:
         self.dtype = weights.dtype
         self.device = weights.device
         self.experts = [PackedWeight(w) for w in weights.unbind(0)]
+        # moeray's GEMM: the experts' blocked weights stacked [E, ...] for cpu_gemm.fused_moe,
+        # each expert's PackedWeight a view of its slice (stored once)
+        self.blocked: torch.Tensor | None = None
+        if all(p.blocked is not None for p in self.experts):
+            self.blocked = torch.stack([p.blocked for p in self.experts])  # type: ignore[misc]
+            for p, view in zip(self.experts, self.blocked.unbind(0)):
+                p.blocked = view
 
     def dim(self) -> int:
         return 3
@@ -108,6 +115,11 @@ def fused_moe(
     adding its rows into an fp32 sum, as the reference does, so a shard's partial sums add up
     to the full layer exactly when every token's experts are on at most two shards.
     """
+    if w1.blocked is not None and w2.blocked is not None:  # moeray's GEMM: one call
+        out = cpu_gemm.fused_moe(
+            hidden.to(w1.dtype), w1.blocked, w2.blocked, topk_weights, topk_ids, w2.shape[2]
+        )
+        return out.to(out_dtype or hidden.dtype)
     T, D = hidden.shape
     E = w1.shape[0]
     K = topk_ids.shape[1]

@@ -4,8 +4,8 @@ that reads MOERAY_KERNELS.
     MOERAY_KERNELS=auto    (default) Triton for CUDA tensors when triton is installed, else torch
     MOERAY_KERNELS=triton  always Triton (on CPU tensors only under TRITON_INTERPRET=1: tests)
     MOERAY_KERNELS=torch   always the torch references
-    MOERAY_KERNELS=onednn  as auto, but the CPU fast path multiplies with oneDNN's GEMM, not
-                           moeray's (kernels/cpu_gemm.py): for comparing the two
+    MOERAY_KERNELS=onednn  as auto, but without moeray's C++ CPU kernels (kernels/cpu_gemm.py):
+                           oneDNN's GEMM and torch's attention instead, for comparing
 
 Tests override it with `use_backend("triton")` (a context manager) or `set_backend(...)`.
 
@@ -108,6 +108,20 @@ def cpu_gemm_wanted() -> bool:
     """Whether the CPU fast path may use moeray's CPU GEMM (kernels/cpu_gemm.py): not under
     "onednn"."""
     return configured_backend() != "onednn"
+
+
+def runs_cpu_decode_attention(cache: torch.Tensor) -> bool:
+    """Whether kernels.decode_attention runs on a KV cache like `cache`: under "auto", on CPU,
+    fp32 or bf16, where moeray's C++ CPU kernels run. Else the caller's torch path (gather +
+    scaled_dot_product_attention) is the one."""
+    from moeray.kernels import cpu_gemm
+
+    return (
+        configured_backend() == "auto"
+        and cache.device.type == "cpu"
+        and cache.dtype in (torch.float32, torch.bfloat16)
+        and cpu_gemm.available()
+    )
 
 
 def triton_module(name: str) -> ModuleType:

@@ -36,3 +36,22 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
 def close():
     """The comparison helper, as a fixture so test modules need not import conftest."""
     return compare
+
+
+def _on_thread_counts(run, counts=(1, 2, 3)):
+    """[run() with torch on each of `counts` intra-op threads]; the thread count is restored."""
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            outs.append(run())
+        return outs
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def on_thread_counts():
+    """Runs a callable on 1, 2 and 3 torch threads: `outs = on_thread_counts(lambda: ...)`."""
+    return _on_thread_counts

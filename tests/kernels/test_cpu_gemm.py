@@ -54,21 +54,16 @@ def test_odd_fp32_columns():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_results_do_not_depend_on_the_thread_count(dtype):
+def test_results_do_not_depend_on_the_thread_count(dtype, on_thread_counts):
     """Each output is one thread's fixed-order sum: a one-thread shard and a two-thread engine
     compute an expert's rows alike."""
     g = torch.Generator().manual_seed(11)
     w = torch.randn(1000, 256, generator=g).to(dtype)
     x = torch.randn(9, 256, generator=g).to(dtype)
     packed = cpu_gemm.pack(w)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append((cpu_gemm.linear(x[:1], packed, 1000), cpu_gemm.linear(x, packed, 1000)))
-    finally:
-        torch.set_num_threads(before)
+    outs = on_thread_counts(
+        lambda: (cpu_gemm.linear(x[:1], packed, 1000), cpu_gemm.linear(x, packed, 1000))
+    )
     for one, many in outs[1:]:
         assert torch.equal(one, outs[0][0]) and torch.equal(many, outs[0][1])
 
@@ -120,3 +115,115 @@ def test_a_stale_build_lock_does_not_block_loading():
         torch.testing.assert_close(module.linear(x, module.pack(w), 16), x @ w.T)
     finally:
         lock.unlink(missing_ok=True)
+
+
+# --- fused_moe: one MoE layer in one call --------------------------------------------------
+
+
+def _moe_case(T: int, E: int, K: int, D: int, F_: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(E, 2 * F_, D, generator=g) / 4).to(dtype)
+    w2 = (torch.randn(E, D, F_, generator=g) / 4).to(dtype)
+    hidden = torch.randn(T, D, generator=g).to(dtype)
+    weights, ids = torch.topk(torch.softmax(torch.randn(T, E, generator=g), -1), K)
+    return w1, w2, hidden, weights, ids.to(torch.int32)
+
+
+def _stacked(w: torch.Tensor) -> torch.Tensor:
+    return torch.stack([cpu_gemm.pack(x) for x in w.unbind(0)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("T", "D", "F_"), [(1, 48, 40), (9, 40, 24), (40, 64, 64)])
+def test_fused_moe_is_the_loop_over_linear(dtype, T, D, F_):
+    """The one-call layer computes what a loop over linear() with torch's SwiGLU does: the same
+    GEMM on the same rows for w1, a SwiGLU within a few fp32 ulps (its own e^x), so w2's
+    products within what that moves, the combine in expert order. Foreign ids (-1, a shard's
+    view) and ids past E contribute nothing. A wrong row, expert, weight or column tail is off
+    by orders of magnitude more."""
+    E, K = 6, 2
+    w1, w2, hidden, weights, ids = _moe_case(T, E, K, D, F_, dtype, T + D)
+    ids[::3, 0] = -1
+    ids[1::4, 1] = E + 3
+    got = cpu_gemm.fused_moe(hidden, _stacked(w1), _stacked(w2), weights, ids, F_)
+    assert got.shape == (T, D) and got.dtype == torch.float32
+    # act may differ from torch's SwiGLU by a few fp32 ulps, and then by one rounding step of
+    # the dtype; y moves by that times |act| @ |w2|^T (plus, in bf16, one rounding of y)
+    ulps = 2.0**-20 if dtype == torch.float32 else 2.0**-8
+    y_ulps = 0.0 if dtype == torch.float32 else 2.0**-8  # y is rounded to bf16 too
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    bound = torch.zeros(T, D, dtype=torch.float64)
+    for e in range(E):
+        tok, k = (ids == e).nonzero(as_tuple=True)
+        if tok.numel():
+            h = cpu_gemm.linear(hidden[tok], cpu_gemm.pack(w1[e]), 2 * F_).double()
+            act = (torch.nn.functional.silu(h[:, :F_]) * h[:, F_:]).to(dtype)
+            y = cpu_gemm.linear(act, cpu_gemm.pack(w2[e]), D).double()
+            w = weights[tok, k, None].double()
+            ref.index_add_(0, tok, y * w)
+            spread = act.double().abs() @ w2[e].double().abs().T  # [n, D]
+            moved = (ulps + F_ * 2.0**-24) * spread + y_ulps * y.abs()
+            bound.index_add_(0, tok, moved * w)
+    bound += K * 2.0**-24 * ref.abs() + 1e-30  # the fp32 combine
+    err = (got.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max err {err.max().item():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_per_slot_rows_add_up_to_the_layer_bit_for_bit(dtype):
+    """What sharded experts rely on (workers/expert_routing.py): each (token, choice) slot run
+    alone as a K = 1 row, the fp32 rows added per token in ascending expert id, equals the
+    in-process layer exactly. A fused multiply-add in the combine would break it."""
+    E, K, D, F_ = 8, 3, 40, 48
+    w1, w2, hidden, weights, ids = _moe_case(17, E, K, D, F_, dtype, 7)
+    s1, s2 = _stacked(w1), _stacked(w2)
+    layer = cpu_gemm.fused_moe(hidden, s1, s2, weights, ids, F_)
+    # a shard's call: every (token, choice) slot a K = 1 row, row-major, so each expert's GEMM
+    # sees the same rows as in the layer (workers/expert_shard.py)
+    slots = cpu_gemm.fused_moe(
+        hidden.repeat_interleave(K, 0), s1, s2, weights.reshape(-1, 1), ids.reshape(-1, 1), F_
+    ).view(17, K, D)
+    summed = torch.zeros(17, D)
+    for k in ids.argsort(dim=1, stable=True).T:  # per token, its slots by ascending expert id
+        summed += slots[torch.arange(17), k]
+    assert torch.equal(layer, summed)
+
+
+def test_fused_moe_swiglu_holds_over_the_whole_range():
+    """silu(g) * u with g = u = x, read back through identity weights: within 4 fp32 ulps of the
+    float64 value from -100 to 100 (e^x is clamped at +-88.4: below -88.4 both values are under
+    1e-33, and the bound allows that much)."""
+    D = 32
+    x = torch.linspace(-100.0, 100.0, 64 * D).reshape(64, D)
+    eye = torch.eye(D)
+    w1 = torch.cat([eye, eye])[None]  # [1, 2D, D]: gate = up = x
+    w2 = eye[None]  # [1, D, D]
+    ones = torch.ones(64, 1)
+    first = torch.zeros(64, 1, dtype=torch.int32)
+    got = cpu_gemm.fused_moe(x, _stacked(w1), _stacked(w2), ones, first, D)
+    ref = torch.nn.functional.silu(x.double()) * x.double()
+    err = (got.double() - ref).abs()
+    assert bool((err <= 4 * 2.0**-24 * ref.abs() + 1e-30).all()), f"max err {err.max().item():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_does_not_depend_on_the_thread_count(dtype, on_thread_counts):
+    w1, w2, hidden, weights, ids = _moe_case(11, 4, 2, 64, 80, dtype, 3)
+    s1, s2 = _stacked(w1), _stacked(w2)
+    outs = on_thread_counts(lambda: cpu_gemm.fused_moe(hidden, s1, s2, weights, ids, 80))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_fused_moe_refuses_mismatched_input():
+    w1, w2, hidden, weights, ids = _moe_case(3, 4, 2, 32, 16, torch.float32, 1)
+    s1, s2 = _stacked(w1), _stacked(w2)
+    with pytest.raises(RuntimeError, match=r"hidden must be \[T, 32\] of the weights' dtype"):
+        cpu_gemm.fused_moe(hidden[:, :16], s1, s2, weights, ids, 16)
+    with pytest.raises(RuntimeError, match="of the weights' dtype"):
+        cpu_gemm.fused_moe(hidden.to(torch.bfloat16), s1, s2, weights, ids, 16)
+    with pytest.raises(RuntimeError, match="w1 must pack"):
+        cpu_gemm.fused_moe(hidden, s1, s2, weights, ids, 24)
+    with pytest.raises(RuntimeError, match="w1 and w2 must be"):
+        cpu_gemm.fused_moe(hidden, s1[0], s2, weights, ids, 16)
+    with pytest.raises(RuntimeError, match=r"must be \[T, K\]"):
+        cpu_gemm.fused_moe(hidden, s1, s2, weights[:2], ids[:2], 16)

@@ -1,0 +1,86 @@
+// What moeray's C++ CPU kernels share (kernels/cpu_gemm.cpp, kernels/cpu_attention.cpp): fp32
+// and bf16 lanes of one 512-bit register, and e^x on them. AVX-512 (F, BW, VL, DQ, BF16).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+namespace moeray_cpu {
+
+constexpr int64_t BLOCK = 16;  // output columns per block (one zmm of fp32 sums)
+
+struct Bf16 {
+  using scalar = c10::BFloat16;
+  static constexpr int64_t P = 2;  // K elements per lane and multiply-add
+  static __m512 step(__m512 acc, const scalar* w, const scalar* x) {
+    // w: 16 lanes x 2 bf16; x: one bf16 pair broadcast to every lane
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w);
+    int32_t pair;
+    std::memcpy(&pair, x, sizeof(pair));
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+    return _mm512_dpbf16_ps(acc, wv, xv);
+  }
+  // n <= 16 values -> fp32 lanes (the rest zero)
+  static __m512 load(const scalar* p, int64_t n) {
+    const __m256i v = n == BLOCK ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                 : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+  static void store(scalar* out, __m512 acc, int64_t n) {
+    const __m256i v = (__m256i)_mm512_cvtneps_pbh(acc);
+    if (n == BLOCK) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+    } else {
+      _mm256_mask_storeu_epi16(out, static_cast<__mmask16>((1u << n) - 1), v);
+    }
+  }
+};
+
+struct Fp32 {
+  using scalar = float;
+  static constexpr int64_t P = 1;
+  static __m512 step(__m512 acc, const scalar* w, const scalar* x) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_set1_ps(*x), acc);
+  }
+  static __m512 load(const scalar* p, int64_t n) {
+    return n == BLOCK ? _mm512_loadu_ps(p)
+                      : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static void store(scalar* out, __m512 acc, int64_t n) {
+    if (n == BLOCK) {
+      _mm512_storeu_ps(out, acc);
+    } else {
+      _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), acc);
+    }
+  }
+};
+
+// e^x for fp32 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial,
+// times 2^n), within 2 ulp of the exact value on [-88.4, 88.4], where x is clamped.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
+                    _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// attention.cpp: q [B, H, Dh] over each sequence's cached K/V -> [B, H, Dh]
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                               const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                               const torch::Tensor& context_lens, double scale);
+
+}  // namespace moeray_cpu

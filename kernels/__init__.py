@@ -8,11 +8,15 @@ The public functions (shape letters in docs/SHAPES.md):
     rms_norm(x [..., D], weight [D], eps) -> [..., D]
     add_rms_norm(x [..., D], residual [..., D], weight [D], eps) -> (normed [..., D], x + residual [..., D])
     silu_and_mul(gate_up [T, 2F]) -> [T, F]
+    apply_rope(x [T, heads, Dh], cos [T, 1, Dh], sin [T, 1, Dh]) -> [T, heads, Dh]
     moe_align(topk_ids [T, K], num_experts, block_m) -> TokenPermutation (slots sorted by expert)
     permute_tokens(hidden [T, D], perm) -> [P, D]            (dispatch: rows in expert order)
     unpermute_tokens(rows [P, D], perm, topk_weights [T, K]) -> [T, D]  (weighted combine)
     decode_attention(q [B, H, Dh], k_cache, v_cache [N, S, G, Dh], block_tables [B, M],
-                     context_lens [B], scale) -> [B, H, Dh]   (CPU, where runs_cpu_decode_attention)
+                     context_lens [B], scale) -> [B, H, Dh]   (CPU, where runs_cpu_kernels)
+On CPU, where `runs_cpu_kernels` (MOERAY_KERNELS=auto, fp32/bf16, the extension built),
+rms_norm, add_rms_norm, apply_rope and decode_attention run moeray's C++ kernels
+(kernels/cpu_gemm.py).
 
 Each call checks its arguments (ValueError naming the argument), then runs the Triton kernel or
 the torch reference as moeray.kernels.dispatch decides (MOERAY_KERNELS=auto|triton|torch;
@@ -33,7 +37,7 @@ from moeray.kernels.cpu_packed import linear as packed_linear
 from moeray.kernels.dispatch import (
     packs_cpu_weights,
     resolve,
-    runs_cpu_decode_attention,
+    runs_cpu_kernels,
     set_backend,
     triton_module,
     use_backend,
@@ -49,6 +53,7 @@ __all__ = [
     "PackedWeight",
     "TokenPermutation",
     "add_rms_norm",
+    "apply_rope",
     "decode_attention",
     "fused_moe",
     "moe_align",
@@ -58,7 +63,7 @@ __all__ = [
     "permute_tokens",
     "prepare_expert_weights",
     "rms_norm",
-    "runs_cpu_decode_attention",
+    "runs_cpu_kernels",
     "set_backend",
     "silu_and_mul",
     "topk_gating",
@@ -136,10 +141,13 @@ def prepare_expert_weights(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., D], weight [D] -> [..., D]; see reference.rms_norm."""
+    """x [..., D], weight [D] -> [..., D]; see reference.rms_norm (on CPU moeray's C++ kernel
+    where it runs: the same arithmetic, the sum of squares in another order)."""
     contracts.check_rms_norm(x, weight, eps)
     if resolve(x) == "triton":
         return triton_module("triton_norm").rms_norm(x, weight, eps)
+    if runs_cpu_kernels(x) and weight.dtype == x.dtype:
+        return cpu_gemm.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
@@ -150,7 +158,17 @@ def add_rms_norm(
     contracts.check_add_rms_norm(x, residual, weight, eps)
     if resolve(x) == "triton":
         return triton_module("triton_norm").add_rms_norm(x, residual, weight, eps)
+    if runs_cpu_kernels(x) and weight.dtype == x.dtype == residual.dtype:
+        return cpu_gemm.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, Dh], cos/sin [T, 1, Dh] -> x rotated (see reference.apply_rope; on CPU
+    moeray's C++ kernel where it runs, equal bit for bit)."""
+    if runs_cpu_kernels(x) and x.dtype == cos.dtype == sin.dtype and x.shape[-1] % 2 == 0:
+        return cpu_gemm.apply_rope(x, cos, sin)
+    return reference.apply_rope(x, cos, sin)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -196,11 +214,11 @@ def decode_attention(
     """Paged decode attention with moeray's CPU kernel (kernels/cpu_attention.cpp): q [B, H, Dh]
     (one query per sequence), k_cache/v_cache [N, S, G, Dh], block_tables [B, M] int64,
     context_lens [B] int64 -> [B, H, Dh] = softmax(q k^T * scale) v over each sequence's
-    positions 0..len-1, in fp32, K/V read in place. Only where runs_cpu_decode_attention(k_cache)
+    positions 0..len-1, in fp32, K/V read in place. Only where runs_cpu_kernels(k_cache)
     (workers/attention.py keeps the torch path for the rest)."""
-    if not runs_cpu_decode_attention(k_cache):
+    if not runs_cpu_kernels(k_cache):
         raise ValueError(
-            "decode_attention runs where runs_cpu_decode_attention(k_cache) is true: MOERAY_KERNELS"
+            "decode_attention runs where runs_cpu_kernels(k_cache) is true: MOERAY_KERNELS"
             "=auto, a CPU fp32 or bf16 cache, and moeray's C++ CPU kernels built"
         )
     return cpu_gemm.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

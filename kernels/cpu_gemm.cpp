@@ -258,8 +258,7 @@ torch::Tensor fused_moe(const torch::Tensor& hidden_in, const torch::Tensor& w1,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace moeray_cpu;
-  // linear, fused_moe and decode_attention touch no Python object: they let go of the GIL, so the
-  // engine
+  // Everything but pack touches no Python object: those let go of the GIL, so the engine
   // process's other threads (its event loop sending the deltas) run while they compute.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("pack", &pack, "w [N, K] -> the blocked layout linear() reads");
@@ -268,4 +267,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("decode_attention", &decode_attention, "one query per sequence over its paged K/V cache",
         nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", nogil);
+  m.def("add_rms_norm", &add_rms_norm, "(rms_norm(x + residual), x + residual)", nogil);
+  m.def("apply_rope", &apply_rope, "x * cos + rotate_half(x) * sin", nogil);
 }

@@ -23,6 +23,9 @@ packed path keeps oneDNN's GEMM.
     pack(w [N, K]) -> packed            the layout linear() reads (bf16: K even)
     linear(x [T, K], packed, N) -> [T, N]
     fused_moe(hidden, w1, w2, topk_weights, topk_ids) -> [T, D] f32   one MoE layer, one call
+    decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale) -> [B, H, Dh]
+    rms_norm(x, weight, eps), add_rms_norm(x, residual, weight, eps)  kernels.reference's, fused
+    apply_rope(x [T, heads, Dh], cos, sin [T, Dh]) -> [T, heads, Dh]    bit for bit the reference
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ from moeray.kernels import dispatch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
-#: Compiled into the same extension: the paged decode attention, and what both share.
-SOURCES = (SOURCE, SOURCE.with_name("cpu_attention.cpp"), SOURCE.with_name("cpu_simd.h"))
+#: Compiled into the same extension: the paged decode attention, the row-wise ops (norms, rope),
+#: and what all share.
+SOURCES = tuple(
+    SOURCE.with_name(n) for n in ("cpu_gemm.cpp", "cpu_attention.cpp", "cpu_rows.cpp", "cpu_simd.h")
+)
 #: Instruction sets the kernel is compiled for, as /proc/cpuinfo names them.
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 #: -ffp-contract=off: fused_moe's combine multiplies and adds in two roundings, as the engine does
@@ -187,3 +193,31 @@ def decode_attention(
     ext = _extension()
     assert ext is not None, "check available() first"
     return ext.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """kernels.reference.rms_norm in one pass per row (kernels/cpu_rows.cpp): x [..., D],
+    weight [D], both fp32 or both bf16 -> [..., D]."""
+    ext = _extension()
+    assert ext is not None, "check available() first"
+    return ext.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.reference.add_rms_norm in one pass per row: (rms_norm(x + residual), x +
+    residual), the sum rounded to x's dtype first."""
+    ext = _extension()
+    assert ext is not None, "check available() first"
+    normed, summed = ext.add_rms_norm(x, residual, weight, eps)
+    return normed, summed
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """kernels.reference.apply_rope in one pass (kernels/cpu_rows.cpp): x [T, heads, Dh] (the
+    last dimension contiguous), cos/sin holding [T, Dh] in x's dtype -> [T, heads, Dh], equal to
+    the reference bit for bit."""
+    ext = _extension()
+    assert ext is not None, "check available() first"
+    return ext.apply_rope(x, cos, sin)

@@ -1,9 +1,12 @@
-// What moeray's C++ CPU kernels share (kernels/cpu_gemm.cpp, kernels/cpu_attention.cpp): fp32
-// and bf16 lanes of one 512-bit register, and e^x on them. AVX-512 (F, BW, VL, DQ, BF16).
+// What moeray's C++ CPU kernels share (kernels/cpu_gemm.cpp, cpu_attention.cpp, cpu_rows.cpp): fp32
+// and bf16 lanes of one 512-bit register, e^x on them, and the functions the module exports.
+// AVX-512 (F, BW, VL, DQ, BF16).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -78,7 +81,13 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// attention.cpp: q [B, H, Dh] over each sequence's cached K/V -> [B, H, Dh]
+// cpu_rows.cpp: kernels.reference.rms_norm, add_rms_norm and apply_rope, one pass per row
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
+                                        const torch::Tensor& weight, double eps);
+
+// cpu_attention.cpp: q [B, H, Dh] over each sequence's cached K/V -> [B, H, Dh]
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                const torch::Tensor& context_lens, double scale);

@@ -110,16 +110,16 @@ def cpu_gemm_wanted() -> bool:
     return configured_backend() != "onednn"
 
 
-def runs_cpu_decode_attention(cache: torch.Tensor) -> bool:
-    """Whether kernels.decode_attention runs on a KV cache like `cache`: under "auto", on CPU,
-    fp32 or bf16, where moeray's C++ CPU kernels run. Else the caller's torch path (gather +
-    scaled_dot_product_attention) is the one."""
+def runs_cpu_kernels(tensor: torch.Tensor) -> bool:
+    """Whether moeray's C++ CPU kernels (kernels/cpu_gemm.py: decode attention, the norms) take
+    a call whose main input is `tensor`: under "auto", on CPU, fp32 or bf16, where the extension
+    runs. Else the torch references (and, for decode attention, the caller's gather + SDPA)."""
     from moeray.kernels import cpu_gemm
 
     return (
         configured_backend() == "auto"
-        and cache.device.type == "cpu"
-        and cache.dtype in (torch.float32, torch.bfloat16)
+        and tensor.device.type == "cpu"
+        and tensor.dtype in (torch.float32, torch.bfloat16)
         and cpu_gemm.available()
     )
 

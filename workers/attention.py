@@ -86,7 +86,7 @@ def _decode_fields(
 
 def _build_meta(ctx: ForwardContext, block_size: int) -> _StepMeta:
     tables, starts, lens = ctx.block_tables, ctx.query_start_loc, ctx.context_lens
-    native = kernels.runs_cpu_decode_attention(ctx.kv_caches[0][0])
+    native = kernels.runs_cpu_kernels(ctx.kv_caches[0][0])
     if ctx.is_decode:
         index, mask, dtables, dlens = _decode_fields(tables, lens, block_size, native)
         return _StepMeta(index, mask, dtables, dlens, None, [])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from moeray.kernels import add_rms_norm, rms_norm
+from moeray.kernels import add_rms_norm, apply_rope, rms_norm
 from moeray.workers.attention import paged_attention
 from moeray.workers.forward_context import ForwardContext
 from moeray.workers.hf_config import ModelArgs
@@ -54,13 +54,6 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> torch.
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
     return torch.where(medium, smoothed, scaled)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, Dh], cos/sin [T, 1, Dh] -> rotated x (HF's rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):

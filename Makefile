@@ -16,6 +16,7 @@ demo: setup
 lint:
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/clang-format --dry-run --Werror kernels/*.cpp kernels/*.h
 
 typecheck:
 	bash .ci/typecheck

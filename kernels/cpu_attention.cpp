@@ -5,8 +5,10 @@
 // kernels.decode_attention.
 //
 // One work item per (sequence, kv head), spread over torch's intra-op threads: the R = H / G
-// query heads of that kv head share one pass over its keys (scores [R, L] in fp32), then a
-// softmax in fp32 (max subtracted, e^x of cpu_simd.h), then one pass over its values. Every
+// query heads of that kv head share one pass over its keys (four heads at a time: each key
+// loaded once, the four dot products summed in one shuffle tree; scores [R, L] in fp32), then a
+// softmax in fp32 (max subtracted, e^x of cpu_simd.h), then the values weighed per 16-column
+// chunk with four heads' sums held in registers across the context. Every
 // output is computed by one thread in a fixed order, so it does not depend on the thread count
 // or on the other sequences of the batch.
 
@@ -20,32 +22,82 @@
 namespace moeray_cpu {
 namespace {
 
+// (sum a, sum b, sum c, sum d) of four registers, in one shuffle tree
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a.., b.., c.., d..]
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                     _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  const __m256 half =
+      _mm256_add_ps(_mm512_castps512_ps256(lanes),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// scores[r * L + l] = (q_r . k_l) * scale for NR query heads (qf: their fp32 rows, W apart),
+// k_l read once
+template <typename D, int NR>
+inline void score_heads(const float* qf, int64_t W, int64_t Dh, const typename D::scalar* kl,
+                        float scale, float* scores, int64_t L, int64_t l) {
+  __m512 dot[NR];
+  for (int r = 0; r < NR; ++r) dot[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < Dh; c += BLOCK) {
+    const __m512 kv = D::load(kl + c, std::min<int64_t>(BLOCK, Dh - c));
+    for (int r = 0; r < NR; ++r)
+      dot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * W + c), kv, dot[r]);
+  }
+  if constexpr (NR == 4) {
+    float sums[4];
+    _mm_storeu_ps(sums, sum4(dot[0], dot[1], dot[2], dot[3]));
+    for (int r = 0; r < 4; ++r) scores[r * L + l] = sums[r] * scale;
+  } else {
+    for (int r = 0; r < NR; ++r) scores[r * L + l] = _mm512_reduce_add_ps(dot[r]) * scale;
+  }
+}
+
+// out[r] = sum_l p[r, l] v_l / total[r] for NR query heads, one 16-lane column chunk at a time
+// (the NR sums stay in registers over the whole context)
+template <typename D, int NR>
+inline void weigh_values(const float* p, int64_t L, const typename D::scalar* v,
+                         const int64_t* offsets, int64_t Dh, const float* total,
+                         typename D::scalar* out) {
+  for (int64_t c = 0; c < Dh; c += BLOCK) {
+    const int64_t m = std::min<int64_t>(BLOCK, Dh - c);
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < L; ++l) {
+      const __m512 vv = D::load(v + offsets[l] + c, m);
+      for (int r = 0; r < NR; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * L + l]), vv, acc[r]);
+    }
+    for (int r = 0; r < NR; ++r)
+      D::store(out + r * Dh + c, _mm512_mul_ps(acc[r], _mm512_set1_ps(1.0f / total[r])), m);
+  }
+}
+
 template <typename D>
 void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64_t Dh,
             const typename D::scalar* k, const typename D::scalar* v, int64_t slot_stride,
             const int64_t* table, int64_t S, int64_t L, float scale, typename D::scalar* out,
-            std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t chunks = (Dh + BLOCK - 1) / BLOCK, W = chunks * BLOCK;  // Dh padded to 16s
+            std::vector<float>& qf, std::vector<float>& scores, std::vector<int64_t>& offsets) {
+  const int64_t W = (Dh + BLOCK - 1) / BLOCK * BLOCK;  // Dh padded to 16s
   qf.assign(R * W, 0.0f);
   scores.resize(R * L);
-  acc.assign(R * W, 0.0f);
+  offsets.resize(L);
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t m = std::min<int64_t>(BLOCK, Dh - c * BLOCK);
-      _mm512_storeu_ps(&qf[r * W + c * BLOCK], D::load(q + r * q_head_stride + c * BLOCK, m));
-    }
-  // scores[r, l] = (q_r . k_l) * scale
+    for (int64_t c = 0; c < Dh; c += BLOCK)
+      _mm512_storeu_ps(&qf[r * W + c],
+                       D::load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
+  for (int64_t l = 0; l < L; ++l) offsets[l] = (table[l / S] * S + l % S) * slot_stride;
+  // scores, query heads four at a time
   for (int64_t l = 0; l < L; ++l) {
-    const typename D::scalar* kl = k + (table[l / S] * S + l % S) * slot_stride;
-    for (int64_t r = 0; r < R; ++r) {
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t m = std::min<int64_t>(BLOCK, Dh - c * BLOCK);
-        dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[r * W + c * BLOCK]), D::load(kl + c * BLOCK, m),
-                              dot);
-      }
-      scores[r * L + l] = _mm512_reduce_add_ps(dot) * scale;
-    }
+    const typename D::scalar* kl = k + offsets[l];
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4)
+      score_heads<D, 4>(&qf[r * W], W, Dh, kl, scale, &scores[r * L], L, l);
+    for (; r < R; ++r) score_heads<D, 1>(&qf[r * W], W, Dh, kl, scale, &scores[r * L], L, l);
   }
   // softmax over l, in place: e^(s - max) and its sum
   std::vector<float> total(R);
@@ -61,32 +113,17 @@ void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64
     }
     total[r] = _mm512_reduce_add_ps(sum);
   }
-  // acc[r] = sum_l p[r, l] v_l, then out[r] = acc[r] / total[r]
-  for (int64_t l = 0; l < L; ++l) {
-    const typename D::scalar* vl = v + (table[l / S] * S + l % S) * slot_stride;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t m = std::min<int64_t>(BLOCK, Dh - c * BLOCK);
-      const __m512 vv = D::load(vl + c * BLOCK, m);
-      for (int64_t r = 0; r < R; ++r) {
-        float* a = &acc[r * W + c * BLOCK];
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[r * L + l]), vv,
-                                            _mm512_loadu_ps(a)));
-      }
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / total[r]);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t m = std::min<int64_t>(BLOCK, Dh - c * BLOCK);
-      D::store(out + r * Dh + c * BLOCK, _mm512_mul_ps(_mm512_loadu_ps(&acc[r * W + c * BLOCK]), inv),
-               m);
-    }
-  }
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4)
+    weigh_values<D, 4>(&scores[r * L], L, v, offsets.data(), Dh, &total[r], out + r * Dh);
+  for (; r < R; ++r)
+    weigh_values<D, 1>(&scores[r * L], L, v, offsets.data(), Dh, &total[r], out + r * Dh);
 }
 
 template <typename D>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-            const torch::Tensor& tables, const torch::Tensor& lens, float scale, torch::Tensor& out) {
+            const torch::Tensor& tables, const torch::Tensor& lens, float scale,
+            torch::Tensor& out) {
   using Sc = typename D::scalar;
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2);
   const int64_t S = k_cache.size(1), G = k_cache.size(2), R = H / G, M = tables.size(1);
@@ -97,12 +134,13 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int64_t* lp = lens.data_ptr<int64_t>();
   Sc* op = out.data_ptr<Sc>();
   at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf, scores, acc;  // per thread, reused across its items
+    std::vector<float> qf, scores;  // per thread, reused across its items
+    std::vector<int64_t> offsets;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / G, g = i % G;
       attend<D>(qp + b * q.stride(0) + g * R * q.stride(1), q.stride(1), R, Dh, kp + g * Dh,
                 vp + g * Dh, G * Dh, tp + b * M, S, lp[b], scale, op + (b * H + g * R) * Dh, qf,
-                scores, acc);
+                scores, offsets);
     }
   });
 }
@@ -117,10 +155,11 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   TORCH_CHECK(q_in.dim() == 3, "q must be [B, H, Dh]");
   const torch::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(3) == Dh,
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.size(3) == Dh,
               "k_cache and v_cache must be contiguous [N, S, G, ", Dh, "]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
+                  q.scalar_type() == v_cache.scalar_type() &&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "q, k_cache and v_cache must all be float32 or all bfloat16");
   const int64_t G = k_cache.size(2);
@@ -133,8 +172,8 @@ torch::Tensor decode_attention(const torch::Tensor& q_in, const torch::Tensor& k
   const int64_t most = block_tables.size(1) * k_cache.size(1);
   const int64_t* lp = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= most, "context_lens[", b, "] = ", lp[b],
-                " is outside [1, ", most, "]");
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= most, "context_lens[", b, "] = ", lp[b], " is outside [1, ",
+                most, "]");
   const int64_t N = k_cache.size(0);
   const int64_t* tp = tables.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)

@@ -16,12 +16,12 @@
 // instructions treat denormal inputs as zero and flush denormal results (|x| < 1.2e-38), where
 // torch's own conversion keeps them: no weight, activation or output of a model lives there.
 
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include "cpu_simd.h"
 
@@ -42,7 +42,8 @@ void row_blocks(const typename D::scalar* x, const typename D::scalar* w, typena
     for (int a = 0; a < A; ++a) acc[a] = _mm512_setzero_ps();
     int64_t s = 0;
     for (; s + A <= steps; s += A)
-      for (int a = 0; a < A; ++a) acc[a] = D::step(acc[a], wb + (s + a) * BLOCK * P, x + (s + a) * P);
+      for (int a = 0; a < A; ++a)
+        acc[a] = D::step(acc[a], wb + (s + a) * BLOCK * P, x + (s + a) * P);
     for (; s < steps; ++s) acc[0] = D::step(acc[0], wb + s * BLOCK * P, x + s * P);
     for (int a = 1; a < A; ++a) acc[0] = _mm512_add_ps(acc[0], acc[a]);
     D::store(out + b * BLOCK, acc[0], cols(b, N));
@@ -92,9 +93,8 @@ void gemm(const typename D::scalar* x, int64_t T, int64_t K, const typename D::s
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   if (T == 1) {
     // ~64 KB of bf16 weight per task at K 512: small enough to balance, large enough to stream
-    at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-      row_blocks<D, 4>(x, w, out, K, N, b0, b1);
-    });
+    at::parallel_for(0, blocks, 4,
+                     [&](int64_t b0, int64_t b1) { row_blocks<D, 4>(x, w, out, K, N, b0, b1); });
     return;
   }
   constexpr int NB = 4;
@@ -162,7 +162,8 @@ void silu_and_mul(const typename D::scalar* h, int64_t n, int64_t F, typename D:
     for (int64_t c = 0; c < F; c += BLOCK) {
       const int64_t m = std::min<int64_t>(BLOCK, F - c);
       const __m512 g = D::load(gate + c, m);
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      const __m512 silu =
+          _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
       D::store(act + r * F + c, _mm512_mul_ps(silu, D::load(gate + F + c, m)), m);
     }
   }
@@ -179,7 +180,8 @@ void combine(const typename D::scalar* y, int64_t n, int64_t D_, const int64_t* 
     const __m512 w = _mm512_set1_ps(weights[r]);
     for (int64_t c = 0; c < D_; c += BLOCK) {
       const int64_t m = std::min<int64_t>(BLOCK, D_ - c);
-      const __m512 sum = _mm512_add_ps(Fp32::load(o + c, m), _mm512_mul_ps(D::load(y + r * D_ + c, m), w));
+      const __m512 sum =
+          _mm512_add_ps(Fp32::load(o + c, m), _mm512_mul_ps(D::load(y + r * D_ + c, m), w));
       Fp32::store(o + c, sum, m);
     }
   }
@@ -205,7 +207,7 @@ void moe(const typename D::scalar* hidden, int64_t T, int64_t Dm, int64_t F,
       std::memcpy(x.data() + r * Dm, hidden + tokens[r] * Dm, Dm * sizeof(S));
     }
     gemm<D>(x.data(), n, Dm, w1 + e * w1_stride, 2 * F, h.data());  // [n, 2F]
-    silu_and_mul<D>(h.data(), n, F, act.data());                   // [n, F]
+    silu_and_mul<D>(h.data(), n, F, act.data());                    // [n, F]
     gemm<D>(act.data(), n, F, w2 + e * w2_stride, Dm, y.data());    // [n, D]
     combine<D>(y.data(), n, Dm, tokens.data(), weights.data(), out);
   }

@@ -81,9 +81,8 @@ void rope_rows(const typename D::scalar* x, int64_t T, int64_t heads, int64_t Dh
           // first half: x1 * cos - x2 * sin; second half: x2 * cos + x1 * sin
           const __m512 lo = _mm512_add_ps(rounded<D>(_mm512_mul_ps(x1, D::load(c + i, m))),
                                           rounded<D>(_mm512_mul_ps(neg, D::load(s + i, m))));
-          const __m512 hi =
-              _mm512_add_ps(rounded<D>(_mm512_mul_ps(x2, D::load(c + half + i, m))),
-                            rounded<D>(_mm512_mul_ps(x1, D::load(s + half + i, m))));
+          const __m512 hi = _mm512_add_ps(rounded<D>(_mm512_mul_ps(x2, D::load(c + half + i, m))),
+                                          rounded<D>(_mm512_mul_ps(x1, D::load(s + half + i, m))));
           D::store(o + i, lo, m);
           D::store(o + half + i, hi, m);
         }

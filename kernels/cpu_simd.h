@@ -3,14 +3,14 @@
 // AVX-512 (F, BW, VL, DQ, BF16).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-
-#include <c10/util/BFloat16.h>
-#include <immintrin.h>
-#include <torch/extension.h>
 
 namespace moeray_cpu {
 
@@ -29,8 +29,9 @@ struct Bf16 {
   }
   // n <= 16 values -> fp32 lanes (the rest zero)
   static __m512 load(const scalar* p, int64_t n) {
-    const __m256i v = n == BLOCK ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                 : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    const __m256i v = n == BLOCK
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                          : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
   }
   static void store(scalar* out, __m512 acc, int64_t n) {
@@ -82,7 +83,8 @@ inline __m512 exp_ps(__m512 x) {
 }
 
 // cpu_rows.cpp: kernels.reference.rms_norm, add_rms_norm and apply_rope, one pass per row
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos,
+                         const torch::Tensor& sin);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
                                         const torch::Tensor& weight, double eps);

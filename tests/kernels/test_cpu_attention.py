@@ -1,8 +1,8 @@
 """moeray's paged decode attention on CPU (kernels/cpu_attention.cpp) against float64 attention over
 the same gathered context, and the engine's two decode paths against each other.
 
-Shapes cover its loops and edges: GQA groups of 1, 3 and 4 query heads, head sizes off the
-16-lane grid (40), one-token contexts, contexts ending mid-block, shuffled block tables, a
+Shapes cover its loops and edges: GQA groups of 1, 3, 4 and 5 query heads (the kernel takes
+them four at a time, then one by one), head sizes off the 16-lane grid (40, 72), one-token contexts, contexts ending mid-block, shuffled block tables, a
 strided q (the engine passes a view of its fused q|k projection).
 """
 
@@ -45,7 +45,9 @@ def _reference(q, k_cache, v_cache, tables, lens, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("H", "G", "Dh", "S"), [(8, 2, 64, 16), (4, 4, 40, 8), (9, 3, 128, 4)])
+@pytest.mark.parametrize(
+    ("H", "G", "Dh", "S"), [(8, 2, 64, 16), (4, 4, 40, 8), (9, 3, 128, 4), (10, 2, 72, 16)]
+)
 def test_decode_attention_matches_float64(dtype, H, G, Dh, S):
     q, k_cache, v_cache, tables, lens = _case(7, H, G, Dh, S, dtype, H * Dh + S)
     scale = Dh**-0.5

@@ -5,8 +5,9 @@ arrivals) handed straight to an `LLMEngine` as the arrival times come, stepped i
 no Ray, no router, no HTTP, no client process. Output tok/s over the same span as vLLM's client
 measures it (its start to the last finish) says how much of the served figure the engine alone
 can give on this machine; the difference is what the front door and the client cost beside it.
-Arrivals as vLLM's client makes them: exponential gaps, rescaled so that the last request
-leaves at num_prompts / rate, the clock starting before the first gap.
+Arrivals as vLLM's client makes them (numpy's gamma gaps after np.random.seed(seed), rescaled
+so that the last request leaves at num_prompts / rate, the clock starting before the first
+gap): with bench/serving.py's seed (0) the same arrival times as its runs.
 One JSON line per rate.
 
     python bench/engine_arrivals.py --rates 8 16 [--dtype float32] [--num-prompts 64]
@@ -26,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 from moeray.cluster.config import EngineConfig
 from moeray.cluster.demo_model import build_demo_checkpoint
 from moeray.workers.engine import LLMEngine
@@ -36,12 +38,11 @@ DEMO = Path(__file__).resolve().parent.parent / ".demo" / "bench"
 
 def run(engine: LLMEngine, rate: float, args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
-    # vLLM's client draws exponential gaps from the start (the first request waits one too)
-    # and rescales them so that the last request leaves at num_prompts / rate
-    arrivals = []
-    for _ in range(args.num_prompts):
-        arrivals.append((arrivals[-1] if arrivals else 0.0) + rng.expovariate(rate))
-    arrivals = [a * args.num_prompts / rate / arrivals[-1] for a in arrivals]
+    # vLLM's client: after np.random.seed(seed), one gamma(1, 1/rate) gap per request (the first
+    # waits one too), summed and rescaled so that the last request leaves at num_prompts / rate:
+    # the same arrival times as bench/serving.py's runs with that seed
+    gaps = np.random.RandomState(args.seed).gamma(1.0, 1.0 / rate, args.num_prompts)
+    arrivals = [float(a) for a in np.cumsum(gaps) * (args.num_prompts / rate) / gaps.sum()]
     prompts = [[rng.randrange(100, 30000) for _ in range(args.input_len)] for _ in arrivals]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     sent: dict[str, float] = {}

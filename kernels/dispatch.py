@@ -111,7 +111,7 @@ def cpu_gemm_wanted() -> bool:
 
 
 def runs_cpu_kernels(tensor: torch.Tensor) -> bool:
-    """Whether moeray's C++ CPU kernels (kernels/cpu_gemm.py: decode attention, the norms) take
+    """Whether moeray's C++ CPU kernels (kernels/cpu_gemm.py: decode attention, norms, rope) take
     a call whose main input is `tensor`: under "auto", on CPU, fp32 or bf16, where the extension
     runs. Else the torch references (and, for decode attention, the caller's gather + SDPA)."""
     from moeray.kernels import cpu_gemm

@@ -18,7 +18,9 @@ On CPU, where `runs_cpu_kernels` (MOERAY_KERNELS=auto, fp32/bf16, the extension 
 rms_norm, add_rms_norm, apply_rope and decode_attention run moeray's C++ kernels
 (kernels/cpu_gemm.py).
 
-Each call checks its arguments (ValueError naming the argument), then runs the Triton kernel or
+Each call checks its arguments (ValueError naming the argument; the C++ CPU kernels check what
+depends on the data, such as decode_attention's lengths and block tables, themselves and raise
+RuntimeError naming the argument), then runs the Triton kernel or
 the torch reference as moeray.kernels.dispatch decides (MOERAY_KERNELS=auto|triton|torch;
 `use_backend(...)` overrides it in tests). Expert weights go through `prepare_expert_weights`
 once, where they are loaded: on CPU it packs them for oneDNN (kernels/cpu_packed.py, the torch

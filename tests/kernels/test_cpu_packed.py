@@ -72,7 +72,7 @@ def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, gemm, close
           kernels.packed_linear(x, packed, b), F.linear(x, w, b))  # fmt: skip
 
 
-def test_experts_compute_the_same_on_any_thread_count():
+def test_experts_compute_the_same_on_any_thread_count(on_thread_counts):
     """A shard (often one thread) and the engine (more) must give an expert's rows the same
     numbers, at one row and at several."""
     w1, w2 = _experts(4, 16, 24, torch.float32)  # w1 [4, 48, 16] is wide, w2 [4, 16, 24] not
@@ -80,17 +80,14 @@ def test_experts_compute_the_same_on_any_thread_count():
     hidden = torch.randn(5, 16, generator=g)
     weights = torch.rand(5, 2, generator=g)
     ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [2, 1]], dtype=torch.int32)  # 1-3 rows each
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            p1, p2 = PackedExperts(w1), PackedExperts(w2)
-            outs.append((kernels.fused_moe(hidden, p1, p2, weights, ids),
-                         kernels.fused_moe(hidden[:1], p1, p2, weights[:1], ids[:1])))  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        p1, p2 = PackedExperts(w1), PackedExperts(w2)  # packed on that thread count too
+        return (kernels.fused_moe(hidden, p1, p2, weights, ids),
+                kernels.fused_moe(hidden[:1], p1, p2, weights[:1], ids[:1]))  # fmt: skip
+
+    outs = on_thread_counts(run)
+    assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs)
 
 
 def test_prepare_packs_under_auto_and_onednn_only():

@@ -7,10 +7,12 @@
 // One work item per (sequence, kv head), spread over torch's intra-op threads: the R = H / G
 // query heads of that kv head share one pass over its keys (four heads at a time: each key
 // loaded once, the four dot products summed in one shuffle tree; scores [R, L] in fp32), then a
-// softmax in fp32 (max subtracted, e^x of cpu_simd.h), then the values weighed per 16-column
-// chunk with four heads' sums held in registers across the context. Every
-// output is computed by one thread in a fixed order, so it does not depend on the thread count
-// or on the other sequences of the batch.
+// softmax in fp32 (max subtracted, e^x of cpu_simd.h), then the values weighed 64 columns at a
+// time, the four heads' sums held in registers across the context (one pass over V for
+// Dh <= 64). The K and V rows of positions AHEAD further on are prefetched: a context's rows lie
+// in scattered cache blocks, where the hardware prefetchers lose the stream. Every output is
+// computed by one thread in a fixed order, so it does not depend on the thread count or on the
+// other sequences of the batch.
 
 #include <ATen/Parallel.h>
 
@@ -57,24 +59,52 @@ inline void score_heads(const float* qf, int64_t W, int64_t Dh, const typename D
   }
 }
 
-// out[r] = sum_l p[r, l] v_l / total[r] for NR query heads, one 16-lane column chunk at a time
-// (the NR sums stay in registers over the whole context)
+// Positions ahead whose K or V row is prefetched: rows are scattered over the cache's blocks, so
+// the hardware prefetchers lose the stream at every block boundary.
+constexpr int64_t AHEAD = 8;
+
+// Asks for the cache lines of row [p, p + bytes) ahead of their use.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
+// out[r] = sum_l p[r, l] v_l / total[r] for NR query heads, CG 16-lane column chunks from column
+// c0 at a time: one pass over the context per CG chunks, the NR x CG sums in registers
+template <typename D, int NR, int CG>
+inline void weigh_chunks(const float* p, int64_t L, const typename D::scalar* v,
+                         const int64_t* offsets, int64_t Dh, int64_t c0, const float* total,
+                         typename D::scalar* out) {
+  int64_t m[CG];
+  for (int j = 0; j < CG; ++j) m[j] = std::min<int64_t>(BLOCK, Dh - c0 - j * BLOCK);
+  const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
+  __m512 acc[NR][CG];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < CG; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    if (c0 == 0 && l + AHEAD < L) prefetch_row(v + offsets[l + AHEAD], row_bytes);
+    for (int j = 0; j < CG; ++j) {
+      const __m512 vv = D::load(v + offsets[l] + c0 + j * BLOCK, m[j]);
+      for (int r = 0; r < NR; ++r)
+        acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * L + l]), vv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < CG; ++j)
+      D::store(out + r * Dh + c0 + j * BLOCK,
+               _mm512_mul_ps(acc[r][j], _mm512_set1_ps(1.0f / total[r])), m[j]);
+}
+
+// weigh_chunks over all of Dh: four chunks (64 columns) per pass, then what is left
 template <typename D, int NR>
 inline void weigh_values(const float* p, int64_t L, const typename D::scalar* v,
                          const int64_t* offsets, int64_t Dh, const float* total,
                          typename D::scalar* out) {
-  for (int64_t c = 0; c < Dh; c += BLOCK) {
-    const int64_t m = std::min<int64_t>(BLOCK, Dh - c);
-    __m512 acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t l = 0; l < L; ++l) {
-      const __m512 vv = D::load(v + offsets[l] + c, m);
-      for (int r = 0; r < NR; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * L + l]), vv, acc[r]);
-    }
-    for (int r = 0; r < NR; ++r)
-      D::store(out + r * Dh + c, _mm512_mul_ps(acc[r], _mm512_set1_ps(1.0f / total[r])), m);
-  }
+  const int64_t chunks = (Dh + BLOCK - 1) / BLOCK;
+  int64_t j = 0;
+  for (; j + 4 <= chunks; j += 4)
+    weigh_chunks<D, NR, 4>(p, L, v, offsets, Dh, j * BLOCK, total, out);
+  for (; j < chunks; ++j) weigh_chunks<D, NR, 1>(p, L, v, offsets, Dh, j * BLOCK, total, out);
 }
 
 template <typename D>
@@ -92,7 +122,9 @@ void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64
                        D::load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
   for (int64_t l = 0; l < L; ++l) offsets[l] = (table[l / S] * S + l % S) * slot_stride;
   // scores, query heads four at a time
+  const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
   for (int64_t l = 0; l < L; ++l) {
+    if (l + AHEAD < L) prefetch_row(k + offsets[l + AHEAD], row_bytes);
     const typename D::scalar* kl = k + offsets[l];
     int64_t r = 0;
     for (; r + 4 <= R; r += 4)

@@ -9,8 +9,8 @@ to its whole context. Two paths, chosen per step:
   in ONE indexing op into [B, Lmax, G, Dh] and run ONE scaled_dot_product_attention with a padding
   mask. GQA costs no copy: with one query per sequence, the R = H/G query heads sharing a kv head
   are laid out as R "query positions" of that kv head ([B, G, R, Dh]). The kernel saves the
-  gathered copy: 117 vs 274 us a layer at 25 sequences of 130-190 tokens (fp32, 2-core dev VM,
-  2026-12-01, bench/cpu_layers.py).
+  gathered copy: 385 vs 648 us a layer at 25 sequences of 130-190 tokens, K/V read from memory
+  as in a decode step (fp32, 2-core dev VM, 2026-12-01, bench/cpu_layers.py).
 - prefill / mixed: the sequences with one new token (decodes, which are most of a served step:
   requests keep arriving while others decode) take the batched decode path above together; every
   sequence with several new tokens gets its own SDPA with the causal offset (its queries are the

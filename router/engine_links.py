@@ -145,7 +145,9 @@ class EngineClient:
             self._sock = sock
             self._tasks = [
                 asyncio.create_task(self._read(sock), name=f"moeray-engine-{self.replica_id}"),
-                asyncio.create_task(self._watch(monitor), name=f"moeray-watch-{self.replica_id}"),
+                asyncio.create_task(
+                    self._watch(sock, monitor), name=f"moeray-watch-{self.replica_id}"
+                ),
             ]
         return self._sock
 
@@ -197,7 +199,11 @@ class EngineClient:
                 with contextlib.suppress(EngineCallError):
                     self._send([ABORT, self._token, call_id])
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+    async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Follows the connection's monitor events. FOOTGUN: libzmq's I/O thread hands each event
+        to the monitor with a blocking send, and with nobody left to receive it that send never
+        returns, which stops the I/O thread of every socket in the context (all connections
+        to all engine replicas): the monitor is switched off before its reader closes."""
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
@@ -208,6 +214,8 @@ class EngineClient:
                 elif event == zmq.EVENT_CONNECT_RETRIED and not self._up:
                     self._lose(f"the engine replica at {self.address} refused the connection")
         finally:
+            if not sock.closed:
+                sock.disable_monitor()
             monitor.close(linger=0)
 
     def _set(self, up: bool, down: str) -> None:

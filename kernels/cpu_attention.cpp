@@ -4,15 +4,15 @@
 // the extension of kernels/cpu_gemm.py; workers/attention.py calls it through
 // kernels.decode_attention.
 //
-// One work item per (sequence, kv head), spread over torch's intra-op threads: the R = H / G
-// query heads of that kv head share one pass over its keys (four heads at a time: each key
-// loaded once, the four dot products summed in one shuffle tree; scores [R, L] in fp32), then a
-// softmax in fp32 (max subtracted, e^x of cpu_simd.h), then the values weighed 64 columns at a
-// time, the four heads' sums held in registers across the context (one pass over V for
-// Dh <= 64). The K and V rows of positions AHEAD further on are prefetched: a context's rows lie
-// in scattered cache blocks, where the hardware prefetchers lose the stream. Every output is
-// computed by one thread in a fixed order, so it does not depend on the thread count or on the
-// other sequences of the batch.
+// One work item per (sequence, kv head), taken in turn by torch's intra-op threads (dynamic_for:
+// contexts differ in length): the R = H / G query heads of that kv head share one pass over its
+// keys (four heads at a time: each key loaded once, the four dot products summed in one shuffle
+// tree; scores [R, L] in fp32), then a softmax in fp32 (max subtracted, e^x of cpu_simd.h), then
+// the values weighed 64 columns at a time, the four heads' sums held in registers across the
+// context (one pass over V for Dh <= 64). The K and V rows of positions AHEAD further on are
+// prefetched: a context's rows lie in scattered cache blocks, where the hardware prefetchers lose
+// the stream. Every output is computed by one thread in a fixed order, so it does not depend on
+// the thread count, on which thread took it or on the other sequences of the batch.
 
 #include <ATen/Parallel.h>
 
@@ -165,15 +165,13 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   Sc* op = out.data_ptr<Sc>();
-  at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf, scores;  // per thread, reused across its items
-    std::vector<int64_t> offsets;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / G, g = i % G;
-      attend<D>(qp + b * q.stride(0) + g * R * q.stride(1), q.stride(1), R, Dh, kp + g * Dh,
-                vp + g * Dh, G * Dh, tp + b * M, S, lp[b], scale, op + (b * H + g * R) * Dh, qf,
-                scores, offsets);
-    }
+  dynamic_for(B * G, [&](int64_t i) {  // contexts differ in length: threads take items in turn
+    thread_local std::vector<float> qf, scores;  // per thread, reused across its items
+    thread_local std::vector<int64_t> offsets;
+    const int64_t b = i / G, g = i % G;
+    attend<D>(qp + b * q.stride(0) + g * R * q.stride(1), q.stride(1), R, Dh, kp + g * Dh,
+              vp + g * Dh, G * Dh, tp + b * M, S, lp[b], scale, op + (b * H + g * R) * Dh, qf,
+              scores, offsets);
   });
 }
 

@@ -6,9 +6,9 @@
 // (vdpbf16ps multiplies pairs along K), 1 for fp32, columns past N zero. One 16-column block is
 // then one contiguous stream, and a 512-bit load holds what one multiply-add needs for 16 outputs.
 //
-// Two loops over it, both parallel over column blocks (at::parallel_for: torch's intra-op
-// threads), each output summed by one thread in a fixed order, so results do not depend on the
-// thread count:
+// Two loops over it, both parallel over groups of column blocks (dynamic_for: torch's intra-op
+// threads, each taking the next group as it finishes one), each output summed by one thread in a
+// fixed order, so results do not depend on the thread count or on which thread took it:
 // - one row (decode at batch 1, bound by how fast the weight streams from memory): one block at a
 //   time, K split over A accumulators so the multiply-adds do not wait on each other;
 // - more rows: a register tile of NB blocks x RT rows, the weights loaded once per tile row.
@@ -86,29 +86,31 @@ void rows(const typename D::scalar* x, int64_t T, int64_t K, const typename D::s
   if (T - t == 1) tile<D, NB, 1>(x + t * K, w, K, N, b, out + t * N);
 }
 
+constexpr int64_t NB = 4;  // column blocks per work item: 64 outputs
+
+// Column blocks [g*NB, g*NB + NB) (fewer in the last group) of out [T, N] = x [T, K] @ w^T, w
+// packed into ceil(N/16) blocks: the unit of work the threads take in turn (dynamic_for).
+template <typename D>
+void group(const typename D::scalar* x, int64_t T, int64_t K, const typename D::scalar* w,
+           int64_t N, int64_t g, typename D::scalar* out) {
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK, b = g * NB;
+  if (T == 1) {
+    // decode at batch 1: ~64 KB of bf16 weight per item at K 512, streamed block by block
+    row_blocks<D, 4>(x, w, out, K, N, b, std::min(b + NB, blocks));
+  } else if (b + NB <= blocks) {
+    rows<D, NB>(x, T, K, w, N, b, out);
+  } else {
+    for (int64_t bb = b; bb < blocks; ++bb) rows<D, 1>(x, T, K, w, N, bb, out);
+  }
+}
+
+inline int64_t groups(int64_t N) { return ((N + BLOCK - 1) / BLOCK + NB - 1) / NB; }
+
 // out [T, N] (row-major) = x [T, K] @ w^T, w packed into ceil(N/16) blocks.
 template <typename D>
 void gemm(const typename D::scalar* x, int64_t T, int64_t K, const typename D::scalar* w, int64_t N,
           typename D::scalar* out) {
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  if (T == 1) {
-    // ~64 KB of bf16 weight per task at K 512: small enough to balance, large enough to stream
-    at::parallel_for(0, blocks, 4,
-                     [&](int64_t b0, int64_t b1) { row_blocks<D, 4>(x, w, out, K, N, b0, b1); });
-    return;
-  }
-  constexpr int NB = 4;
-  const int64_t groups = (blocks + NB - 1) / NB;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = g * NB;
-      if (b + NB <= blocks) {
-        rows<D, NB>(x, T, K, w, N, b, out);
-      } else {
-        for (int64_t bb = b; bb < blocks; ++bb) rows<D, 1>(x, T, K, w, N, bb, out);
-      }
-    }
-  });
+  dynamic_for(groups(N), [&](int64_t g) { group<D>(x, T, K, w, N, g, out); });
 }
 
 int64_t pairs(const torch::Tensor& w) { return w.scalar_type() == at::kBFloat16 ? 2 : 1; }
@@ -187,30 +189,51 @@ void combine(const typename D::scalar* y, int64_t n, int64_t D_, const int64_t* 
   }
 }
 
+// The layer in three parallel passes, each over every expert that has tokens (so a thread that
+// finishes one expert's columns goes on to the next expert's): h = x @ w1^T, act = silu(gate) *
+// up, y = act @ w2^T; then the weighted rows added into out, expert by expert.
 template <typename D>
-void moe(const typename D::scalar* hidden, int64_t T, int64_t Dm, int64_t F,
-         const typename D::scalar* w1, int64_t w1_stride, const typename D::scalar* w2,
-         int64_t w2_stride, const std::vector<std::vector<int64_t>>& slots, int64_t K,
-         const float* topk_weights, float* out) {
+void moe(const typename D::scalar* hidden, int64_t Dm, int64_t F, const typename D::scalar* w1,
+         int64_t w1_stride, const typename D::scalar* w2, int64_t w2_stride,
+         const std::vector<std::vector<int64_t>>& slots, int64_t K, const float* topk_weights,
+         float* out) {
   using S = typename D::scalar;
-  int64_t most = 0;
-  for (const auto& s : slots) most = std::max<int64_t>(most, s.size());
-  std::vector<S> x(most * Dm), h(most * 2 * F), act(most * F), y(most * Dm);
-  std::vector<int64_t> tokens(most);
-  std::vector<float> weights(most);
+  std::vector<int64_t> experts, first;  // the experts with tokens, each one's first gathered row
+  int64_t n = 0;
   for (size_t e = 0; e < slots.size(); ++e) {
-    const int64_t n = slots[e].size();
-    if (n == 0) continue;
-    for (int64_t r = 0; r < n; ++r) {
-      tokens[r] = slots[e][r] / K;
-      weights[r] = topk_weights[slots[e][r]];
-      std::memcpy(x.data() + r * Dm, hidden + tokens[r] * Dm, Dm * sizeof(S));
-    }
-    gemm<D>(x.data(), n, Dm, w1 + e * w1_stride, 2 * F, h.data());  // [n, 2F]
-    silu_and_mul<D>(h.data(), n, F, act.data());                    // [n, F]
-    gemm<D>(act.data(), n, F, w2 + e * w2_stride, Dm, y.data());    // [n, D]
-    combine<D>(y.data(), n, Dm, tokens.data(), weights.data(), out);
+    if (slots[e].empty()) continue;
+    experts.push_back(static_cast<int64_t>(e));
+    first.push_back(n);
+    n += static_cast<int64_t>(slots[e].size());
   }
+  first.push_back(n);
+  const int64_t used = static_cast<int64_t>(experts.size());
+  std::vector<S> x(n * Dm), h(n * 2 * F), act(n * F), y(n * Dm);
+  std::vector<int64_t> tokens(n);
+  std::vector<float> weights(n);
+  for (int64_t i = 0; i < used; ++i) {
+    const std::vector<int64_t>& s = slots[experts[i]];
+    for (size_t r = 0; r < s.size(); ++r) {
+      const int64_t row = first[i] + static_cast<int64_t>(r);
+      tokens[row] = s[r] / K;
+      weights[row] = topk_weights[s[r]];
+      std::memcpy(x.data() + row * Dm, hidden + tokens[row] * Dm, Dm * sizeof(S));
+    }
+  }
+  const int64_t g1 = groups(2 * F), g2 = groups(Dm);
+  dynamic_for(used * g1, [&](int64_t item) {  // [rows, 2F]
+    const int64_t i = item / g1, e = experts[i], r = first[i];
+    group<D>(x.data() + r * Dm, first[i + 1] - r, Dm, w1 + e * w1_stride, 2 * F, item % g1,
+             h.data() + r * 2 * F);
+  });
+  dynamic_for(n,
+              [&](int64_t r) { silu_and_mul<D>(h.data() + r * 2 * F, 1, F, act.data() + r * F); });
+  dynamic_for(used * g2, [&](int64_t item) {  // [rows, D]
+    const int64_t i = item / g2, e = experts[i], r = first[i];
+    group<D>(act.data() + r * F, first[i + 1] - r, F, w2 + e * w2_stride, Dm, item % g2,
+             y.data() + r * Dm);
+  });
+  combine<D>(y.data(), n, Dm, tokens.data(), weights.data(), out);
 }
 
 // kernels.reference.fused_moe on packed experts: hidden [T, D] (the weights' dtype), w1
@@ -245,11 +268,11 @@ torch::Tensor fused_moe(const torch::Tensor& hidden_in, const torch::Tensor& w1,
     if (id[i] >= 0 && id[i] < E) slots[id[i]].push_back(i);
   torch::Tensor out = torch::zeros({T, Dm}, hidden.options().dtype(at::kFloat));
   if (hidden.scalar_type() == at::kBFloat16) {
-    moe<Bf16>(hidden.data_ptr<c10::BFloat16>(), T, Dm, F, w1.data_ptr<c10::BFloat16>(),
-              w1.stride(0), w2.data_ptr<c10::BFloat16>(), w2.stride(0), slots, K,
-              weights.data_ptr<float>(), out.data_ptr<float>());
+    moe<Bf16>(hidden.data_ptr<c10::BFloat16>(), Dm, F, w1.data_ptr<c10::BFloat16>(), w1.stride(0),
+              w2.data_ptr<c10::BFloat16>(), w2.stride(0), slots, K, weights.data_ptr<float>(),
+              out.data_ptr<float>());
   } else {
-    moe<Fp32>(hidden.data_ptr<float>(), T, Dm, F, w1.data_ptr<float>(), w1.stride(0),
+    moe<Fp32>(hidden.data_ptr<float>(), Dm, F, w1.data_ptr<float>(), w1.stride(0),
               w2.data_ptr<float>(), w2.stride(0), slots, K, weights.data_ptr<float>(),
               out.data_ptr<float>());
   }

@@ -3,10 +3,13 @@
 // AVX-512 (F, BW, VL, DQ, BF16).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,6 +18,21 @@
 namespace moeray_cpu {
 
 constexpr int64_t BLOCK = 16;  // output columns per block (one zmm of fp32 sums)
+
+// f(i) for every i in [0, n) on torch's intra-op threads, each thread taking the next i as it
+// finishes one. at::parallel_for hands each thread a fixed share, so on a node where other
+// processes run (a router, a client, Ray's daemons) a thread the OS preempts holds the whole
+// region up by its share while the others wait at the end; here they take what it has not begun.
+// Which thread computes an item never changes what the item computes.
+template <typename F>
+void dynamic_for(int64_t n, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) f(i);
+  });
+}
 
 struct Bf16 {
   using scalar = c10::BFloat16;

@@ -165,7 +165,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   Sc* op = out.data_ptr<Sc>();
-  dynamic_for(B * G, [&](int64_t i) {  // contexts differ in length: threads take items in turn
+  int64_t positions = 0;
+  for (int64_t b = 0; b < B; ++b) positions += lp[b];
+  // contexts differ in length: threads take the items in turn
+  dynamic_for(B * G, positions * H * Dh * 2, [&](int64_t i) {
     thread_local std::vector<float> qf, scores;  // per thread, reused across its items
     thread_local std::vector<int64_t> offsets;
     const int64_t b = i / G, g = i % G;

@@ -110,7 +110,7 @@ inline int64_t groups(int64_t N) { return ((N + BLOCK - 1) / BLOCK + NB - 1) / N
 template <typename D>
 void gemm(const typename D::scalar* x, int64_t T, int64_t K, const typename D::scalar* w, int64_t N,
           typename D::scalar* out) {
-  dynamic_for(groups(N), [&](int64_t g) { group<D>(x, T, K, w, N, g, out); });
+  dynamic_for(groups(N), T * K * N, [&](int64_t g) { group<D>(x, T, K, w, N, g, out); });
 }
 
 int64_t pairs(const torch::Tensor& w) { return w.scalar_type() == at::kBFloat16 ? 2 : 1; }
@@ -221,14 +221,14 @@ void moe(const typename D::scalar* hidden, int64_t Dm, int64_t F, const typename
     }
   }
   const int64_t g1 = groups(2 * F), g2 = groups(Dm);
-  dynamic_for(used * g1, [&](int64_t item) {  // [rows, 2F]
+  dynamic_for(used * g1, n * Dm * 2 * F, [&](int64_t item) {  // [rows, 2F]
     const int64_t i = item / g1, e = experts[i], r = first[i];
     group<D>(x.data() + r * Dm, first[i + 1] - r, Dm, w1 + e * w1_stride, 2 * F, item % g1,
              h.data() + r * 2 * F);
   });
-  dynamic_for(n,
+  dynamic_for(n, n * F * 8,  // e^x and a division a column
               [&](int64_t r) { silu_and_mul<D>(h.data() + r * 2 * F, 1, F, act.data() + r * F); });
-  dynamic_for(used * g2, [&](int64_t item) {  // [rows, D]
+  dynamic_for(used * g2, n * F * Dm, [&](int64_t item) {  // [rows, D]
     const int64_t i = item / g2, e = experts[i], r = first[i];
     group<D>(act.data() + r * F, first[i + 1] - r, F, w2 + e * w2_stride, Dm, item % g2,
              y.data() + r * Dm);

@@ -207,10 +207,15 @@ def test_fused_moe_swiglu_holds_over_the_whole_range():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_moe_does_not_depend_on_the_thread_count(dtype, on_thread_counts):
-    w1, w2, hidden, weights, ids = _moe_case(11, 4, 2, 64, 80, dtype, 3)
+@pytest.mark.parametrize(
+    ("T", "D", "F_"),
+    # the second pass and the SwiGLU on one thread; every pass shared between the threads
+    [(11, 64, 80), (16, 128, 512)],
+)
+def test_fused_moe_does_not_depend_on_the_thread_count(dtype, T, D, F_, on_thread_counts):
+    w1, w2, hidden, weights, ids = _moe_case(T, 4, 2, D, F_, dtype, 3)
     s1, s2 = _stacked(w1), _stacked(w2)
-    outs = on_thread_counts(lambda: cpu_gemm.fused_moe(hidden, s1, s2, weights, ids, 80))
+    outs = on_thread_counts(lambda: cpu_gemm.fused_moe(hidden, s1, s2, weights, ids, F_))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 

@@ -338,6 +338,14 @@ class Clients:
         # scenario may have been closed by the server (ServerDisconnectedError when reused).
         self.control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
+    async def fresh_http(self) -> None:
+        """New keep-alive connections for the next phase: one left idle longer than the server's
+        keep-alive (uvicorn's 5 s, e.g. while a slow burst's last answers come in) is closed by
+        the server, and a request sent on it fails in the client (ServerDisconnectedError)
+        without reaching moeray."""
+        await self.http.close()
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
     async def close(self) -> None:
         await self.channel.close()
         await self.http.close()
@@ -475,7 +483,11 @@ async def overload(c: Clients, limit: int, factor: int, refusals: int) -> list[R
         else:
             hb = http_body("one more", "fast", 1)
             send = functools.partial(c.http_call, "/v1/completions", hb, 60)
+        if protocol == "http":
+            await c.fresh_http()
         burst = await asyncio.gather(*(send() for _ in range(extra)))
+        if protocol == "http":
+            await c.fresh_http()
         sustained = await kept_in_flight(send, extra, max(1, refusals // extra))
         hold.set()
         await asyncio.gather(*held)

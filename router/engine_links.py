@@ -19,6 +19,7 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -38,7 +39,13 @@ from moeray.workers.engine_service import (
     encode,
     tcp_endpoint,
 )
-from moeray.workers.io_struct import EngineStats, GenerateEvent, GenerateRejected, GenerateRequest
+from moeray.workers.io_struct import (
+    EngineStats,
+    GenerateDelta,
+    GenerateEvent,
+    GenerateRejected,
+    GenerateRequest,
+)
 from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
@@ -179,25 +186,28 @@ class EngineClient:
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 3:
+            frames = await sock.recv_multipart()  # one or more answers, three frames each
+            if len(frames) % 3:
                 continue
-            call_id, kind, body = frames
-            call = self._calls.get(call_id)
-            if isinstance(call, GenerateStream):
-                call.deliver(kind, body)  # decoded by its consumer
-            elif call is not None and not call.done():  # a stats call
-                try:
-                    if kind == STATS:
-                        call.set_result(decode_stats(body))
-                    else:
-                        err = decode_error(body)
-                        call.set_exception(EngineCallError(err.code, err.message))
-                except msgspec.DecodeError as e:
-                    call.set_exception(EngineCallError("internal", f"an undecodable answer: {e}"))
-            elif kind == EVENT:  # a call this side has given up on: make sure it stops
-                with contextlib.suppress(EngineCallError):
-                    self._send([ABORT, self._token, call_id])
+            for i in range(0, len(frames), 3):
+                self._answer(frames[i], frames[i + 1], frames[i + 2])
+
+    def _answer(self, call_id: bytes, kind: bytes, body: bytes) -> None:
+        call = self._calls.get(call_id)
+        if isinstance(call, GenerateStream):
+            call.deliver(kind, body)  # decoded by its consumer
+        elif call is not None and not call.done():  # a stats call
+            try:
+                if kind == STATS:
+                    call.set_result(decode_stats(body))
+                else:
+                    err = decode_error(body)
+                    call.set_exception(EngineCallError(err.code, err.message))
+            except msgspec.DecodeError as e:
+                call.set_exception(EngineCallError("internal", f"an undecodable answer: {e}"))
+        elif kind == EVENT:  # a call this side has given up on: make sure it stops
+            with contextlib.suppress(EngineCallError):
+                self._send([ABORT, self._token, call_id])
 
     async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """Follows the connection's monitor events. FOOTGUN: libzmq's I/O thread hands each event
@@ -238,7 +248,9 @@ class EngineClient:
 
 class GenerateStream:
     """One Generate call: iterate it (once) for GenerateEvents; it counts as in flight until it
-    ends. The request is sent when iteration starts."""
+    ends. The request is sent when iteration starts. A consumer that fell behind gets the deltas
+    it missed as one (as the engine does for its own consumers), so a slow client costs the
+    router one message per catch-up, not one per engine step."""
 
     def __init__(
         self, client: EngineClient, request: GenerateRequest, timeout_s: float | None
@@ -246,7 +258,8 @@ class GenerateStream:
         self.client, self.request, self.timeout_s = client, request, timeout_s
         self.call_id = client._new_id()
         self.received = 0  # events received so far (0: the engine may not have started it)
-        self._queue: asyncio.Queue[tuple[bytes, bytes] | EngineCallError] = asyncio.Queue()
+        self._items: deque[tuple[bytes, bytes] | EngineCallError] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # set while the consumer waits
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
         client.inflight += 1
@@ -268,18 +281,19 @@ class GenerateStream:
             client._calls[self.call_id] = self
             client._send([GENERATE, client._token, self.call_id, encode(self.request)])
             while True:
-                item = await self._queue.get()
-                if isinstance(item, EngineCallError):
-                    raise item
-                kind, body = item
-                try:
-                    if kind != EVENT:
-                        err = decode_error(body)
-                        raise EngineCallError(err.code, err.message)
-                    event = decode_event(body)
-                except msgspec.DecodeError as e:
-                    raise EngineCallError("internal", f"an undecodable answer: {e}") from None
+                event = _decoded(await self._next())
                 self.received += 1
+                while (
+                    isinstance(event, GenerateDelta) and event.finish_reason is None and self._items
+                ):
+                    head = self._items[0]  # merged only if it is a delta too
+                    if isinstance(head, EngineCallError) or head[0] != EVENT:
+                        break
+                    nxt = _decoded(head)
+                    if not isinstance(nxt, GenerateDelta):
+                        break
+                    self._items.popleft()
+                    event = _merged(event, nxt)
                 self._finished = isinstance(event, GenerateRejected) or (
                     event.finish_reason is not None
                 )
@@ -293,11 +307,26 @@ class GenerateStream:
         finally:
             self._end()
 
+    async def _next(self) -> tuple[bytes, bytes] | EngineCallError:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
     def deliver(self, kind: bytes, body: bytes) -> None:
-        self._queue.put_nowait((kind, body))
+        self._items.append((kind, body))
+        self._wake()
 
     def fail(self, error: EngineCallError) -> None:
-        self._queue.put_nowait(error)
+        self._items.append(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _expire(self) -> None:
         self.fail(EngineCallError("deadline_exceeded", "the call's deadline passed"))
@@ -320,6 +349,38 @@ class GenerateStream:
         if client._calls.pop(self.call_id, None) is not None and not self._finished:
             with contextlib.suppress(EngineCallError):  # a lost connection aborts it anyway
                 client._send([ABORT, client._token, self.call_id])
+
+
+def _decoded(item: tuple[bytes, bytes] | EngineCallError) -> GenerateEvent:
+    """An answer of a Generate call -> its event; EngineCallError for an error or a failure."""
+    if isinstance(item, EngineCallError):
+        raise item
+    kind, body = item
+    try:
+        if kind != EVENT:
+            err = decode_error(body)
+            raise EngineCallError(err.code, err.message)
+        return decode_event(body)
+    except msgspec.DecodeError as e:
+        raise EngineCallError("internal", f"an undecodable answer: {e}") from None
+
+
+def _merged(a: GenerateDelta, b: GenerateDelta) -> GenerateDelta:
+    """Two consecutive deltas of one request as one: b, with a's tokens in front and the
+    first-delta-only fields of a."""
+    return msgspec.structs.replace(
+        b,
+        delta_token_ids=a.delta_token_ids + b.delta_token_ids,
+        delta_text=a.delta_text + b.delta_text,
+        delta_logprobs=None
+        if b.delta_logprobs is None
+        else (a.delta_logprobs or []) + b.delta_logprobs,
+        prompt_token_ids=a.prompt_token_ids
+        if a.prompt_token_ids is not None
+        else b.prompt_token_ids,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_token_ids is not None else b.prompt_logprobs,
+        prompt_text=a.prompt_text if a.prompt_token_ids is not None else b.prompt_text,
+    )
 
 
 class EngineLinks:

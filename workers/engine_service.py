@@ -17,17 +17,23 @@ connection):
     router -> engine   [GENERATE, token, call_id, GenerateRequest]
                        [ABORT, token, call_id]
                        [STATS, token, call_id]
-    engine -> router   [call_id, EVENT, GenerateDelta]     deltas only; the last one has a
+    engine -> router   one or more answers, three frames each, in one message:
+                       [call_id, EVENT, GenerateDelta]     deltas only; the last one has a
                                                            finish_reason
                        [call_id, EVENT, GenerateRejected]  instead of any delta
                        [call_id, STATS, EngineStats]
                        [call_id, ERROR, CallError]         the call ends without its answer
 
+Batching: the engine thread hands a whole step's outputs to this loop at once, every call's task
+wakes in the same loop iteration, and what they send to one router goes out as one message at
+the end of it (as vLLM's engine core sends one EngineCoreOutputs per step): a step of 256
+streams costs each end one ZeroMQ message, not 256.
+
 - Cancel, abort and deadlines: the router sends ABORT (for a deadline, when its own timer fires);
   the call's task is cancelled, its engine stream aborts the request, and its KV blocks are freed
   before the engine's next step.
 - A router replica that goes away: the ROUTER socket refuses to send to a peer it no longer has
-  (ROUTER_MANDATORY), so the call's next delta fails and the request aborts. An engine replica that
+  (ROUTER_MANDATORY), so the next message to it fails and its calls abort. An engine replica that
   goes away: the router's socket monitor sees the connection drop and fails every open call with
   "unavailable" (router/engine_links.py). ZMTP heartbeats close a connection whose peer stopped
   answering (a node that vanished without closing its sockets) within HEARTBEAT_TIMEOUT_MS.
@@ -46,7 +52,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -143,6 +149,7 @@ class EngineService:
         self.draining = False
         self._ttfts: deque[tuple[float, float]] = deque(maxlen=TTFT_SAMPLES)  # (time, ttft s)
         self._calls: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}  # (peer, call_id) -> task
+        self._outbox: dict[bytes, list[bytes]] = {}  # peer -> frames sent at the next flush
         self._loop = asyncio.new_event_loop()
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -207,22 +214,20 @@ class EngineService:
         while True:
             frames = await sock.recv_multipart()
             try:
-                await self._dispatch(frames)
-            except zmq.ZMQError as e:  # the peer left before its answer: nothing to tell it
-                log.debug("engine service reply: %s", e)
+                self._dispatch(frames)
             except Exception:  # one message's fault never stops the service
                 log.exception("engine service: a message failed")
 
-    async def _dispatch(self, frames: list[bytes]) -> None:
+    def _dispatch(self, frames: list[bytes]) -> None:
         if len(frames) < 4:
             return  # not a message of this protocol, and no call id to answer on
         peer, kind, token, call_id, *rest = frames
         if not hmac.compare_digest(token, self._token):
-            await self._error(peer, call_id, "unauthenticated", "wrong or missing engine token")
+            self._error(peer, call_id, "unauthenticated", "wrong or missing engine token")
         elif kind == GENERATE and len(rest) == 1:
             key = (peer, call_id)
             if key in self._calls:
-                await self._error(peer, call_id, "invalid", "call id already in use")
+                self._error(peer, call_id, "invalid", "call id already in use")
                 return
             task = asyncio.create_task(self._generate(peer, call_id, rest[0]))
             self._calls[key] = task
@@ -235,39 +240,58 @@ class EngineService:
             try:
                 stats = encode(self._stats())
             except Exception as e:
-                await self._error(peer, call_id, "internal", f"{type(e).__name__}: {e}")
+                self._error(peer, call_id, "internal", f"{type(e).__name__}: {e}")
                 raise
-            await self._send(peer, call_id, STATS, stats)
+            self._send(peer, call_id, STATS, stats)
         else:
-            await self._error(peer, call_id, "invalid", f"unknown message kind {kind!r}")
+            self._error(peer, call_id, "invalid", f"unknown message kind {kind!r}")
 
     def _forget(self, key: tuple[bytes, bytes], task: asyncio.Task[None]) -> None:
         if self._calls.get(key) is task:
             del self._calls[key]
 
-    async def _send(self, peer: bytes, call_id: bytes, kind: bytes, body: bytes) -> None:
-        assert self._sock is not None
-        await self._sock.send_multipart([peer, call_id, kind, body])
+    def _send(self, peer: bytes, call_id: bytes, kind: bytes, body: bytes) -> None:
+        """Queues an answer for `peer`; what this loop iteration queued goes out as one message."""
+        frames = self._outbox.get(peer)
+        if frames is None:
+            if not self._outbox:
+                self._loop.call_soon(self._flush)  # after the tasks woken with this one
+            frames = self._outbox[peer] = []
+        frames += (call_id, kind, body)
 
-    async def _error(self, peer: bytes, call_id: bytes, code: str, message: str) -> None:
-        await self._send(peer, call_id, ERROR, encode(CallError(code, message)))
+    def _flush(self) -> None:
+        """Sends each peer its queued answers. A peer that left (ROUTER_MANDATORY refuses the
+        send) gets its calls cancelled: their requests abort and free their KV blocks."""
+        outbox, self._outbox = self._outbox, {}
+        assert self._sock is not None
+        for peer, frames in outbox.items():
+            sent = cast("asyncio.Future[Any]", self._sock.send_multipart([peer, *frames]))
+            sent.add_done_callback(functools.partial(self._sent, peer))
+
+    def _sent(self, peer: bytes, sent: asyncio.Future[Any]) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if error is not None:
+            log.debug("router %r is gone (%s); its calls abort", peer, error)
+            for (p, _), task in list(self._calls.items()):
+                if p == peer:
+                    task.cancel()
+
+    def _error(self, peer: bytes, call_id: bytes, code: str, message: str) -> None:
+        self._send(peer, call_id, ERROR, encode(CallError(code, message)))
 
     async def _generate(self, peer: bytes, call_id: bytes, body: bytes) -> None:
-        """One Generate call: its events to the peer. Cancelled (ABORT, close) or unable to send
-        (the peer left), it closes the engine stream, which aborts the request."""
+        """One Generate call: its events to the peer. Cancelled (ABORT, close, or its peer
+        left: `_sent`), it closes the engine stream, which aborts the request."""
         try:
             if self.draining:
-                await self._error(peer, call_id, "unavailable", "the engine replica is draining")
+                self._error(peer, call_id, "unavailable", "the engine replica is draining")
                 return
             async with contextlib.aclosing(self._events(body)) as events:
                 async for event in events:
-                    await self._send(peer, call_id, EVENT, encode(event))
-        except zmq.ZMQError as e:
-            log.debug("call %r: its router is gone (%s); the request aborts", call_id, e)
+                    self._send(peer, call_id, EVENT, encode(event))
         except Exception as e:  # a fault of the engine's: the router reports it, nothing hangs
             log.exception("call %r failed on the engine", call_id)
-            with contextlib.suppress(zmq.ZMQError):
-                await self._error(peer, call_id, "internal", f"{type(e).__name__}: {e}")
+            self._error(peer, call_id, "internal", f"{type(e).__name__}: {e}")
 
     async def _events(self, body: bytes) -> AsyncGenerator[GenerateEvent, None]:
         """Receives a GenerateRequest; yields GenerateDeltas (last one finished) or one

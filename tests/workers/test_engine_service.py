@@ -31,6 +31,7 @@ from moeray.workers.engine_service import (
     configure,
     decode_error,
     decode_event,
+    encode,
     tcp_endpoint,
 )
 from moeray.workers.io_struct import (
@@ -119,6 +120,79 @@ def test_streams_equal_the_offline_engine(
         assert last.completion_tokens == 10 and last.prompt_tokens == len(want.prompt_token_ids)
         assert last.engine_time_s > 0 and all(e.finish_reason is None for e in events[:-1])
     assert results[2][-1].completion_tokens == 10  # chat messages went through the template
+
+
+def test_a_step_of_many_streams_reaches_the_router_as_one_message(path: Path) -> None:
+    """Eight streams decoding together: each engine step's deltas for one router go out as one
+    ZeroMQ message of several answers (three frames each), not one message per delta."""
+    engine = AsyncLLMEngine(lambda: LLMEngine(path, EngineConfig(max_num_seqs=8)))
+    service = EngineService(engine, lambda: pytest.fail("not asked"), TOKEN)
+    service.start()
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    async def main() -> tuple[int, dict[bytes, list[int]]]:
+        ctx = zmq.asyncio.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.connect(f"tcp://{service.address}")
+        tokens: dict[bytes, list[int]] = {}
+        messages, finished = 0, 0
+        try:
+            for i in range(8):
+                body = encode(request(f"b{i}", [5 + i, 6, 7], params))
+                await raw.send_multipart([GENERATE, TOKEN.encode(), b"b%d" % i, body])
+            while finished < 8:
+                frames = await asyncio.wait_for(raw.recv_multipart(), 30)
+                messages += 1
+                assert len(frames) % 3 == 0, frames
+                for call_id, kind, body in zip(frames[::3], frames[1::3], frames[2::3]):
+                    assert kind == EVENT
+                    delta = decode_event(body)
+                    assert isinstance(delta, GenerateDelta)
+                    tokens.setdefault(call_id, []).extend(delta.delta_token_ids)
+                    finished += delta.finish_reason is not None
+        finally:
+            ctx.destroy(linger=0)
+        return messages, tokens
+
+    try:
+        messages, tokens = asyncio.run(main())
+    finally:
+        service.close()
+        engine.shutdown()
+    assert sorted(tokens) == [b"b%d" % i for i in range(8)]
+    assert all(len(t) == 16 for t in tokens.values()), tokens
+    assert messages <= 128 // 4, f"{messages} messages for 128 deltas"
+
+
+def test_a_consumer_that_falls_behind_gets_the_deltas_it_missed_as_one(
+    path: Path, served: tuple[AsyncLLMEngine, EngineService]
+) -> None:
+    """The router's side merges what queued while its consumer was busy (a slow client): the
+    same tokens, text and logprobs, in fewer events; the prompt's fields stay on the first."""
+    _, service = served
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1)
+    [want] = LLM(model=path).generate(["Hello world"], params)
+
+    async def main() -> list[Any]:
+        client = EngineClient("r0", service.address, TOKEN)
+        try:
+            stream = client.generate(request("slow", "Hello world", params), 30)
+            it = stream.__aiter__()
+            events = [await anext(it)]
+            await asyncio.sleep(1.0)  # the engine finishes meanwhile: 39 deltas queue up
+            return events + [e async for e in it]
+        finally:
+            await client.close()
+
+    events = asyncio.run(main())
+    assert all(isinstance(e, GenerateDelta) for e in events)
+    assert len(events) <= 3, [len(e.delta_token_ids) for e in events]
+    assert [t for e in events for t in e.delta_token_ids] == want.token_ids
+    assert "".join(e.delta_text for e in events) == want.text
+    assert [lp for e in events for lp in e.delta_logprobs] == want.logprobs
+    assert events[0].prompt_token_ids == want.prompt_token_ids
+    assert all(e.prompt_token_ids is None for e in events[1:])
+    assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 40
 
 
 def test_refusals_carry_the_field(served: tuple[AsyncLLMEngine, EngineService]) -> None:

@@ -24,38 +24,23 @@
 namespace moeray_cpu {
 namespace {
 
-// (sum a, sum b, sum c, sum d) of four registers, in one shuffle tree
-inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a.., b.., c.., d..]
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  const __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                     _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-  const __m256 half =
-      _mm256_add_ps(_mm512_castps512_ps256(lanes),
-                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
 // scores[r * L + l] = (q_r . k_l) * scale for NR query heads (qf: their fp32 rows, W apart),
 // k_l read once
 template <typename D, int NR>
 inline void score_heads(const float* qf, int64_t W, int64_t Dh, const typename D::scalar* kl,
                         float scale, float* scores, int64_t L, int64_t l) {
-  __m512 dot[NR];
-  for (int r = 0; r < NR; ++r) dot[r] = _mm512_setzero_ps();
+  vec dot[NR];
+  for (int r = 0; r < NR; ++r) dot[r] = vzero();
   for (int64_t c = 0; c < Dh; c += BLOCK) {
-    const __m512 kv = D::load(kl + c, std::min<int64_t>(BLOCK, Dh - c));
-    for (int r = 0; r < NR; ++r)
-      dot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * W + c), kv, dot[r]);
+    const vec kv = load(kl + c, std::min<int64_t>(BLOCK, Dh - c));
+    for (int r = 0; r < NR; ++r) dot[r] = fmadd(load(qf + r * W + c), kv, dot[r]);
   }
   if constexpr (NR == 4) {
     float sums[4];
-    _mm_storeu_ps(sums, sum4(dot[0], dot[1], dot[2], dot[3]));
+    hsum4(dot[0], dot[1], dot[2], dot[3], sums);
     for (int r = 0; r < 4; ++r) scores[r * L + l] = sums[r] * scale;
   } else {
-    for (int r = 0; r < NR; ++r) scores[r * L + l] = _mm512_reduce_add_ps(dot[r]) * scale;
+    for (int r = 0; r < NR; ++r) scores[r * L + l] = hsum(dot[r]) * scale;
   }
 }
 
@@ -78,21 +63,19 @@ inline void weigh_chunks(const float* p, int64_t L, const typename D::scalar* v,
   int64_t m[CG];
   for (int j = 0; j < CG; ++j) m[j] = std::min<int64_t>(BLOCK, Dh - c0 - j * BLOCK);
   const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
-  __m512 acc[NR][CG];
+  vec acc[NR][CG];
   for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < CG; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < CG; ++j) acc[r][j] = vzero();
   for (int64_t l = 0; l < L; ++l) {
     if (c0 == 0 && l + AHEAD < L) prefetch_row(v + offsets[l + AHEAD], row_bytes);
     for (int j = 0; j < CG; ++j) {
-      const __m512 vv = D::load(v + offsets[l] + c0 + j * BLOCK, m[j]);
-      for (int r = 0; r < NR; ++r)
-        acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * L + l]), vv, acc[r][j]);
+      const vec vv = load(v + offsets[l] + c0 + j * BLOCK, m[j]);
+      for (int r = 0; r < NR; ++r) acc[r][j] = fmadd(vset(p[r * L + l]), vv, acc[r][j]);
     }
   }
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < CG; ++j)
-      D::store(out + r * Dh + c0 + j * BLOCK,
-               _mm512_mul_ps(acc[r][j], _mm512_set1_ps(1.0f / total[r])), m[j]);
+      store(out + r * Dh + c0 + j * BLOCK, acc[r][j] * vset(1.0f / total[r]), m[j]);
 }
 
 // weigh_chunks over all of Dh: four chunks (64 columns) per pass, then what is left
@@ -118,8 +101,7 @@ void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64
   offsets.resize(L);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < Dh; c += BLOCK)
-      _mm512_storeu_ps(&qf[r * W + c],
-                       D::load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
+      store(&qf[r * W + c], load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
   for (int64_t l = 0; l < L; ++l) offsets[l] = (table[l / S] * S + l % S) * slot_stride;
   // scores, query heads four at a time
   const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
@@ -136,14 +118,14 @@ void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64
   for (int64_t r = 0; r < R; ++r) {
     float* s = &scores[r * L];
     const float top = *std::max_element(s, s + L);
-    __m512 sum = _mm512_setzero_ps();
+    vec sum = vzero();
     for (int64_t l = 0; l < L; l += BLOCK) {
       const int64_t m = std::min<int64_t>(BLOCK, L - l);
-      const __m512 e = exp_ps(_mm512_sub_ps(Fp32::load(s + l, m), _mm512_set1_ps(top)));
-      Fp32::store(s + l, e, m);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << m) - 1), e));
+      const vec e = exp_ps(load(s + l, m) - vset(top));
+      store(s + l, e, m);
+      sum = sum + keep(e, m);
     }
-    total[r] = _mm512_reduce_add_ps(sum);
+    total[r] = hsum(sum);
   }
   int64_t r = 0;
   for (; r + 4 <= R; r += 4)

@@ -1,18 +1,20 @@
 // moeray's CPU GEMM for linear layers: out [T, N] = x [T, K] @ w[N, K]^T, bf16 or fp32, on
-// AVX-512 (bf16 products with AVX512_BF16's vdpbf16ps). Built by kernels/cpu_gemm.py; read that
-// module's docstring for when it is used and what it was measured against.
+// AVX-512 (bf16 products with AVX512_BF16's vdpbf16ps) or AVX2 (cpu_simd.h). Built by
+// kernels/cpu_gemm.py; read that module's docstring for when it is used and what it was measured
+// against.
 //
 // Weight layout, made once by `pack`: w [N, K] -> [ceil(N/16), K/P, 16, P], P = 2 for bf16
 // (vdpbf16ps multiplies pairs along K), 1 for fp32, columns past N zero. One 16-column block is
-// then one contiguous stream, and a 512-bit load holds what one multiply-add needs for 16 outputs.
+// then one contiguous stream, and one vec load holds what one multiply-add needs for 16 outputs.
 //
 // Two loops over it, both parallel over groups of column blocks (dynamic_for: torch's intra-op
 // threads, each taking the next group as it finishes one), each output summed by one thread in a
 // fixed order, so results do not depend on the thread count or on which thread took it:
 // - one row (decode at batch 1, bound by how fast the weight streams from memory): one block at a
 //   time, K split over A accumulators so the multiply-adds do not wait on each other;
-// - more rows: a register tile of NB blocks x RT rows, the weights loaded once per tile row.
-// The sums are fp32; bf16 outputs are rounded to nearest even once, at the end. The bf16
+// - more rows: register tiles of 6 rows x TILE_BLOCKS blocks (cpu_simd.h), the weights loaded
+//   once per tile row.
+// The sums are fp32; bf16 outputs are rounded to nearest even once, at the end. AVX-512's bf16
 // instructions treat denormal inputs as zero and flush denormal results (|x| < 1.2e-38), where
 // torch's own conversion keeps them: no weight, activation or output of a model lives there.
 
@@ -38,15 +40,15 @@ void row_blocks(const typename D::scalar* x, const typename D::scalar* w, typena
   const int64_t steps = K / P;  // multiply-adds per block
   for (int64_t b = b0; b < b1; ++b) {
     const typename D::scalar* wb = w + b * BLOCK * K;
-    __m512 acc[A];
-    for (int a = 0; a < A; ++a) acc[a] = _mm512_setzero_ps();
+    vec acc[A];
+    for (int a = 0; a < A; ++a) acc[a] = vzero();
     int64_t s = 0;
     for (; s + A <= steps; s += A)
       for (int a = 0; a < A; ++a)
         acc[a] = D::step(acc[a], wb + (s + a) * BLOCK * P, x + (s + a) * P);
     for (; s < steps; ++s) acc[0] = D::step(acc[0], wb + s * BLOCK * P, x + s * P);
-    for (int a = 1; a < A; ++a) acc[0] = _mm512_add_ps(acc[0], acc[a]);
-    D::store(out + b * BLOCK, acc[0], cols(b, N));
+    for (int a = 1; a < A; ++a) acc[0] = acc[0] + acc[a];
+    store(out + b * BLOCK, acc[0], cols(b, N));
   }
 }
 
@@ -55,9 +57,9 @@ template <typename D, int NB, int RT>
 void tile(const typename D::scalar* x, const typename D::scalar* w, int64_t K, int64_t N, int64_t b,
           typename D::scalar* out) {
   constexpr int64_t P = D::P;
-  __m512 acc[RT][NB];
+  vec acc[RT][NB];
   for (int t = 0; t < RT; ++t)
-    for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NB; ++j) acc[t][j] = vzero();
   const typename D::scalar* wb = w + b * BLOCK * K;
   for (int64_t s = 0; s < K / P; ++s) {
     for (int t = 0; t < RT; ++t)
@@ -65,14 +67,14 @@ void tile(const typename D::scalar* x, const typename D::scalar* w, int64_t K, i
         acc[t][j] = D::step(acc[t][j], wb + j * BLOCK * K + s * BLOCK * P, x + t * K + s * P);
   }
   for (int t = 0; t < RT; ++t)
-    for (int j = 0; j < NB; ++j) D::store(out + t * N + (b + j) * BLOCK, acc[t][j], cols(b + j, N));
+    for (int j = 0; j < NB; ++j) store(out + t * N + (b + j) * BLOCK, acc[t][j], cols(b + j, N));
 }
 
-// All T rows for NB blocks starting at block b: tiles of RT rows, then 4, 2, 1 for the rest.
+// All T rows for NB blocks starting at block b: tiles of 6 rows, then 4, 2, 1 for the rest.
 template <typename D, int NB>
 void rows(const typename D::scalar* x, int64_t T, int64_t K, const typename D::scalar* w, int64_t N,
           int64_t b, typename D::scalar* out) {
-  constexpr int RT = 6;  // 6 x 4 accumulators + 4 weights: 28 of the 32 zmm registers
+  constexpr int RT = 6;
   int64_t t = 0;
   for (; t + RT <= T; t += RT) tile<D, NB, RT>(x + t * K, w, K, N, b, out + t * N);
   if (T - t >= 4) {
@@ -98,7 +100,7 @@ void group(const typename D::scalar* x, int64_t T, int64_t K, const typename D::
     // decode at batch 1: ~64 KB of bf16 weight per item at K 512, streamed block by block
     row_blocks<D, 4>(x, w, out, K, N, b, std::min(b + NB, blocks));
   } else if (b + NB <= blocks) {
-    rows<D, NB>(x, T, K, w, N, b, out);
+    for (int64_t j = 0; j < NB; j += TILE_BLOCKS) rows<D, TILE_BLOCKS>(x, T, K, w, N, b + j, out);
   } else {
     for (int64_t bb = b; bb < blocks; ++bb) rows<D, 1>(x, T, K, w, N, bb, out);
   }
@@ -158,15 +160,13 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int
 // act [n, F] = silu(gate) * up of h [n, 2F] (gate columns, then up), in fp32, rounded once.
 template <typename D>
 void silu_and_mul(const typename D::scalar* h, int64_t n, int64_t F, typename D::scalar* act) {
-  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t r = 0; r < n; ++r) {
     const typename D::scalar* gate = h + r * 2 * F;
     for (int64_t c = 0; c < F; c += BLOCK) {
       const int64_t m = std::min<int64_t>(BLOCK, F - c);
-      const __m512 g = D::load(gate + c, m);
-      const __m512 silu =
-          _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      D::store(act + r * F + c, _mm512_mul_ps(silu, D::load(gate + F + c, m)), m);
+      const vec g = load(gate + c, m);
+      const vec silu = g / (vset(1.0f) + exp_ps(vzero() - g));
+      store(act + r * F + c, silu * load(gate + F + c, m), m);
     }
   }
 }
@@ -179,12 +179,10 @@ void combine(const typename D::scalar* y, int64_t n, int64_t D_, const int64_t* 
              const float* weights, float* out) {
   for (int64_t r = 0; r < n; ++r) {
     float* o = out + tokens[r] * D_;
-    const __m512 w = _mm512_set1_ps(weights[r]);
+    const vec w = vset(weights[r]);
     for (int64_t c = 0; c < D_; c += BLOCK) {
       const int64_t m = std::min<int64_t>(BLOCK, D_ - c);
-      const __m512 sum =
-          _mm512_add_ps(Fp32::load(o + c, m), _mm512_mul_ps(D::load(y + r * D_ + c, m), w));
-      Fp32::store(o + c, sum, m);
+      store(o + c, load(o + c, m) + load(y + r * D_ + c, m) * w, m);
     }
   }
 }

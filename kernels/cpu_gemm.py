@@ -1,8 +1,8 @@
 """moeray's own CPU GEMM for linear layers (kernels/cpu_gemm.cpp), built on first use.
 
 Where the CPU has AVX-512 with bf16 dot products (AVX512_BF16: Intel Sapphire Rapids and later,
-AMD Zen 4 and later), the packed CPU path (kernels/cpu_packed.py) multiplies with this kernel
-instead of oneDNN's: the same blocked-weight idea (reordered once, when loaded), with a one-row
+AMD Zen 4 and later) or, failing that, AVX2 with FMA (x86-64 CPUs since Haswell and Zen 1), the
+packed CPU path (kernels/cpu_packed.py) multiplies with this kernel instead of oneDNN's: the same blocked-weight idea (reordered once, when loaded), with a one-row
 loop that streams the weight at memory speed, which oneDNN's GEMV does not. Measured on the
 2-core dev VM (AMD EPYC, 2026-12-01, 2 threads, weights cycled past the L3, us per call, oneDNN
 packed vs this): bf16 expert w1 [2048, 512] at 1 row 89.6 vs 57.5, LM head [32000, 512] 1057 vs
@@ -14,12 +14,14 @@ not depend on the thread count (shards and engines compute an expert's rows alik
 It is a torch C++ extension compiled with the machine's C++ compiler (torch.utils.cpp_extension,
 ~25 s once, into TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a directory named by a
 hash of the source, the flags, torch and Python; later processes import the finished build
-directly), so it needs g++ and ninja; `make setup` builds it. When it cannot be had (another
-CPU, no compiler, a failed build: logged once, with the reason) or MOERAY_KERNELS=onednn, the
-packed path keeps oneDNN's GEMM.
+directly), so it needs g++ and ninja; `make setup` builds it. The same source is compiled for
+one instruction set or the other (ISAS; cpu_simd.h), whichever this CPU has, the best first.
+When it cannot be had (another CPU, no compiler, a failed build: logged once, with the reason)
+or MOERAY_KERNELS=onednn, the packed path keeps oneDNN's GEMM.
 
+    isa() -> "avx512" | "avx2" | None   what this CPU runs the kernels with; isas(): all it runs
     available() -> bool                 whether linear() runs here (builds on the first call)
-    build() -> the extension module     compile now, whatever this CPU (container images)
+    build(isa) -> the extension module  compile now, whatever this CPU (container images)
     pack(w [N, K]) -> packed            the layout linear() reads (bf16: K even)
     linear(x [T, K], packed, N) -> [T, N]
     fused_moe(hidden, w1, w2, topk_weights, topk_ids) -> [T, D] f32   one MoE layer, one call
@@ -53,12 +55,18 @@ SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 SOURCES = tuple(
     SOURCE.with_name(n) for n in ("cpu_gemm.cpp", "cpu_attention.cpp", "cpu_rows.cpp", "cpu_simd.h")
 )
-#: Instruction sets the kernel is compiled for, as /proc/cpuinfo names them.
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+#: The instruction sets the extension is compiled for, the best first: the CPU flags each needs
+#: (as /proc/cpuinfo names them) and the compiler's.
+ISAS: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"],
+    ),
+    "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
+}
 #: -ffp-contract=off: fused_moe's combine multiplies and adds in two roundings, as the engine does
 #: with the rows shards return (an implicit fused multiply-add would change the last bits).
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off",
-          "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]  # fmt: skip
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 #: A build takes ~25 s; a lock file older than this was left by a builder that was killed (torch's
 #: cpp_extension would wait on it forever).
 STALE_LOCK_S = 600.0
@@ -75,27 +83,47 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _name_and_directory() -> tuple[str, Path]:
+def isas() -> list[str]:
+    """The instruction sets of ISAS this CPU runs (Linux on x86-64), the best first."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return []
+    flags = _cpu_flags()
+    return [name for name, (needs, _) in ISAS.items() if flags.issuperset(needs)]
+
+
+def isa() -> str | None:
+    """The best of ISAS this CPU runs, or None."""
+    return next(iter(isas()), None)
+
+
+def _name_and_directory(isa: str) -> tuple[str, Path]:
     """The build's module name and directory, keyed by what goes into it (the source, the flags,
     torch and Python), so that checkouts and venvs share a build only when it is the same."""
+    flags = [*CFLAGS, *ISAS[isa][1]]
     key = hashlib.sha256(
         "\0".join(
-            [*(f.read_text() for f in SOURCES), *CFLAGS, torch.__version__, sys.version]
+            [*(f.read_text() for f in SOURCES), *flags, torch.__version__, sys.version]
         ).encode()
     ).hexdigest()[:16]
-    name = f"moeray_cpu_gemm_{key}"
+    name = f"moeray_cpu_gemm_{isa}_{key}"
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return name, Path(base) / name
 
 
-def build() -> ModuleType:
-    """Compiles the extension, or imports the finished build, whatever this CPU runs (also for
-    images built on one machine and run on another: helm/images/Dockerfile.cpu).
+def build(isa: str) -> ModuleType:
+    """Compiles the extension for `isa` (one of isas(): a build is imported once compiled, and
+    one for an instruction set this CPU lacks would stop the process with SIGILL), or imports the
+    finished build. Images build every ISA their build machine runs (helm/images/Dockerfile.cpu);
+    a node whose CPU has a better one compiles it on its first start.
 
     A finished build is imported directly (milliseconds); otherwise torch's cpp_extension
     compiles it (~25 s) under its lock file in the build directory, which other processes
     wait on."""
-    name, directory = _name_and_directory()
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {sorted(ISAS)}, got {isa!r}")
+    if isa not in isas():
+        raise ValueError(f"isa {isa!r}: this CPU cannot run it (it runs {isas() or 'neither'})")
+    name, directory = _name_and_directory(isa)
     library, lock = directory / f"{name}.so", directory / "lock"
     with contextlib.suppress(FileNotFoundError):
         if time.time() - lock.stat().st_mtime > STALE_LOCK_S:  # its builder was killed
@@ -113,7 +141,7 @@ def build() -> ModuleType:
     return cpp_extension.load(
         name=name,
         sources=[str(f) for f in SOURCES if f.suffix == ".cpp"],
-        extra_cflags=CFLAGS,
+        extra_cflags=[*CFLAGS, *ISAS[isa][1]],
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         verbose=False,
@@ -122,14 +150,12 @@ def build() -> ModuleType:
 
 @functools.lru_cache(maxsize=1)
 def _extension() -> ModuleType | None:
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return None
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        log.info("moeray's CPU GEMM is off: the CPU lacks %s (oneDNN's is used)", " ".join(missing))
+    best = isa()
+    if best is None:
+        log.info("moeray's CPU GEMM is off: the CPU has neither AVX512_BF16 nor AVX2 with FMA")
         return None
     try:
-        return build()
+        return build(best)
     except Exception as e:  # no compiler, no ninja, a failed build: run on oneDNN instead
         log.warning("moeray's CPU GEMM could not be built (%s); using oneDNN's", e)
         return None

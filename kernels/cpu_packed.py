@@ -3,7 +3,7 @@
 On CPU, torch's F.linear hands fp32 GEMMs to MKL and bf16 ones to oneDNN, and either reads the
 weight in its plain [out, in] layout on every call. A weight reordered ONCE into a blocked layout
 streams faster. Two GEMMs take such weights here:
-- moeray's own (kernels/cpu_gemm.py), where the CPU has AVX512_BF16 and the extension builds:
+- moeray's own (kernels/cpu_gemm.py), where the CPU has AVX512_BF16 or AVX2 + FMA and it builds:
   at one row (batch-1 decode, bound by how fast the weight streams from memory) 1.3-2x faster
   than oneDNN's, from 32 rows up as fast (figures in that module);
 - otherwise oneDNN's: `torch.ops.mkldnn._reorder_linear_weight` once, then

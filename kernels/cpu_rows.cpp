@@ -31,21 +31,21 @@ void norm_rows(const typename D::scalar* x, const typename D::scalar* residual,
       if (residual != nullptr) {
         for (int64_t c = 0; c < Dm; c += BLOCK) {
           const int64_t m = std::min<int64_t>(BLOCK, Dm - c);
-          D::store(sr + c, _mm512_add_ps(D::load(xr + c, m), D::load(residual + t * Dm + c, m)), m);
+          store(sr + c, load(xr + c, m) + load(residual + t * Dm + c, m), m);
         }
         row = sr;
       }
-      __m512 squares = _mm512_setzero_ps();
+      vec squares = vzero();
       for (int64_t c = 0; c < Dm; c += BLOCK) {
-        const __m512 v = D::load(row + c, std::min<int64_t>(BLOCK, Dm - c));
-        squares = _mm512_fmadd_ps(v, v, squares);
+        const vec v = load(row + c, std::min<int64_t>(BLOCK, Dm - c));
+        squares = fmadd(v, v, squares);
       }
-      const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / Dm + eps);
+      const float scale = 1.0f / std::sqrt(hsum(squares) / Dm + eps);
       S* o = out + t * Dm;
       for (int64_t c = 0; c < Dm; c += BLOCK) {
         const int64_t m = std::min<int64_t>(BLOCK, Dm - c);
-        D::store(o + c, _mm512_mul_ps(D::load(row + c, m), _mm512_set1_ps(scale)), m);
-        D::store(o + c, _mm512_mul_ps(D::load(weight + c, m), D::load(o + c, m)), m);
+        store(o + c, load(row + c, m) * vset(scale), m);
+        store(o + c, load(weight + c, m) * load(o + c, m), m);
       }
     }
   });
@@ -53,10 +53,9 @@ void norm_rows(const typename D::scalar* x, const typename D::scalar* residual,
 
 // v rounded to D's dtype and back (what a torch op in that dtype stores)
 template <typename D>
-inline __m512 rounded(__m512 v) {
+inline vec rounded(vec v) {
   if constexpr (std::is_same_v<D, Bf16>) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+    return round_bf16(v);
   } else {
     return v;
   }
@@ -76,15 +75,14 @@ void rope_rows(const typename D::scalar* x, int64_t T, int64_t heads, int64_t Dh
         typename D::scalar* o = out + (t * heads + h) * Dh;
         for (int64_t i = 0; i < half; i += BLOCK) {
           const int64_t m = std::min<int64_t>(BLOCK, half - i);
-          const __m512 x1 = D::load(xr + i, m), x2 = D::load(xr + half + i, m);
-          const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), x2);
+          const vec x1 = load(xr + i, m), x2 = load(xr + half + i, m);
+          const vec neg = vzero() - x2;
           // first half: x1 * cos - x2 * sin; second half: x2 * cos + x1 * sin
-          const __m512 lo = _mm512_add_ps(rounded<D>(_mm512_mul_ps(x1, D::load(c + i, m))),
-                                          rounded<D>(_mm512_mul_ps(neg, D::load(s + i, m))));
-          const __m512 hi = _mm512_add_ps(rounded<D>(_mm512_mul_ps(x2, D::load(c + half + i, m))),
-                                          rounded<D>(_mm512_mul_ps(x1, D::load(s + half + i, m))));
-          D::store(o + i, lo, m);
-          D::store(o + half + i, hi, m);
+          const vec lo = rounded<D>(x1 * load(c + i, m)) + rounded<D>(neg * load(s + i, m));
+          const vec hi =
+              rounded<D>(x2 * load(c + half + i, m)) + rounded<D>(x1 * load(s + half + i, m));
+          store(o + i, lo, m);
+          store(o + half + i, hi, m);
         }
       }
     }

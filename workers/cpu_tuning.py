@@ -5,7 +5,7 @@ applied afterwards, the way gpt-fast applies tensor parallelism to a finished mo
 
 - `apply_cpu_tuning(model)` swaps every nn.Linear of a CPU model for a `PackedLinear` whose
   weight was reordered once into a blocked layout (kernels/cpu_packed.py: moeray's CPU GEMM where
-  the CPU has AVX512_BF16, else oneDNN's; the routed experts get the same treatment inside
+  the CPU has AVX512_BF16 or AVX2 + FMA, else oneDNN's; the routed experts get the same treatment inside
   moeray.kernels), and caps the BLAS that numpy loads
   (OpenBLAS) at one thread with threadpoolctl: numpy only does bookkeeping here, and a second
   BLAS thread pool busy-waits beside torch's OpenMP workers and starves them on a small node.

@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 from moeray import kernels
-from moeray.kernels import PackedWeight, cpu_gemm, packed_linear
+from moeray.kernels import PackedWeight, cpu_gemm, cpu_packed, packed_linear
 
 pytestmark = pytest.mark.skipif(
-    not cpu_gemm.available(), reason="this CPU has no AVX512_BF16, or the extension did not build"
+    not cpu_gemm.available(),
+    reason="this CPU has neither AVX512_BF16 nor AVX2 with FMA, or the extension did not build",
 )
 
 
@@ -80,6 +81,9 @@ def test_packed_weight_takes_it_unless_told_otherwise():
     torch.testing.assert_close(packed_linear(x, own), packed_linear(x, onednn))
 
 
+@pytest.mark.skipif(
+    not cpu_packed.supported(torch.bfloat16), reason="oneDNN has no bf16 GEMM on this CPU"
+)
 def test_odd_bf16_columns_stay_on_onednn():
     """vdpbf16ps multiplies pairs along K: a bf16 weight with odd K is left to oneDNN."""
     w = torch.randn(32, 7).to(torch.bfloat16)
@@ -99,17 +103,36 @@ def test_mismatched_input_is_refused():
         cpu_gemm.linear(torch.randn(2, 16), packed, 48)
 
 
+def test_the_best_instruction_set_the_cpu_has_is_built(monkeypatch: pytest.MonkeyPatch):
+    avx512 = set(cpu_gemm.ISAS["avx512"][0])
+    for flags, runs in [
+        (avx512 | {"avx2", "fma"}, ["avx512", "avx2"]),
+        ({"avx2", "fma", "avx512f", "avx512bw"}, ["avx2"]),  # AVX-512 without bf16 dot products
+        ({"avx", "avx2"}, []),  # no FMA
+    ]:
+        monkeypatch.setattr(cpu_gemm, "_cpu_flags", lambda flags=flags: flags)
+        assert cpu_gemm.isas() == runs
+        assert cpu_gemm.isa() == next(iter(runs), None)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_gemm.build("neon")
+    # a build this CPU cannot run is refused, not compiled and imported (SIGILL)
+    with pytest.raises(ValueError, match="isa 'avx2': this CPU cannot run it"):
+        cpu_gemm.build("avx2")
+
+
 def test_a_stale_build_lock_does_not_block_loading():
     """A builder killed mid-build leaves torch's lock file; one older than a build could take is
     removed, and the finished build is imported (fresh locks are left to their builders)."""
-    _, directory = cpu_gemm._name_and_directory()
+    isa = cpu_gemm.isa()
+    assert isa is not None
+    _, directory = cpu_gemm._name_and_directory(isa)
     lock = directory / "lock"
     assert not lock.exists()
     lock.touch()
     try:
         old = time.time() - cpu_gemm.STALE_LOCK_S - 1
         os.utime(lock, (old, old))
-        module = cpu_gemm.build()
+        module = cpu_gemm.build(isa)
         assert not lock.exists()
         x, w = torch.randn(2, 16), torch.randn(16, 16)
         torch.testing.assert_close(module.linear(x, module.pack(w), 16), x @ w.T)

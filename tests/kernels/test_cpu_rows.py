@@ -14,7 +14,8 @@ from moeray import kernels
 from moeray.kernels import cpu_gemm, reference
 
 pytestmark = pytest.mark.skipif(
-    not cpu_gemm.available(), reason="this CPU has no AVX512_BF16, or the extension did not build"
+    not cpu_gemm.available(),
+    reason="this CPU has neither AVX512_BF16 nor AVX2 with FMA, or the extension did not build",
 )
 
 

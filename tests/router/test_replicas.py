@@ -49,6 +49,9 @@ def stack(checkpoint: Path) -> Iterator[LocalStack]:
             {"name": "reasoning", "model": str(checkpoint), "engine": autoscaled},
         ],
         serve={"grpc_port": free_port(), "http_port": free_port()},
+        # queued requests wait for a seat as long as the clients do (120 s): the default 20 s
+        # refuses the last of the 8 long requests on a slow machine before the tier has grown
+        router={"max_queue_wait_s": 120},
     )
     st = LocalStack(config, num_cpus=2)
     try:

@@ -137,7 +137,7 @@ def prepare_expert_weights(
         raise ValueError(
             f"w1 and w2 must be [E, 2F, D] and [E, D, F], got {tuple(w1.shape)}, {tuple(w2.shape)}"
         )
-    if packs_cpu_weights(w1) and w2.dtype == w1.dtype:
+    if packs_cpu_weights(w1) and packs_cpu_weights(w2) and w2.dtype == w1.dtype:
         return PackedExperts(w1), PackedExperts(w2)
     return w1, w2
 

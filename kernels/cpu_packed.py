@@ -3,7 +3,8 @@
 On CPU, torch's F.linear hands fp32 GEMMs to MKL and bf16 ones to oneDNN, and either reads the
 weight in its plain [out, in] layout on every call. A weight reordered ONCE into a blocked layout
 streams faster. Two GEMMs take such weights here:
-- moeray's own (kernels/cpu_gemm.py), where the CPU has AVX512_BF16 or AVX2 + FMA and it builds:
+- moeray's own (kernels/cpu_gemm.py), where the CPU has AVX512_BF16 or AVX2 + FMA and it builds
+  (and, for bf16, K is even):
   at one row (batch-1 decode, bound by how fast the weight streams from memory) 1.3-2x faster
   than oneDNN's, from 32 rows up as fast (figures in that module);
 - otherwise oneDNN's: `torch.ops.mkldnn._reorder_linear_weight` once, then
@@ -36,22 +37,44 @@ import torch
 from moeray.kernels import cpu_gemm
 from moeray.kernels.reference import silu_and_mul
 
-#: Dtypes the packed path takes (bf16 only where the CPU has bf16 dot products: see supported()).
+#: Dtypes the packed path takes (bf16 only where one of its GEMMs multiplies it: see supported()).
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def supported(dtype: torch.dtype) -> bool:
-    """Whether oneDNN (and so the packed path) can pack and multiply `dtype` weights here."""
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack and multiply `dtype` weights here (bf16 needs AVX-512)."""
     if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _own(dtype: torch.dtype, in_features: int) -> bool:
+    """Whether moeray's GEMM takes such a weight: fp32, or bf16 with an even K (it multiplies
+    pairs along K)."""
+    return (
+        dtype in DTYPES
+        and cpu_gemm.available()
+        and (dtype == torch.float32 or in_features % 2 == 0)
+    )
+
+
+def supported(dtype: torch.dtype, in_features: int | None = None) -> bool:
+    """Whether the packed path takes `dtype` weights of `in_features` columns (None: an even
+    number) here: moeray's GEMM or oneDNN's. On a CPU with AVX2 but no AVX-512, only moeray's
+    multiplies bf16 (torch's own bf16 GEMM there is 3-5x slower: [2048, 512] at 1 / 32 rows,
+    one thread, 446 / 13756 us against 140 / 2571; 2-core AMD EPYC VM, 2026-12-02)."""
+    return _own(dtype, 2 if in_features is None else in_features) or onednn_supports(dtype)
 
 
 class PackedWeight:
     """One [out, in] weight, packed once for moeray's CPU GEMM where it runs, else for oneDNN."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        if weight.dim() != 2 or weight.device.type != "cpu" or not supported(weight.dtype):
+        if (
+            weight.dim() != 2
+            or weight.device.type != "cpu"
+            or not supported(weight.dtype, weight.shape[1])
+        ):
             raise ValueError(
                 f"weight must be a 2-d CPU tensor of a packable dtype, got {tuple(weight.shape)} "
                 f"{weight.dtype} on {weight.device}"
@@ -60,7 +83,7 @@ class PackedWeight:
         self.dtype = weight.dtype
         self.device = weight.device
         w = weight.detach()
-        own = cpu_gemm.available() and (w.dtype == torch.float32 or w.shape[1] % 2 == 0)
+        own = _own(w.dtype, w.shape[1])
         self.blocked = cpu_gemm.pack(w) if own else None  # moeray's layout
         self.packed = None if own else torch.ops.mkldnn._reorder_linear_weight(w)  # oneDNN's
 

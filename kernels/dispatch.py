@@ -100,7 +100,7 @@ def packs_cpu_weights(weight: torch.Tensor) -> bool:
     return (
         configured_backend() in ("auto", "onednn")
         and weight.device.type == "cpu"
-        and cpu_packed.supported(weight.dtype)
+        and cpu_packed.supported(weight.dtype, weight.shape[-1])
     )
 
 

@@ -82,7 +82,7 @@ def test_packed_weight_takes_it_unless_told_otherwise():
 
 
 @pytest.mark.skipif(
-    not cpu_packed.supported(torch.bfloat16), reason="oneDNN has no bf16 GEMM on this CPU"
+    not cpu_packed.onednn_supports(torch.bfloat16), reason="oneDNN has no bf16 GEMM on this CPU"
 )
 def test_odd_bf16_columns_stay_on_onednn():
     """vdpbf16ps multiplies pairs along K: a bf16 weight with odd K is left to oneDNN."""

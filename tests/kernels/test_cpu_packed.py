@@ -18,6 +18,12 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_packed.supported(torch.bfloat16) else [])
 
 
+def _needs_packing(dtype: torch.dtype) -> None:
+    """Under the "onednn" backend on a CPU whose oneDNN has no bf16, bf16 is not packed."""
+    if not cpu_packed.supported(dtype):
+        pytest.skip(f"no GEMM of the packed path takes {dtype} on this CPU under this backend")
+
+
 def _experts(E: int, D: int, F_: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(E * 100 + D)
     return (
@@ -30,6 +36,7 @@ def _experts(E: int, D: int, F_: int, dtype: torch.dtype) -> tuple[torch.Tensor,
 @pytest.mark.parametrize("T", [1, 7, 33, 257])
 @pytest.mark.parametrize(("E", "K"), [(5, 1), (8, 2), (8, 8)])
 def test_packed_fused_moe_matches_the_reference(dtype, T, E, K, close):
+    _needs_packing(dtype)
     D, F_ = 48, 40
     w1, w2 = _experts(E, D, F_, dtype)
     g = torch.Generator().manual_seed(T + E + K)
@@ -62,6 +69,7 @@ def gemm(request):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("out", "inp"), [(70, 24), (24, 70), (24, 24)])  # wide, narrow, square
 def test_packed_linear_matches_f_linear(dtype, rows, bias, out, inp, gemm, close):
+    _needs_packing(dtype)
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(out, inp, generator=g).to(dtype)
     b = torch.randn(out, generator=g).to(dtype) if bias else None
@@ -105,6 +113,22 @@ def test_prepare_packs_under_auto_and_onednn_only():
             assert not dispatch.packs_cpu_weights(w1)
     half = w1.to(torch.float16)  # oneDNN packs fp32 and bf16 only
     assert kernels.prepare_expert_weights(half, w2.to(torch.float16))[0] is half
+
+
+def test_bf16_weights_are_packed_where_either_gemm_multiplies_them(gemm):
+    even, odd = torch.randn(32, 8).to(torch.bfloat16), torch.randn(32, 7).to(torch.bfloat16)
+    own = gemm == "auto" and cpu_gemm.available()
+    onednn = cpu_packed.onednn_supports(torch.bfloat16)
+    assert dispatch.packs_cpu_weights(even) == (own or onednn)
+    assert dispatch.packs_cpu_weights(odd) == onednn  # moeray's GEMM multiplies pairs along K
+    if own or onednn:
+        packed = PackedWeight(even)
+        assert (packed.blocked is not None) == own
+        x = torch.randn(3, 8).to(torch.bfloat16)
+        torch.testing.assert_close(kernels.packed_linear(x, packed), F.linear(x, even))
+    if not onednn:
+        with pytest.raises(ValueError, match=r"packable dtype, got \(32, 7\) torch.bfloat16"):
+            PackedWeight(odd)
 
 
 def test_packed_weights_are_refused_where_they_cannot_run():

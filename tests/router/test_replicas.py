@@ -41,7 +41,7 @@ def stack(checkpoint: Path) -> Iterator[LocalStack]:
     autoscaled = {
         **ENGINE, "max_num_seqs": 2,
         "autoscaling": {"enabled": True, "min_replicas": 1, "max_replicas": 2, "target_waiting": 1,
-                        "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2},
+                        "upscale_delay_s": 1, "downscale_delay_s": 10, "look_back_period_s": 2},
     }  # fmt: skip
     config = MoerayConfig(
         tiers=[
@@ -50,7 +50,7 @@ def stack(checkpoint: Path) -> Iterator[LocalStack]:
         ],
         serve={"grpc_port": free_port(), "http_port": free_port()},
         # queued requests wait for a seat as long as the clients do (120 s): the default 20 s
-        # refuses the last of the 8 long requests on a slow machine before the tier has grown
+        # refuses the last of the long requests on a slow machine before the tier has grown
         router={"max_queue_wait_s": 120},
     )
     st = LocalStack(config, num_cpus=2)
@@ -151,9 +151,12 @@ def test_autoscaled_tier_grows_under_queued_load_and_shrinks_when_idle(
     def watch() -> None:
         seen.append(len(replica_ids(stub, "reasoning")))
 
-    # 2 seats per replica: 8 long requests leave 6 waiting, so the policy asks for 2 replicas.
-    with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        futures = [pool.submit(generate, stub, f"load {i}", "reasoning", 300) for i in range(8)]
+    # 2 seats per replica: 16 long requests leave 14 waiting, so the policy asks for 2 replicas;
+    # they keep one replica busy for 8 rounds, longer than a second one takes to start (10-15 s
+    # on a slow 2-core machine, where 8 requests were done before it answered), and the
+    # downscale delay (10 s) leaves the watcher time to see it.
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
+        futures = [pool.submit(generate, stub, f"load {i}", "reasoning", 300) for i in range(16)]
         deadline = time.monotonic() + 90
         while max(seen, default=0) < 2 and time.monotonic() < deadline:
             watch()

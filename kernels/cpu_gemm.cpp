@@ -14,6 +14,8 @@
 //   time, K split over A accumulators so the multiply-adds do not wait on each other;
 // - more rows: register tiles of 6 rows x TILE_BLOCKS blocks (cpu_simd.h), the weights loaded
 //   once per tile row.
+// Where the CPU has AMX-BF16, every bf16 call with K a multiple of 32 runs on AMX tiles instead
+// (cpu_amx.h), which read the same packed layout.
 // The sums are fp32; bf16 outputs are rounded to nearest even once, at the end. AVX-512's bf16
 // instructions treat denormal inputs as zero and flush denormal results (|x| < 1.2e-38), where
 // torch's own conversion keeps them: no weight, activation or output of a model lives there.
@@ -23,8 +25,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_simd.h"
 
 namespace moeray_cpu {
@@ -96,6 +100,14 @@ template <typename D>
 void group(const typename D::scalar* x, int64_t T, int64_t K, const typename D::scalar* w,
            int64_t N, int64_t g, typename D::scalar* out) {
   const int64_t blocks = (N + BLOCK - 1) / BLOCK, b = g * NB;
+#ifdef MOERAY_HAS_AMX
+  if constexpr (std::is_same_v<D, Bf16>) {
+    if (K % AMX_K == 0 && amx_ready()) {  // tiles, cpu_amx.h
+      amx_blocks(x, T, K, w, N, b, std::min(b + NB, blocks), out);
+      return;
+    }
+  }
+#endif
   if (T == 1) {
     // decode at batch 1: ~64 KB of bf16 weight per item at K 512, streamed block by block
     row_blocks<D, 4>(x, w, out, K, N, b, std::min(b + NB, blocks));
@@ -113,6 +125,14 @@ template <typename D>
 void gemm(const typename D::scalar* x, int64_t T, int64_t K, const typename D::scalar* w, int64_t N,
           typename D::scalar* out) {
   dynamic_for(groups(N), T * K * N, [&](int64_t g) { group<D>(x, T, K, w, N, g, out); });
+}
+
+bool amx() {
+#ifdef MOERAY_HAS_AMX
+  return amx_ready();
+#else
+  return false;
+#endif
 }
 
 int64_t pairs(const torch::Tensor& w) { return w.scalar_type() == at::kBFloat16 ? 2 : 1; }
@@ -284,6 +304,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Everything but pack touches no Python object: those let go of the GIL, so the engine
   // process's other threads (its event loop sending the deltas) run while they compute.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("amx", &amx, "whether bf16 GEMMs run on AMX tiles here");
   m.def("pack", &pack, "w [N, K] -> the blocked layout linear() reads");
   m.def("linear", &linear, "x [T, K] @ w^T with w [N, K] packed -> [T, N]", nogil);
   m.def("fused_moe", &fused_moe, "the routed experts of one MoE layer on stacked packed weights",

@@ -20,6 +20,7 @@ When it cannot be had (another CPU, no compiler, a failed build: logged once, wi
 or MOERAY_KERNELS=onednn, the packed path keeps oneDNN's GEMM.
 
     isa() -> "avx512" | "avx2" | None   what this CPU runs the kernels with; isas(): all it runs
+    amx() -> bool                       whether bf16 GEMMs run on AMX tiles (cpu_amx.h)
     available() -> bool                 whether linear() runs here (builds on the first call)
     build(isa) -> the extension module  compile now, whatever this CPU (container images)
     pack(w [N, K]) -> packed            the layout linear() reads (bf16: K even)
@@ -53,14 +54,16 @@ SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 #: Compiled into the same extension: the paged decode attention, the row-wise ops (norms, rope),
 #: and what all share.
 SOURCES = tuple(
-    SOURCE.with_name(n) for n in ("cpu_gemm.cpp", "cpu_attention.cpp", "cpu_rows.cpp", "cpu_simd.h")
+    SOURCE.with_name(n)
+    for n in ("cpu_gemm.cpp", "cpu_attention.cpp", "cpu_rows.cpp", "cpu_simd.h", "cpu_amx.h")
 )
 #: The instruction sets the extension is compiled for, the best first: the CPU flags each needs
 #: (as /proc/cpuinfo names them) and the compiler's.
 ISAS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "avx512": (
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"],
+        # AMX's flags let cpu_amx.h's tiles compile; they run only where the CPU has AMX
+        [*(f"-mavx512{x}" for x in ("f", "bw", "vl", "dq", "bf16")), "-mamx-tile", "-mamx-bf16"],
     ),
     "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"]),
 }
@@ -165,6 +168,13 @@ def available() -> bool:
     """Whether linear() runs in this process: not MOERAY_KERNELS=onednn (kernels/dispatch.py),
     this CPU, and built (the first call compiles it, or imports the finished build)."""
     return dispatch.cpu_gemm_wanted() and _extension() is not None
+
+
+def amx() -> bool:
+    """Whether bf16 GEMMs (K a multiple of 32) run on AMX tiles here
+    (kernels/cpu_amx.h: the CPU has AMX-BF16, Linux grants the tile state, MOERAY_AMX != 0)."""
+    ext = _extension() if dispatch.cpu_gemm_wanted() else None
+    return ext is not None and bool(ext.amx())
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ streams faster. Two GEMMs take such weights here:
 - moeray's own (kernels/cpu_gemm.py), where the CPU has AVX512_BF16 or AVX2 + FMA and it builds
   (and, for bf16, K is even):
   at one row (batch-1 decode, bound by how fast the weight streams from memory) 1.3-2x faster
-  than oneDNN's, from 32 rows up as fast (figures in that module);
+  than oneDNN's, from 32 rows up as fast (figures in that module); bf16 on AMX tiles where the
+  CPU has them (kernels/cpu_amx.h: 1.1-1.9x oneDNN's, itself on AMX there, up to 128 rows);
 - otherwise oneDNN's: `torch.ops.mkldnn._reorder_linear_weight` once, then
   `torch.ops.mkldnn._linear_pointwise`, the two ops torch.compile's inductor emits for
   `nn.Linear` on CPU when it freezes weights (an expert's [2048, 512] w1 at 8 rows 430 -> 190 us

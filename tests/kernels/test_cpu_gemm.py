@@ -3,13 +3,16 @@
 Each output must lie within the rounding bound of an fp32-accumulated product: K * 2^-24 of
 |x| @ |w|^T, plus, for bf16 outputs, half a bf16 ulp of the result. Shapes cover the kernel's
 loops and their edges: one row (the streaming loop), 2-13 rows (register tiles of 6, 4, 2, 1),
-33 rows, column counts that are not multiples of the 4-block tile or of a 16-column block, odd K
-(fp32), strided inputs, no rows.
+16-47 rows (AMX's row tiles of 32 and 16 and a padded tail, on CPUs with AMX: bf16 with K a
+multiple of 32), column counts that are not multiples of the 4-block tile or of a 16-column block,
+odd K (fp32), strided inputs, no rows.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -32,8 +35,10 @@ def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, dtype: torch.dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 6, 7, 13, 33])
-@pytest.mark.parametrize(("out", "inp"), [(64, 32), (70, 24), (24, 70), (200, 130), (16, 2)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 6, 7, 13, 16, 32, 33, 47])
+@pytest.mark.parametrize(
+    ("out", "inp"), [(64, 32), (70, 24), (24, 70), (200, 130), (16, 2), (70, 96), (48, 256)]
+)
 def test_linear_is_within_rounding_of_float64(dtype, rows, out, inp):
     g = torch.Generator().manual_seed(rows * 1000 + out)
     w = torch.randn(out, inp, generator=g).to(dtype)
@@ -43,6 +48,28 @@ def test_linear_is_within_rounding_of_float64(dtype, rows, out, inp):
     ref = x.double() @ w.double().T
     err = (got.double() - ref).abs()
     assert bool((err <= _bound(x, w, ref, dtype)).all()), f"max err {err.max().item():.3e}"
+
+
+def test_amx_and_the_avx512_loop_both_hold_the_bound():
+    """On a CPU with AMX every bf16 call with K % 32 == 0 runs on tiles; MOERAY_AMX=0 (read once
+    per process) keeps the AVX-512 loop, which must stay right there too. Run in a child process
+    so that both are checked on such a machine (elsewhere the child runs what this one does)."""
+    code = (
+        "import torch; from moeray.kernels import cpu_gemm; "
+        "g = torch.Generator().manual_seed(3); "
+        "w = torch.randn(70, 96, generator=g).bfloat16(); "
+        "x = torch.randn(37, 96, generator=g).bfloat16(); "
+        "got = cpu_gemm.linear(x, cpu_gemm.pack(w), 70).double(); "
+        "ref = x.double() @ w.double().T; "
+        "bound = 96 * 2.0**-24 * (x.double().abs() @ w.double().abs().T) + ref.abs() * 2.0**-8; "
+        "print(cpu_gemm.amx(), bool(((got - ref).abs() <= bound + 1e-30).all()))"
+    )
+    env = {**os.environ, "MOERAY_AMX": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_odd_fp32_columns():

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -226,7 +227,9 @@ void moe(const typename D::scalar* hidden, int64_t Dm, int64_t F, const typename
   }
   first.push_back(n);
   const int64_t used = static_cast<int64_t>(experts.size());
-  std::vector<S> x(n * Dm), h(n * 2 * F), act(n * F), y(n * Dm);
+  // scratch left uninitialised (every element is written before it is read)
+  const std::unique_ptr<S[]> x(new S[n * Dm]), h(new S[n * 2 * F]), act(new S[n * F]),
+      y(new S[n * Dm]);
   std::vector<int64_t> tokens(n);
   std::vector<float> weights(n);
   for (int64_t i = 0; i < used; ++i) {
@@ -235,23 +238,23 @@ void moe(const typename D::scalar* hidden, int64_t Dm, int64_t F, const typename
       const int64_t row = first[i] + static_cast<int64_t>(r);
       tokens[row] = s[r] / K;
       weights[row] = topk_weights[s[r]];
-      std::memcpy(x.data() + row * Dm, hidden + tokens[row] * Dm, Dm * sizeof(S));
+      std::memcpy(x.get() + row * Dm, hidden + tokens[row] * Dm, Dm * sizeof(S));
     }
   }
   const int64_t g1 = groups(2 * F), g2 = groups(Dm);
   dynamic_for(used * g1, n * Dm * 2 * F, [&](int64_t item) {  // [rows, 2F]
     const int64_t i = item / g1, e = experts[i], r = first[i];
-    group<D>(x.data() + r * Dm, first[i + 1] - r, Dm, w1 + e * w1_stride, 2 * F, item % g1,
-             h.data() + r * 2 * F);
+    group<D>(x.get() + r * Dm, first[i + 1] - r, Dm, w1 + e * w1_stride, 2 * F, item % g1,
+             h.get() + r * 2 * F);
   });
   dynamic_for(n, n * F * 8,  // e^x and a division a column
-              [&](int64_t r) { silu_and_mul<D>(h.data() + r * 2 * F, 1, F, act.data() + r * F); });
+              [&](int64_t r) { silu_and_mul<D>(h.get() + r * 2 * F, 1, F, act.get() + r * F); });
   dynamic_for(used * g2, n * F * Dm, [&](int64_t item) {  // [rows, D]
     const int64_t i = item / g2, e = experts[i], r = first[i];
-    group<D>(act.data() + r * F, first[i + 1] - r, F, w2 + e * w2_stride, Dm, item % g2,
-             y.data() + r * Dm);
+    group<D>(act.get() + r * F, first[i + 1] - r, F, w2 + e * w2_stride, Dm, item % g2,
+             y.get() + r * Dm);
   });
-  combine<D>(y.data(), n, Dm, tokens.data(), weights.data(), out);
+  combine<D>(y.get(), n, Dm, tokens.data(), weights.data(), out);
 }
 
 // kernels.reference.fused_moe on packed experts: hidden [T, D] (the weights' dtype), w1

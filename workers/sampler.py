@@ -16,6 +16,16 @@ import torch
 from moeray.workers.io_struct import SamplingParams
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] int64, the first index of each row's maximum, as torch.argmax gives it.
+
+    torch.max's indices, not torch.argmax: the same first index (ties and NaN alike), but on CPU
+    argmax's reduction is 2.5-5x slower ([64, 32000] f32 1329 vs 516 us, [64, 151936] 12.6 vs
+    2.6 ms; 2-core Sapphire Rapids VM, torch 2.13, 2026-12-02), 4% of a 64-sequence decode step.
+    """
+    return x.max(dim=-1).indices
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
     """Masks (in place, with -inf) logits outside each row's top-k and top-p nucleus.
 
@@ -45,7 +55,7 @@ class Sampler:
         """logits [B, V] f32 -> B token ids (row b sampled with params[b], generators[b])."""
         greedy = [p.temperature == 0.0 for p in params]
         if all(greedy):
-            return logits.argmax(dim=-1).tolist()
+            return argmax(logits).tolist()
         vocab = logits.shape[-1]
         dev = logits.device
         temps = torch.tensor(
@@ -58,10 +68,10 @@ class Sampler:
             apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)  # [B, V]
         noise = self._exponential_noise(probs, generators)
-        sampled = probs.div_(noise).argmax(dim=-1)  # [B]
+        sampled = argmax(probs.div_(noise))  # [B]
         if any(greedy):
             mask = torch.tensor(greedy, device=dev)
-            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(mask, argmax(logits), sampled)
         return sampled.tolist()
 
     @staticmethod

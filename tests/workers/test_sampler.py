@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from moeray.workers.io_struct import SamplingParams
-from moeray.workers.sampler import Sampler, apply_top_k_top_p
+from moeray.workers.sampler import Sampler, apply_top_k_top_p, argmax
 
 
 def reference_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -22,6 +22,19 @@ def reference_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     out = torch.full_like(logits, float("-inf"))
     out[keep] = logits[keep]
     return out
+
+
+def test_argmax_is_torch_argmax_with_ties_and_nan() -> None:
+    """torch.max's indices stand in for torch.argmax: the first maximum of a row, ties and NaN
+    included, on batches large enough for torch to split the reduction over threads."""
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab in [(1, 32000), (64, 32000), (3, 151936), (8, 50)]:
+        x = torch.randn(rows, vocab, generator=g)
+        x[:, vocab // 3] = x[:, 2 * vocab // 3] = x.max() + 1  # a tie: the first one wins
+        x[-1, vocab // 2] = float("nan")  # NaN wins where it is
+        assert torch.equal(argmax(x), x.argmax(-1))
+        steps = torch.randint(0, 3, (rows, vocab), generator=g).float()  # many ties
+        assert torch.equal(argmax(steps), steps.argmax(-1))
 
 
 def test_greedy_rows_take_the_argmax() -> None:

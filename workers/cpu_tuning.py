@@ -25,11 +25,14 @@ import torch
 from moeray.kernels import PackedWeight, packed_linear, packs_cpu_weights
 from torch import nn
 
-#: Weights with fewer elements stay plain nn.Linear: a oneDNN call costs ~15 us whatever its
-#: size, more than MKL takes for a small weight (a Mixtral router gate [8, 512] at one row
-#: 2.4 us plain vs 14.7 us packed, at 64 rows 11.6 vs 20.0; a [64, 512] one 4.2 vs 15.5 and
-#: 29 vs 34), while from [512, 512] up the packed form is as fast or faster at every row count
-#: (2-core dev VM, 2026-11-30, 2 threads). Router gates of MoE models are the usual small ones.
+#: Weights with fewer elements stay plain nn.Linear, unless they are bf16 and moeray's GEMM
+#: takes them: a oneDNN call costs ~15 us whatever its size, more than MKL takes for a small fp32
+#: weight (a Mixtral router gate [8, 512] at one row 2.4 us plain vs 14.7 us packed, at 64 rows
+#: 11.6 vs 20.0; a [64, 512] one 4.2 vs 15.5 and 29 vs 34), while from [512, 512] up the packed
+#: form is as fast or faster at every row count (2-core dev VM, 2026-11-30, 2 threads). Router
+#: gates of MoE models are the usual small ones. In bf16 torch's own GEMM is the slow one and
+#: moeray's costs little per call: the [8, 512] gate at 1 / 64 / 512 rows 3.3 / 19.5 / 22.6 us
+#: plain vs 1.8 / 2.2 / 6.6 us (2-core Sapphire Rapids VM, AMX tiles, 2026-12-02).
 MIN_PACKED_ELEMENTS = 65536
 
 
@@ -53,7 +56,8 @@ class PackedLinear(nn.Module):
 def apply_cpu_tuning(model: nn.Module) -> nn.Module:
     """Tunes a finished CPU model in place and returns it; a no-op for a model on another
     device, or with weights oneDNN cannot pack (kernels.packs_cpu_weights: MOERAY_KERNELS=torch
-    keeps the plain layers). Weights under MIN_PACKED_ELEMENTS stay plain.
+    keeps the plain layers). Weights under MIN_PACKED_ELEMENTS stay plain unless they are bf16
+    on moeray's GEMM.
 
     FOOTGUN: a packed layer's weight is opaque (no `.weight` to read or load into), so apply it
     last, after loading and after any other transform that reads weights. The embedding table
@@ -64,12 +68,13 @@ def apply_cpu_tuning(model: nn.Module) -> nn.Module:
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
-        and child.weight.numel() >= MIN_PACKED_ELEMENTS
-        and packs_cpu_weights(child.weight)
+        if type(child) is nn.Linear and packs_cpu_weights(child.weight)
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
+        packed = PackedLinear(child)
+        own_bf16 = child.weight.dtype == torch.bfloat16 and packed.packed.blocked is not None
+        if child.weight.numel() >= MIN_PACKED_ELEMENTS or own_bf16:
+            setattr(parent, name, packed)
     return model
 
 

@@ -81,12 +81,20 @@ def test_dense_layers_take_the_packed_path_s_gemm() -> None:
         torch.testing.assert_close(packed(x), layer(x), atol=1e-4, rtol=1e-4)
 
 
-def test_small_weights_stay_plain() -> None:
-    """A router gate [8, 512] is faster through MKL than through a oneDNN call: not packed."""
+def test_small_weights_stay_plain_unless_bf16_on_moerays_gemm() -> None:
+    """A router gate [8, 512] is faster through MKL than through a oneDNN call: not packed in
+    fp32; in bf16 moeray's GEMM (where it runs) beats torch's, so there it is packed."""
     model = nn.Sequential(nn.Linear(512, 8, bias=False), nn.Linear(512, 768), nn.Linear(512, 128))
     apply_cpu_tuning(model)
     assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "PackedLinear"]
     assert cpu_tuning.MIN_PACKED_ELEMENTS == 512 * 128
+    gate = nn.Sequential(nn.Linear(512, 8, bias=False)).to(torch.bfloat16)
+    x = torch.randn(5, 512).to(torch.bfloat16)
+    before = gate(x)
+    apply_cpu_tuning(gate)
+    own = cpu_gemm.available()
+    assert type(gate[0]).__name__ == ("PackedLinear" if own else "Linear")
+    torch.testing.assert_close(gate(x), before, atol=2e-2, rtol=2e-2)
 
 
 def test_transform_keeps_plain_layers_under_the_torch_references(

@@ -102,7 +102,10 @@ void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < Dh; c += BLOCK)
       store(&qf[r * W + c], load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
-  for (int64_t l = 0; l < L; ++l) offsets[l] = (table[l / S] * S + l % S) * slot_stride;
+  for (int64_t l0 = 0; l0 < L; l0 += S) {  // block by block: no division per position
+    const int64_t base = table[l0 / S] * S * slot_stride;
+    for (int64_t l = l0; l < std::min(l0 + S, L); ++l) offsets[l] = base + (l - l0) * slot_stride;
+  }
   // scores, query heads four at a time
   const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
   for (int64_t l = 0; l < L; ++l) {
@@ -117,7 +120,7 @@ void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64
   std::vector<float> total(R);
   for (int64_t r = 0; r < R; ++r) {
     float* s = &scores[r * L];
-    const float top = *std::max_element(s, s + L);
+    const float top = max_of(s, L);
     vec sum = vzero();
     for (int64_t l = 0; l < L; l += BLOCK) {
       const int64_t m = std::min<int64_t>(BLOCK, L - l);

@@ -310,6 +310,23 @@ struct Fp32 {
   }
 };
 
+// max of s[0, n) (n >= 1), exactly std::max_element's for numbers: 16 lanes at a time, then
+// the lanes and the tail (a scalar loop is one long chain of dependent max instructions: it was
+// a quarter of the decode attention's time)
+inline float max_of(const float* s, int64_t n) {
+  float top = s[0];
+  int64_t l = 0;
+  if (n >= BLOCK) {
+    vec m = load(s);
+    for (l = BLOCK; l + BLOCK <= n; l += BLOCK) m = vmax(m, load(s + l));
+    alignas(64) float lanes[BLOCK];
+    store(lanes, m);
+    top = *std::max_element(lanes, lanes + BLOCK);
+  }
+  for (; l < n; ++l) top = std::max(top, s[l]);
+  return top;
+}
+
 // e^x for fp32 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial,
 // times 2^n), within 2 ulp of the exact value on [-87.3, 88.4], where x is clamped (below it the
 // result is denormal: AVX-512 keeps it, AVX2 flushes e^x under 2^-126 to zero).

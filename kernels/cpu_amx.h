@@ -1,4 +1,5 @@
-// AMX tiles for the bf16 GEMM of kernels/cpu_gemm.cpp, where the CPU has AMX-BF16 (Intel
+// AMX tiles for the bf16 GEMM of kernels/cpu_gemm.cpp (and the decode attention's scores,
+// kernels/cpu_attention.cpp), where the CPU has AMX-BF16 (Intel
 // Sapphire Rapids and later). A tile multiply-add (tdpbf16ps: 16 x 32 by 32 x 16) does 16 times
 // the work of one vdpbf16ps, and tile loads stream the weight faster than the AVX-512 loop does,
 // so tiles win at every row count, one row included (half-empty tiles cost nothing where the

@@ -11,14 +11,19 @@
 // the values weighed 64 columns at a time, the four heads' sums held in registers across the
 // context (one pass over V for Dh <= 64). The K and V rows of positions AHEAD further on are
 // prefetched: a context's rows lie in scattered cache blocks, where the hardware prefetchers lose
-// the stream. Every output is computed by one thread in a fixed order, so it does not depend on
-// the thread count, on which thread took it or on the other sequences of the batch.
+// the stream. Where the CPU has AMX (cpu_amx.h), a bf16 cache with blocks of a multiple of 16
+// slots has its scores computed on tiles instead: a block's 16 keys one A tile, the group's query
+// heads one B tile (bf16 64 sequences x 256 context 589 -> 465 us, 2-core Sapphire Rapids VM).
+// Every output is computed by one thread in a fixed order, so it does not depend on the thread
+// count, on which thread took it or on the other sequences of the batch.
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_simd.h"
 
 namespace moeray_cpu {
@@ -90,31 +95,81 @@ inline void weigh_values(const float* p, int64_t L, const typename D::scalar* v,
   for (; j < chunks; ++j) weigh_chunks<D, NR, 1>(p, L, v, offsets, Dh, j * BLOCK, total, out);
 }
 
+#ifdef MOERAY_HAS_AMX
+// score_heads for all R <= 16 query heads of a bf16 cache on AMX tiles: the 16 keys of a
+// cache block (S a multiple of 16) are one A tile per 32 columns (rows slot_stride apart), the R
+// query rows one B tile (pairs along Dh, heads as columns, the rest zero), 16 x R scores per
+// tile product. The products are exact in fp32 and summed in fp32, as score_heads does, in
+// another order. Rows of the last block past L are read (the block holds S slots) and dropped.
+inline void amx_scores(const c10::BFloat16* q, int64_t q_head_stride, int64_t R, int64_t Dh,
+                       const c10::BFloat16* k, const int64_t* offsets, int64_t slot_stride,
+                       int64_t L, float scale, float* scores) {
+  static const TileConfig config;
+  thread_local std::vector<c10::BFloat16> qt;  // [Dh / 32][16 pairs][16 heads][2]
+  const int64_t steps = Dh / AMX_K;
+  qt.assign(steps * BLOCK * BLOCK * 2, c10::BFloat16(0.0f));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < Dh; ++d)
+      qt[(d / AMX_K) * BLOCK * BLOCK * 2 + (d % AMX_K / 2) * BLOCK * 2 + r * 2 + d % 2] =
+          q[r * q_head_stride + d];
+  alignas(64) float c[BLOCK * BLOCK];
+  const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(c10::BFloat16));
+  _tile_loadconfig(&config);
+  for (int64_t l0 = 0; l0 < L; l0 += BLOCK) {
+    const int64_t n = std::min<int64_t>(BLOCK, L - l0);
+    if (l0 + BLOCK < L)  // the next 16 keys
+      for (int64_t i = l0 + BLOCK; i < std::min(l0 + 2 * BLOCK, L); ++i)
+        prefetch_row(k + offsets[i], row_bytes);
+    _tile_zero(0);
+    for (int64_t st = 0; st < steps; ++st) {
+      _tile_loadd(4, k + offsets[l0] + st * AMX_K, slot_stride * 2);
+      _tile_loadd(6, qt.data() + st * BLOCK * BLOCK * 2, 64);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    _tile_stored(0, c, BLOCK * 4);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t l = 0; l < n; ++l) scores[r * L + l0 + l] = c[l * BLOCK + r] * scale;
+  }
+  _tile_release();
+}
+#endif
+
 template <typename D>
 void attend(const typename D::scalar* q, int64_t q_head_stride, int64_t R, int64_t Dh,
             const typename D::scalar* k, const typename D::scalar* v, int64_t slot_stride,
             const int64_t* table, int64_t S, int64_t L, float scale, typename D::scalar* out,
             std::vector<float>& qf, std::vector<float>& scores, std::vector<int64_t>& offsets) {
-  const int64_t W = (Dh + BLOCK - 1) / BLOCK * BLOCK;  // Dh padded to 16s
-  qf.assign(R * W, 0.0f);
   scores.resize(R * L);
   offsets.resize(L);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < Dh; c += BLOCK)
-      store(&qf[r * W + c], load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
   for (int64_t l0 = 0; l0 < L; l0 += S) {  // block by block: no division per position
     const int64_t base = table[l0 / S] * S * slot_stride;
     for (int64_t l = l0; l < std::min(l0 + S, L); ++l) offsets[l] = base + (l - l0) * slot_stride;
   }
-  // scores, query heads four at a time
-  const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
-  for (int64_t l = 0; l < L; ++l) {
-    if (l + AHEAD < L) prefetch_row(k + offsets[l + AHEAD], row_bytes);
-    const typename D::scalar* kl = k + offsets[l];
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4)
-      score_heads<D, 4>(&qf[r * W], W, Dh, kl, scale, &scores[r * L], L, l);
-    for (; r < R; ++r) score_heads<D, 1>(&qf[r * W], W, Dh, kl, scale, &scores[r * L], L, l);
+  bool scored = false;
+#ifdef MOERAY_HAS_AMX
+  if constexpr (std::is_same_v<D, Bf16>) {
+    if (S % BLOCK == 0 && Dh % AMX_K == 0 && R <= BLOCK && amx_ready()) {
+      amx_scores(q, q_head_stride, R, Dh, k, offsets.data(), slot_stride, L, scale, scores.data());
+      scored = true;
+    }
+  }
+#endif
+  if (!scored) {
+    // scores, query heads four at a time
+    const int64_t W = (Dh + BLOCK - 1) / BLOCK * BLOCK;  // Dh padded to 16s
+    qf.assign(R * W, 0.0f);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < Dh; c += BLOCK)
+        store(&qf[r * W + c], load(q + r * q_head_stride + c, std::min<int64_t>(BLOCK, Dh - c)));
+    const int64_t row_bytes = Dh * static_cast<int64_t>(sizeof(typename D::scalar));
+    for (int64_t l = 0; l < L; ++l) {
+      if (l + AHEAD < L) prefetch_row(k + offsets[l + AHEAD], row_bytes);
+      const typename D::scalar* kl = k + offsets[l];
+      int64_t r = 0;
+      for (; r + 4 <= R; r += 4)
+        score_heads<D, 4>(&qf[r * W], W, Dh, kl, scale, &scores[r * L], L, l);
+      for (; r < R; ++r) score_heads<D, 1>(&qf[r * W], W, Dh, kl, scale, &scores[r * L], L, l);
+    }
   }
   // softmax over l, in place: e^(s - max) and its sum
   std::vector<float> total(R);

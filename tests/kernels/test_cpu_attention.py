@@ -2,11 +2,18 @@
 the same gathered context, and the engine's two decode paths against each other.
 
 Shapes cover its loops and edges: GQA groups of 1, 3, 4 and 5 query heads (the kernel takes
-them four at a time, then one by one), head sizes off the 16-lane grid (40, 72), one-token contexts, contexts ending mid-block, shuffled block tables, a
-strided q (the engine passes a view of its fused q|k projection).
+them four at a time, then one by one; on a CPU with AMX, bf16 scores of blocks of 16 keys on
+tiles, groups up to 16), head sizes off the 16-lane grid (40, 72), one-token contexts, contexts
+ending mid-block, shuffled block tables, a strided q (the engine passes a view of its fused q|k
+projection).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +54,8 @@ def _reference(q, k_cache, v_cache, tables, lens, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("H", "G", "Dh", "S"), [(8, 2, 64, 16), (4, 4, 40, 8), (9, 3, 128, 4), (10, 2, 72, 16)]
+    ("H", "G", "Dh", "S"),
+    [(8, 2, 64, 16), (4, 4, 40, 8), (9, 3, 128, 4), (10, 2, 72, 16), (32, 2, 128, 32)],
 )
 def test_decode_attention_matches_float64(dtype, H, G, Dh, S):
     q, k_cache, v_cache, tables, lens = _case(7, H, G, Dh, S, dtype, H * Dh + S)
@@ -67,8 +75,26 @@ def test_decode_attention_matches_float64(dtype, H, G, Dh, S):
     )
 
 
-def test_decode_attention_does_not_depend_on_threads_or_batch(on_thread_counts):
-    q, k_cache, v_cache, tables, lens = _case(9, 8, 2, 64, 16, torch.float32, 5)
+def test_the_avx512_scores_hold_without_amx_too():
+    """MOERAY_AMX=0 (read once per process) keeps the vector loop for bf16 scores: checked in a
+    child process, so that a CPU with AMX tests both."""
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import torch; from moeray.kernels import cpu_gemm; "
+        "from tests.kernels.test_cpu_attention import test_decode_attention_matches_float64 as t; "
+        "t(torch.bfloat16, 8, 2, 64, 16); t(torch.bfloat16, 32, 2, 128, 32); print(cpu_gemm.amx())"
+    )
+    env = {**os.environ, "MOERAY_AMX": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_does_not_depend_on_threads_or_batch(dtype, on_thread_counts):
+    q, k_cache, v_cache, tables, lens = _case(9, 8, 2, 64, 16, dtype, 5)
     outs = on_thread_counts(
         lambda: kernels.decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
     )

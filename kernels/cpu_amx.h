@@ -9,7 +9,7 @@
 //
 // The packed bf16 layout [ceil(N/16), K/2, 16, 2] is already AMX's B-tile layout: 16 pairs
 // along K (rows of 64 bytes) of one 16-column block are one B tile, read with a 64-byte stride.
-// A tiles are 16 rows x 32 columns of x (the last rows of a call copied into a zeroed tile).
+// A tiles are 16 rows x 32 columns of x (the last rows of a call on tiles of fewer rows).
 // Each output is still summed by one thread over K in one fixed order (32 columns per tile
 // product), so results do not depend on the thread count or the row count; they differ from
 // the AVX-512 loop's in the last bits (another summation order): a machine runs one or the other
@@ -31,7 +31,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #include "cpu_simd.h"
 
@@ -55,16 +54,17 @@ inline bool amx_ready() {
   return ready;
 }
 
-// Tile registers: C 0-3 (row tile r, column block j -> 2r + j), A 4-5, B 6-7; all 16 rows of
-// 64 bytes (palette 1).
+// Tile registers: C 0-3 (row tile r, column block j -> 2r + j), A 4-5, B 6-7; rows of 64 bytes
+// (palette 1), 16 of them, or `rows` in the C and A tiles (the last rows of a call: the tiles
+// read and write only those).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-  TileConfig() {
+  explicit TileConfig(int64_t x_rows = BLOCK) {
     for (int t = 0; t < 8; ++t) {
       colsb[t] = 64;
-      rows[t] = 16;
+      rows[t] = static_cast<uint8_t>(t < 6 ? x_rows : BLOCK);
     }
   }
 };
@@ -123,8 +123,8 @@ void amx_row_tile(const c10::BFloat16* x, int64_t rows, int64_t K, const c10::BF
   }
 }
 
-// out [T, N] columns of blocks [b0, b1) = x [T, K] @ w^T on tiles: row tiles of 32, then 16;
-// the last rows (T not a multiple of 16) copied into a zeroed 16-row tile first.
+// out [T, N] columns of blocks [b0, b1) = x [T, K] @ w^T on tiles: row tiles of 32, then 16,
+// then the last rows (T not a multiple of 16) on tiles configured to that many rows.
 inline void amx_blocks(const c10::BFloat16* x, int64_t T, int64_t K, const c10::BFloat16* w,
                        int64_t N, int64_t b0, int64_t b1, c10::BFloat16* out) {
   static const TileConfig config;
@@ -134,10 +134,9 @@ inline void amx_blocks(const c10::BFloat16* x, int64_t T, int64_t K, const c10::
     amx_row_tile<2>(x + t * K, 2 * BLOCK, K, w, N, b0, b1, t, out);
   for (; t + BLOCK <= T; t += BLOCK) amx_row_tile<1>(x + t * K, BLOCK, K, w, N, b0, b1, t, out);
   if (t < T) {
-    thread_local std::vector<c10::BFloat16> tail;
-    tail.assign(BLOCK * K, c10::BFloat16(0.0f));
-    std::memcpy(tail.data(), x + t * K, (T - t) * K * sizeof(c10::BFloat16));
-    amx_row_tile<1>(tail.data(), T - t, K, w, N, b0, b1, t, out);
+    const TileConfig last(T - t);
+    _tile_loadconfig(&last);
+    amx_row_tile<1>(x + t * K, T - t, K, w, N, b0, b1, t, out);
   }
   _tile_release();
 }

@@ -17,7 +17,8 @@
 //
 // Linux hands a process the tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, as
 // oneDNN does too); without it the first tile instruction raises SIGILL. amx_ready() asks once
-// and says whether it got it; MOERAY_AMX=0 in the environment keeps the AVX-512 loop (for
+// and says whether it got it; MOERAY_AMX=0 in the environment keeps the AVX-512 loop (values
+// other than 0 and 1 are refused by kernels/cpu_gemm.py before the extension loads; for
 // benchmarks that compare the two).
 #pragma once
 

@@ -151,8 +151,20 @@ def build(isa: str) -> ModuleType:
     )
 
 
+def _check_amx_env() -> None:
+    """MOERAY_AMX, which the extension reads (cpu_amx.h): unset or 1 (tiles where the CPU has
+    AMX) or 0 (the AVX-512 loop); anything else is refused here, naming the variable."""
+    value = os.environ.get("MOERAY_AMX")
+    if value not in (None, "0", "1"):
+        raise ValueError(
+            f"MOERAY_AMX must be 0 (no AMX tiles) or 1 (tiles where the CPU has AMX, the "
+            f"default), got {value!r}"
+        )
+
+
 @functools.lru_cache(maxsize=1)
 def _extension() -> ModuleType | None:
+    _check_amx_env()
     best = isa()
     if best is None:
         log.info("moeray's CPU GEMM is off: the CPU has neither AVX512_BF16 nor AVX2 with FMA")

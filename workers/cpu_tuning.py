@@ -68,13 +68,14 @@ def apply_cpu_tuning(model: nn.Module) -> nn.Module:
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and packs_cpu_weights(child.weight)
+        if type(child) is nn.Linear
+        and packs_cpu_weights(child.weight)
+        and (child.weight.numel() >= MIN_PACKED_ELEMENTS or child.weight.dtype == torch.bfloat16)
     ]
     for parent, name, child in swaps:
         packed = PackedLinear(child)
-        own_bf16 = child.weight.dtype == torch.bfloat16 and packed.packed.blocked is not None
-        if child.weight.numel() >= MIN_PACKED_ELEMENTS or own_bf16:
-            setattr(parent, name, packed)
+        if child.weight.numel() >= MIN_PACKED_ELEMENTS or packed.packed.blocked is not None:
+            setattr(parent, name, packed)  # a small bf16 one only on moeray's GEMM
     return model
 
 

@@ -72,6 +72,15 @@ def test_amx_and_the_avx512_loop_both_hold_the_bound():
     assert out.stdout.split() == ["False", "True"]
 
 
+def test_a_bad_moeray_amx_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch):
+    for ok in ("0", "1"):
+        monkeypatch.setenv("MOERAY_AMX", ok)
+        cpu_gemm._check_amx_env()
+    monkeypatch.setenv("MOERAY_AMX", "off")
+    with pytest.raises(ValueError, match=r"MOERAY_AMX must be 0 .* got 'off'"):
+        cpu_gemm._check_amx_env()
+
+
 def test_odd_fp32_columns():
     g = torch.Generator().manual_seed(5)
     w, x = torch.randn(33, 7, generator=g), torch.randn(4, 7, generator=g)

@@ -14,7 +14,8 @@ not depend on the thread count (shards and engines compute an expert's rows alik
 It is a torch C++ extension compiled with the machine's C++ compiler (torch.utils.cpp_extension,
 ~25 s once, into TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, in a directory named by a
 hash of the source, the flags, torch and Python; later processes import the finished build
-directly), so it needs g++ and ninja; `make setup` builds it. The same source is compiled for
+directly), so it needs g++ (11 or later for the AVX-512 build, whose AMX tiles need it) and
+ninja; `make setup` builds it. The same source is compiled for
 one instruction set or the other (ISAS; cpu_simd.h), whichever this CPU has, the best first.
 When it cannot be had (another CPU, no compiler, a failed build: logged once, with the reason)
 or MOERAY_KERNELS=onednn, the packed path keeps oneDNN's GEMM.
